@@ -1,0 +1,84 @@
+"""
+What the relay checks inside each whole frame, per domain.
+
+The domain (L{IRelayLogic}) states its defaults; the operator may override the
+frame size limit and checksum verification on the command line. The result is
+one immutable L{FramePolicy} shared by every connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .interfaces import IRelayLogic
+from .wire import (
+    HEADER_SIZE,
+    BadChecksum,
+    Header,
+    UnknownTLVType,
+    frame_checksum,
+    iter_tlvs,
+)
+
+
+@dataclass(frozen=True)
+class FramePolicy:
+    """The checks one relay applies to each frame after framing it."""
+
+    max_frame_size: int
+    verify_checksum: bool
+    strict_tlv: bool
+    allowed_tlv_types: frozenset[int]
+
+    def __post_init__(self) -> None:
+        if self.max_frame_size < HEADER_SIZE:
+            raise ValueError(
+                f"max frame size {self.max_frame_size} is smaller than the "
+                f"{HEADER_SIZE}-byte header"
+            )
+
+    @classmethod
+    def for_logic(
+        cls,
+        logic: IRelayLogic,
+        *,
+        max_frame_size: int | None = None,
+        verify_checksum: bool | None = None,
+    ) -> FramePolicy:
+        """The domain's policy, with the operator's overrides where given."""
+        return cls(
+            max_frame_size=logic.max_frame_size if max_frame_size is None else max_frame_size,
+            verify_checksum=(
+                logic.verify_checksum if verify_checksum is None else verify_checksum
+            ),
+            strict_tlv=logic.strict_tlv,
+            allowed_tlv_types=frozenset(logic.allowed_tlv_types),
+        )
+
+    @property
+    def inspects_frames(self) -> bool:
+        """Whether L{check} has anything to do; if not, callers skip it."""
+        return self.verify_checksum or self.strict_tlv
+
+    def check(self, buf: bytes, start: int, end: int, header: Header) -> None:
+        """
+        Check the frame at C{buf[start:end]}.
+
+        @raise FrameRejected: the frame must be dropped.
+        """
+        if self.verify_checksum:
+            actual = frame_checksum(buf, start, end)
+            if actual != header.checksum:
+                raise BadChecksum(
+                    f"checksum 0x{header.checksum:08x} does not match the frame's "
+                    f"CRC-32 0x{actual:08x} (source {header.source}, sequence "
+                    f"{header.sequence})"
+                )
+        if self.strict_tlv:
+            allowed = self.allowed_tlv_types
+            for tlv_type, _ in iter_tlvs(memoryview(buf)[start + HEADER_SIZE : end]):
+                if tlv_type not in allowed:
+                    raise UnknownTLVType(
+                        f"TLV type {tlv_type} is not allowed on this relay "
+                        f"(source {header.source}, sequence {header.sequence})"
+                    )

@@ -1,0 +1,296 @@
+"""
+Protocol V2 wire format: the 32-byte header, frame building, CRC-32, the TLV
+walk, and one exception class per way a frame can be wrong.
+
+This module is the only place that knows how the bytes are laid out; the relay,
+its tests and its clients all build and read frames through it.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from enum import IntEnum
+from typing import ClassVar, NamedTuple
+
+MAGIC = 0xDEADBEEF
+VERSION = 1
+HEADER = struct.Struct("<IBBBBQQII")
+HEADER_SIZE = HEADER.size
+#: Bytes of the header covered by the checksum (everything before it).
+CHECKED_HEADER_SIZE = 28
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+
+#: Largest value a standard TLV can carry, and the marker of an extended TLV.
+MAX_STANDARD_TLV = 255
+EXTENDED_TLV = 255
+MAX_EXTENDED_TLV = 0xFFFF
+_EXTENDED = struct.Struct("<BBBH")
+
+
+class Domain(IntEnum):
+    """The relay domains of the `relay_domain` header field."""
+
+    MARKET_DATA = 1
+    SIGNAL = 2
+    EXECUTION = 3
+    SYSTEM = 4
+
+
+class Source(IntEnum):
+    """The source service types named by Protocol V2."""
+
+    BINANCE = 1
+    KRAKEN = 2
+    COINBASE = 3
+    POLYGON = 4
+    GEMINI = 5
+    ARBITRAGE_STRATEGY = 20
+    MARKET_MAKER = 21
+    TREND_FOLLOWER = 22
+    KRAKEN_SIGNAL_STRATEGY = 23
+    PORTFOLIO_MANAGER = 40
+    RISK_MANAGER = 41
+    EXECUTION_ENGINE = 42
+    DASHBOARD = 60
+    METRICS_COLLECTOR = 61
+    STATE_MANAGER = 62
+    MARKET_DATA_RELAY = 80
+    SIGNAL_RELAY = 81
+    EXECUTION_RELAY = 82
+
+
+#: TLV type families of Protocol V2, inclusive ranges.
+MARKET_DATA_TLVS = range(1, 20)
+SIGNAL_TLVS = range(20, 40)
+EXECUTION_TLVS = range(40, 60)
+PORTFOLIO_RISK_TLVS = range(60, 80)
+COMPLIANCE_TLVS = range(80, 100)
+SYSTEM_TLVS = range(100, 120)
+VENDOR_TLVS = range(200, 255)
+
+
+class Header(NamedTuple):
+    """A decoded 32-byte Protocol V2 header, fields in wire order."""
+
+    magic: int
+    relay_domain: int
+    version: int
+    source: int
+    flags: int
+    sequence: int
+    timestamp: int
+    payload_size: int
+    checksum: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(*self)
+
+
+def unpack_header(data: bytes | bytearray | memoryview, offset: int = 0) -> Header:
+    """Decode the header at C{offset}; the caller guarantees 32 bytes are there."""
+    return Header._make(HEADER.unpack_from(data, offset))
+
+
+def frame_checksum(
+    data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None
+) -> int:
+    """
+    CRC-32 of the frame at C{data[start:end]}: its first 28 header bytes, then
+    its payload, so the checksum field itself is left out.
+    """
+    view = memoryview(data)
+    if end is None:
+        end = len(view)
+    crc = zlib.crc32(view[start : start + CHECKED_HEADER_SIZE])
+    return zlib.crc32(view[start + HEADER_SIZE : end], crc)
+
+
+def encode_tlvs(tlvs: Iterable[tuple[int, bytes]]) -> bytes:
+    """
+    Encode C{(type, value)} pairs, choosing the standard form when the value
+    fits in 255 bytes and the extended form otherwise.
+    """
+    parts = []
+    for tlv_type, value in tlvs:
+        if not 0 < tlv_type < EXTENDED_TLV:
+            raise ValueError(f"TLV type {tlv_type} is outside 1-254")
+        if len(value) <= MAX_STANDARD_TLV:
+            parts.append(bytes((tlv_type, len(value))))
+        elif len(value) <= MAX_EXTENDED_TLV:
+            parts.append(_EXTENDED.pack(EXTENDED_TLV, 0, tlv_type, len(value)))
+        else:
+            raise ValueError(
+                f"TLV type {tlv_type} value of {len(value)} bytes is over the "
+                f"{MAX_EXTENDED_TLV}-byte limit of an extended TLV"
+            )
+        parts.append(bytes(value))
+    return b"".join(parts)
+
+
+def build_frame(
+    domain: int,
+    source: int,
+    sequence: int,
+    payload_or_tlvs: bytes | Iterable[tuple[int, bytes]],
+    *,
+    timestamp: int | None = None,
+    flags: int = 0,
+) -> bytes:
+    """
+    Build a complete frame with C{payload_size} and the CRC-32 filled in.
+
+    @param payload_or_tlvs: the raw payload, or C{(type, value)} pairs to
+        encode as TLVs.
+    @param timestamp: nanoseconds since the epoch; now when not given.
+    """
+    if isinstance(payload_or_tlvs, (bytes, bytearray, memoryview)):
+        payload = bytes(payload_or_tlvs)
+    else:
+        payload = encode_tlvs(payload_or_tlvs)
+    if timestamp is None:
+        timestamp = time.time_ns()
+    head = HEADER.pack(
+        MAGIC, domain, VERSION, source, flags, sequence, timestamp, len(payload), 0
+    )
+    crc = zlib.crc32(payload, zlib.crc32(head[:CHECKED_HEADER_SIZE]))
+    return head[:CHECKED_HEADER_SIZE] + struct.pack("<I", crc) + payload
+
+
+def iter_tlvs(payload: bytes | bytearray | memoryview) -> Iterator[tuple[int, memoryview]]:
+    """
+    Walk a TLV payload, yielding C{(type, value)} for standard and extended
+    TLVs alike.
+
+    @raise TruncatedTLV: a TLV runs past the end of the payload.
+    """
+    view = memoryview(payload)
+    end = len(view)
+    offset = 0
+    while offset < end:
+        tlv_type = view[offset]
+        if tlv_type == EXTENDED_TLV:
+            if offset + _EXTENDED.size > end:
+                raise TruncatedTLV(
+                    f"extended TLV header at payload offset {offset} needs "
+                    f"{_EXTENDED.size} bytes, {end - offset} left"
+                )
+            _, _, tlv_type, length = _EXTENDED.unpack_from(view, offset)
+            start = offset + _EXTENDED.size
+        else:
+            if offset + 2 > end:
+                raise TruncatedTLV(
+                    f"TLV type {tlv_type} at payload offset {offset} has no "
+                    f"length byte"
+                )
+            length = view[offset + 1]
+            start = offset + 2
+        offset = start + length
+        if offset > end:
+            raise TruncatedTLV(
+                f"TLV type {tlv_type} at payload offset {start - 2} declares "
+                f"{length} bytes, {end - start} left in the payload"
+            )
+        yield tlv_type, view[start:offset]
+
+
+class FrameError(Exception):
+    """
+    A frame the relay cannot accept.
+
+    C{reason} is the short, stable name under which it is counted; C{fatal}
+    says whether the stream's framing is lost with it. C{offset} (in the
+    connection's byte stream) and C{client_id} are filled in by whoever knows
+    them, so the message names the place as precisely as possible.
+    """
+
+    reason: ClassVar[str]
+    fatal: ClassVar[bool]
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        offset: int | None = None,
+        client_id: int | None = None,
+        header: bytes = b"",
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.offset = offset
+        self.client_id = client_id
+        self.header = header
+
+    def __str__(self) -> str:
+        message = self.detail
+        if self.offset is not None:
+            message += f" at offset {self.offset}"
+        if self.client_id is not None:
+            message += f" from client {self.client_id}"
+        return message
+
+
+class FramingLost(FrameError):
+    """The stream can no longer be cut into frames: the connection must close."""
+
+    fatal = True
+
+
+class BadMagic(FramingLost):
+    reason = "bad_magic"
+
+
+class UnsupportedVersion(FramingLost):
+    reason = "unsupported_version"
+
+
+class FrameTooLarge(FramingLost):
+    reason = "frame_too_large"
+
+
+class FrameRejected(FrameError):
+    """One frame is dropped; the frames around it are still trustworthy."""
+
+    fatal = False
+
+
+class IncompleteFrame(FrameRejected):
+    """The connection ended part-way through a frame."""
+
+    reason = "incomplete_frame"
+
+
+class NotForwarded(FrameRejected):
+    """The domain's C{should_forward} refused the frame (wrong domain, say)."""
+
+    reason = "filtered"
+
+
+class BadChecksum(FrameRejected):
+    reason = "bad_checksum"
+
+
+class UnknownTLVType(FrameRejected):
+    reason = "unknown_tlv_type"
+
+
+class TruncatedTLV(FrameRejected):
+    reason = "truncated_tlv"
+
+
+#: Every reason a frame can be refused for, in a stable order for reports.
+REJECT_REASONS: tuple[str, ...] = tuple(
+    cls.reason
+    for cls in (
+        BadMagic,
+        UnsupportedVersion,
+        FrameTooLarge,
+        IncompleteFrame,
+        NotForwarded,
+        BadChecksum,
+        UnknownTLVType,
+        TruncatedTLV,
+    )
+)
