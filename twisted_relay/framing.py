@@ -33,7 +33,9 @@ class Framer:
     A partial frame at the end of a chunk is kept for the next one. While the
     rest of a frame whose header is already checked is awaited, chunks are
     only collected and joined once the frame is complete, so a large frame
-    arriving in many small reads costs one copy, not one per read.
+    arriving in many small reads costs one copy, not one per read. A partial
+    header is rescanned on every read, so garbage is caught from its first
+    four bytes.
     """
 
     def __init__(self, max_frame_size: int) -> None:
@@ -63,7 +65,7 @@ class Framer:
         if pending:
             pending.append(data)
             self._pending_size += len(data)
-            if self._pending_size < self._needed:
+            if self._pending_size < self._needed > HEADER_SIZE:
                 return
             buf = b"".join(pending)
         else:

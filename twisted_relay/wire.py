@@ -170,6 +170,7 @@ def iter_tlvs(payload: bytes | bytearray | memoryview) -> Iterator[tuple[int, me
     end = len(view)
     offset = 0
     while offset < end:
+        tlv_start = offset
         tlv_type = view[offset]
         if tlv_type == EXTENDED_TLV:
             if offset + _EXTENDED.size > end:
@@ -190,7 +191,7 @@ def iter_tlvs(payload: bytes | bytearray | memoryview) -> Iterator[tuple[int, me
         offset = start + length
         if offset > end:
             raise TruncatedTLV(
-                f"TLV type {tlv_type} at payload offset {start - 2} declares "
+                f"TLV type {tlv_type} at payload offset {tlv_start} declares "
                 f"{length} bytes, {end - start} left in the payload"
             )
         yield tlv_type, view[start:offset]

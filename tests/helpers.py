@@ -1,0 +1,55 @@
+"""Frames and in-memory connections shared by the unit tests."""
+
+from __future__ import annotations
+
+from twisted.internet.address import UNIXAddress
+from twisted.internet.testing import StringTransport
+from twisted.internet.task import Clock
+
+from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
+from twisted_relay.relay import RelayFactory
+from twisted_relay.validation import FramePolicy
+from twisted_relay.wire import Domain, build_frame
+
+TLV_FOR_DOMAIN = {Domain.MARKET_DATA: 1, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
+DOMAINS = {MARKET.domain: MARKET, SIGNAL.domain: SIGNAL, EXECUTION.domain: EXECUTION}
+
+
+def frames_for(domain: int, count: int, source: int = 7, size: int = 20) -> list[bytes]:
+    """C{count} valid frames of C{domain}, sequences 1.., values of C{size} bytes."""
+    tlv = TLV_FOR_DOMAIN[domain]
+    return [
+        build_frame(domain, source, seq, [(tlv, bytes([seq % 251]) * size)], timestamp=seq)
+        for seq in range(1, count + 1)
+    ]
+
+
+class RecordingTransport(StringTransport):
+    """A StringTransport that remembers each write call, to check batching."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=UNIXAddress(None))
+        self.calls: list[list[bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append([data])
+        super().write(data)
+
+    def writeSequence(self, seq) -> None:
+        seq = list(seq)
+        self.calls.append(seq)
+        StringTransport.write(self, b"".join(seq))
+
+
+def make_relay(domain: int = Domain.MARKET_DATA, **overrides) -> RelayFactory:
+    """A relay factory of the shipped domain C{domain}, on a fake clock."""
+    echo = overrides.pop("echo", False)
+    logic = DOMAINS[domain]
+    return RelayFactory(logic, FramePolicy.for_logic(logic, **overrides), echo=echo, clock=Clock())
+
+
+def connect(factory: RelayFactory, transport: StringTransport | None = None):
+    """A client connected to C{factory} over an in-memory transport."""
+    protocol = factory.buildProtocol(UNIXAddress(None))
+    protocol.makeConnection(transport or RecordingTransport())
+    return protocol

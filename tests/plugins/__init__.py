@@ -1,0 +1,1 @@
+"""A plugin package holding a domain a third party could have written."""
