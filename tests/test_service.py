@@ -1,0 +1,291 @@
+"""Tests for L{twisted_relay.service} and L{twisted_relay.unixsocket}."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+
+from twisted.internet.defer import succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import globalLogPublisher
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
+from twisted_relay.service import ListeningService, Options, RelayService, makeService
+from twisted_relay.unixsocket import SocketPathUnavailable, UnixSocketEndpoint
+from twisted_relay.wire import Domain
+
+from .helpers import connect, frames_for, make_relay
+
+
+def short_tempdir(test: SynchronousTestCase) -> str:
+    """A fresh directory with a short path (Unix socket paths max out at 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """By default: market, its Unix socket, mode 0660, the domain's policy, no echo."""
+        options = parse()
+        self.assertIs(options["logic"], MARKET)
+        self.assertEqual(options["listen"], ["unix:/tmp/torq/market_data.sock"])
+        self.assertEqual(options["mode"], 0o660)
+        self.assertFalse(options["echo"])
+        policy = options["policy"]
+        self.assertEqual(
+            (policy.max_frame_size, policy.verify_checksum, policy.strict_tlv),
+            (16 * 1024 * 1024, False, False),
+        )
+        [endpoint] = options["endpoints"]
+        self.assertIsInstance(endpoint, UnixSocketEndpoint)
+        self.assertEqual((endpoint.path, endpoint.mode), ("/tmp/torq/market_data.sock", 0o660))
+
+    def test_domainSocket(self) -> None:
+        """Each domain listens on its own socket unless told otherwise."""
+        self.assertEqual(parse("--domain", "signals")["listen"], ["unix:/tmp/torq/signals.sock"])
+        self.assertIs(parse("-d", "execution")["logic"], EXECUTION)
+
+    def test_repeatableListen(self) -> None:
+        """--listen repeats, takes any endpoint, and Unix ones get the safe endpoint."""
+        options = parse(
+            "--domain", "signal", "--listen", "unix:/tmp/a/s.sock", "--listen", "tcp:7002",
+            "--mode", "600",
+        )
+        unix, tcp = options["endpoints"]
+        self.assertEqual((unix.path, unix.mode), ("/tmp/a/s.sock", 0o600))
+        self.assertIsInstance(tcp, TCP4ServerEndpoint)
+
+    def test_overrides(self) -> None:
+        """--max-frame, --checksum / --no-checksum and --echo override the domain."""
+        options = parse("--max-frame", "4096", "--checksum", "--echo")
+        self.assertEqual(options["policy"].max_frame_size, 4096)
+        self.assertTrue(options["policy"].verify_checksum)
+        self.assertTrue(options["echo"])
+        self.assertFalse(parse("-d", "execution", "--no-checksum")["policy"].verify_checksum)
+        self.assertIs(parse("-d", "signal")["policy"].strict_tlv, SIGNAL.strict_tlv)
+
+    def assertUsage(self, fragment: str, *argv: str) -> None:
+        error = self.assertRaises(UsageError, parse, *argv)
+        self.assertIn(fragment, str(error))
+
+    def test_errors(self) -> None:
+        """Bad values are refused with a message naming the option."""
+        self.assertUsage("unknown domain 'fx'", "--domain", "fx")
+        self.assertUsage("--mode '0999' is not an octal number", "--mode", "0999")
+        self.assertUsage("--mode 1777 is not a file permission mode", "--mode", "1777")
+        self.assertUsage("contradict", "--checksum", "--no-checksum")
+        self.assertUsage("smaller than the 32-byte header", "--max-frame", "16")
+        self.assertUsage("--max-frame", "--max-frame", "lots")
+        self.assertUsage("--listen 'bogus:1'", "--listen", "bogus:1")
+        self.assertUsage("give the socket mode with --mode", "--listen", "unix:/tmp/a.sock:mode=666")
+        self.assertUsage("--stats-interval", "--stats-interval", "-1")
+
+    def test_helpListsDomainsAndExamples(self) -> None:
+        """--help names every domain with its aliases, and shows examples."""
+        text = Options().getUsage()
+        self.assertIn("Domains: market or market_data, signal or signals, execution", text)
+        self.assertIn("twistd -n relay --domain execution --listen unix:/tmp/x/e.sock", text)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_services(self) -> None:
+        """The relay service comes first, then one listener per --listen, in order."""
+        top = makeService(parse("--listen", "unix:/tmp/a/1.sock", "--listen", "tcp:7001"))
+        relay, *listeners = list(top)
+        self.assertIsInstance(relay, RelayService)
+        self.assertEqual([l.description for l in listeners], ["unix:/tmp/a/1.sock", "tcp:7001"])
+        self.assertTrue(all(l.factory is relay.factory for l in listeners))
+
+
+class UmaskReactor(MemoryReactor):
+    """Records the process umask in force when a Unix socket is bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.umasks: list[int] = []
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        current = os.umask(0)
+        os.umask(current)
+        self.umasks.append(current)
+        return super().listenUNIX(address, factory, backlog, mode, wantPID)
+
+
+class UnixSocketEndpointTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = short_tempdir(self)
+        self.path = os.path.join(self.dir, "sub", "r.sock")
+        self.reactor = UmaskReactor()
+
+    def listen(self, mode: int = 0o660):
+        endpoint = UnixSocketEndpoint(self.reactor, self.path, mode)
+        return self.successResultOf(endpoint.listen(Factory()))
+
+    def failure(self) -> str:
+        endpoint = UnixSocketEndpoint(self.reactor, self.path)
+        return self.failureResultOf(endpoint.listen(Factory()), SocketPathUnavailable).getErrorMessage()
+
+    def socket_file(self, listening: bool) -> socket.socket:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(self.path)
+        if listening:
+            sock.listen(1)
+        else:
+            sock.close()
+        return sock
+
+    def test_bindsUnderTheFinalMode(self) -> None:
+        """The socket is bound under a umask that yields the mode, then the umask is restored."""
+        before = os.umask(0o022)
+        self.addCleanup(os.umask, before)
+        self.listen(0o640)
+        self.assertEqual(self.reactor.umasks, [0o137])
+        self.assertEqual(os.umask(0o022), 0o022)
+        [(path, _, backlog, mode, _)] = self.reactor.unixServers
+        self.assertEqual((path, mode), (self.path, 0o640))
+
+    def test_createsDirectory(self) -> None:
+        """A missing directory is created."""
+        self.listen()
+        self.assertTrue(os.path.isdir(os.path.dirname(self.path)))
+
+    def test_removesStaleSocket(self) -> None:
+        """A socket file nobody listens on is removed before binding."""
+        self.socket_file(listening=False)
+        self.listen()
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(len(self.reactor.unixServers), 1)
+
+    def test_refusesLiveSocket(self) -> None:
+        """A socket somebody listens on is left alone and reported."""
+        self.socket_file(listening=True)
+        self.assertEqual(self.failure(), f"a relay is already listening on {self.path}")
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.path).st_mode))
+        self.assertEqual(self.reactor.unixServers, [])
+
+    def test_refusesNonSocket(self) -> None:
+        """A regular file at the path is not touched."""
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "w") as f:
+            f.write("precious")
+        self.assertEqual(self.failure(), f"{self.path} exists and is not a socket; not touching it")
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "precious")
+
+
+class ListeningServiceTests(SynchronousTestCase):
+    def test_failureIsOneLine(self) -> None:
+        """A listener that cannot listen ends start-up with a one-line reason."""
+        dir = short_tempdir(self)
+        path = os.path.join(dir, "busy.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.listen(1)
+        service = ListeningService(
+            f"unix:{path}", UnixSocketEndpoint(MemoryReactor(), path), Factory()
+        )
+        error = self.assertRaises(SystemExit, service.privilegedStartService)
+        self.assertEqual(
+            str(error),
+            f"twistd relay: cannot listen on unix:{path}: a relay is already listening on {path}",
+        )
+
+    def test_stopsListening(self) -> None:
+        """Stopping the service closes its port, and only once."""
+        stopped: list[bool] = []
+
+        class Port:
+            def stopListening(self):
+                stopped.append(True)
+                return succeed(None)
+
+        @implementer(IStreamServerEndpoint)
+        class Endpoint:
+            def listen(self, factory):
+                return succeed(Port())
+
+        service = ListeningService("x", Endpoint(), Factory())
+        service.privilegedStartService()
+        service.startService()
+        self.successResultOf(service.stopService())
+        service.startService()
+        service.stopService()
+        self.assertEqual(stopped, [True])
+
+
+class RecordingDomain:
+    """The market domain, recording calls to its life-cycle hooks."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(MARKET, name)
+
+    def initialize(self) -> None:
+        self.calls.append("initialize")
+
+    def cleanup(self) -> None:
+        self.calls.append("cleanup")
+
+
+class RelayServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_lifecycleHooks(self) -> None:
+        """The domain is initialised before listening and cleaned up at stop."""
+        relay = make_relay()
+        relay.logic = domain = RecordingDomain()
+        service = RelayService(relay, 0)
+        service.privilegedStartService()
+        self.assertEqual(domain.calls, ["initialize"])
+        service.startService()
+        service.stopService()
+        self.assertEqual(domain.calls, ["initialize", "cleanup"])
+        [summary] = [e for e in self.events if "starting" in e.get("log_format", "")]
+        self.assertEqual(
+            (summary["name"], summary["checksum"], summary["delivery"]), ("market", "off", "drop")
+        )
+
+    def test_statsLine(self) -> None:
+        """Every interval, one event gives the rates over that interval."""
+        relay = make_relay()
+        clock: Clock = relay.clock
+        service = RelayService(relay, 10)
+        service.startService()
+        publisher, _ = connect(relay), connect(relay)
+        frames = frames_for(Domain.MARKET_DATA, 50)
+        publisher.dataReceived(b"".join(frames) + frames_for(Domain.SIGNAL, 1)[0])
+        clock.advance(10)
+        [stats] = [e for e in self.events if e.get("log_format", "").startswith("stats:")]
+        self.assertEqual((stats["clients"], stats["in_fps"], stats["out_fps"]), (2, 5.0, 5.0))
+        self.assertEqual((stats["new_rejects"], stats["rejects"]), (1, 1))
+        self.assertEqual(stats["reject_reasons"], {"filtered": 1})
+        clock.advance(10)
+        second = [e for e in self.events if e.get("log_format", "").startswith("stats:")][1]
+        self.assertEqual((second["in_fps"], second["new_rejects"]), (0.0, 0))
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
