@@ -41,11 +41,18 @@ class RecordingTransport(StringTransport):
         StringTransport.write(self, b"".join(seq))
 
 
-def make_relay(domain: int = Domain.MARKET_DATA, **overrides) -> RelayFactory:
+def make_relay(
+    domain: int = Domain.MARKET_DATA, *, echo: bool = False, delivery=None, **overrides
+) -> RelayFactory:
     """A relay factory of the shipped domain C{domain}, on a fake clock."""
-    echo = overrides.pop("echo", False)
     logic = DOMAINS[domain]
-    return RelayFactory(logic, FramePolicy.for_logic(logic, **overrides), echo=echo, clock=Clock())
+    return RelayFactory(
+        logic,
+        FramePolicy.for_logic(logic, **overrides),
+        delivery=delivery,
+        echo=echo,
+        clock=Clock(),
+    )
 
 
 def connect(factory: RelayFactory, transport: StringTransport | None = None):

@@ -10,11 +10,13 @@ import tempfile
 
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -81,6 +83,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertFalse(parse("-d", "execution", "--no-checksum")["policy"].verify_checksum)
         self.assertIs(parse("-d", "signal")["policy"].strict_tlv, SIGNAL.strict_tlv)
 
+    def test_delivery(self) -> None:
+        """The slow-consumer policy and its marks come from the domain unless overridden."""
+        self.assertEqual(parse("-d", "execution")["delivery"].policy, "block")
+        options = parse(
+            "--slow-consumer", "disconnect", "--high-water", "1000000", "--low-water", "1000",
+            "--stall-timeout", "0.5", "--drain-timeout", "1",
+        )
+        delivery = options["delivery"]
+        self.assertEqual(
+            (delivery.policy, delivery.high_water, delivery.low_water, delivery.stall_timeout),
+            ("disconnect", 1_000_000, 1000, 0.5),
+        )
+        self.assertEqual(options["drain-timeout"], 1.0)
+
     def assertUsage(self, fragment: str, *argv: str) -> None:
         error = self.assertRaises(UsageError, parse, *argv)
         self.assertIn(fragment, str(error))
@@ -95,7 +111,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage("--max-frame", "--max-frame", "lots")
         self.assertUsage("--listen 'bogus:1'", "--listen", "bogus:1")
         self.assertUsage("give the socket mode with --mode", "--listen", "unix:/tmp/a.sock:mode=666")
-        self.assertUsage("--stats-interval", "--stats-interval", "-1")
+        self.assertUsage("--stats-interval takes a number >= 0, not '-1'", "--stats-interval", "-1")
+        self.assertUsage("'lossy' is not one of drop, disconnect, block", "--slow-consumer", "lossy")
+        self.assertUsage("must be below the high-water", "--high-water", "100", "--low-water", "100")
+        self.assertUsage("--drain-timeout takes a number", "--drain-timeout", "soon")
 
     def test_helpListsDomainsAndExamples(self) -> None:
         """--help names every domain with its aliases, and shows examples."""
@@ -287,5 +306,8 @@ class RelayServiceTests(SynchronousTestCase):
         clock.advance(10)
         second = [e for e in self.events if e.get("log_format", "").startswith("stats:")][1]
         self.assertEqual((second["in_fps"], second["new_rejects"]), (0.0, 0))
-        service.stopService()
+        stopped = service.stopService()
+        for client in tuple(relay.clients.values()):
+            client.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopped)
         self.assertEqual(clock.getDelayedCalls(), [])

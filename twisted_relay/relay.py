@@ -11,19 +11,24 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .control import Subscription
+from .delivery import DeliverySettings, Outbox, PublisherGate
 from .interfaces import IRelayLogic
 from .protocol import RelayProtocol
 from .ratelimit import RateLimiter
 from .validation import FramePolicy
-from .wire import FrameError
-
+from .wire import FrameError, Header
 
 _PEERCRED = struct.Struct("3i")
+
+#: The subscription of a client that has not asked for anything else.
+EVERYTHING = Subscription()
 
 
 def describe_peer(transport: ITransport) -> str:
@@ -45,14 +50,24 @@ def describe_peer(transport: ITransport) -> str:
 class Counters:
     """
     Traffic counters. C{frames_in} counts accepted frames; C{bytes_in} every
-    byte read, accepted or not; C{rejects} the refused frames by reason.
+    byte read, accepted or not; C{rejects} the refused frames by reason;
+    C{frames_dropped} the frames the drop policy did not deliver; the
+    sequence counters what publishers' C{sequence} fields gave away (frames
+    missing, repeated, going backwards).
     """
 
     frames_in: int = 0
     bytes_in: int = 0
     frames_out: int = 0
     bytes_out: int = 0
+    frames_dropped: int = 0
+    bytes_dropped: int = 0
+    control_frames: int = 0
+    sequence_gaps: int = 0
+    sequence_duplicates: int = 0
+    sequence_regressions: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
+    cut_offs: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -62,12 +77,13 @@ class ClientStats(Counters):
     client_id: int = 0
     peer: str = ""
     connected_at: float = 0.0
+    role: str = EVERYTHING.role
 
 
 class RelayFactory(ServerFactory):
     """
     Tracks the connected clients and broadcasts every accepted frame to all of
-    them except its sender (unless C{echo}).
+    them except its sender (unless C{echo}), each through its L{Outbox}.
 
     L{broadcast} is the one place where accepted frames enter fan-out.
     """
@@ -81,6 +97,7 @@ class RelayFactory(ServerFactory):
         logic: IRelayLogic,
         policy: FramePolicy,
         *,
+        delivery: DeliverySettings | None = None,
         echo: bool = False,
         clock: IReactorTime | None = None,
     ) -> None:
@@ -88,14 +105,20 @@ class RelayFactory(ServerFactory):
             from twisted.internet import reactor as clock
         self.logic = logic
         self.policy = policy
+        self.delivery = delivery or DeliverySettings.for_logic(logic)
         self.echo = echo
         self.clock = clock
         #: Connected clients by id, in connection order.
         self.clients: dict[int, RelayProtocol] = {}
+        #: How many clients pick their frames one by one.
+        self.filtered = 0
         self.totals = Counters()
         self.connections = 0
+        self.gate = PublisherGate(self, clock)
+        self.draining = False
         self._ids = itertools.count(1)
-        self._rejectLog = RateLimiter(clock)
+        self._sampledLog = RateLimiter(clock)
+        self._drained: Deferred[None] | None = None
 
     def register(self, client: RelayProtocol) -> ClientStats:
         """Add a newly connected client; returns its counters."""
@@ -104,8 +127,12 @@ class RelayFactory(ServerFactory):
             peer=describe_peer(client.transport),
             connected_at=self.clock.seconds(),
         )
+        client.stats = stats
+        client.subscription = EVERYTHING
+        client.outbox = Outbox(self, client)
         self.clients[stats.client_id] = client
         self.connections += 1
+        self.gate.joined(client)
         self.log.info(
             "client {client_id} connected ({peer}); {clients} connected",
             client_id=stats.client_id,
@@ -117,57 +144,116 @@ class RelayFactory(ServerFactory):
     def unregister(self, client: RelayProtocol, reason: Failure) -> None:
         """Forget a client whose connection is gone."""
         stats = client.stats
+        client.outbox.close()
+        self.subscribe(client, EVERYTHING)
         del self.clients[stats.client_id]
         self.log.info(
             "client {client_id} disconnected after {duration:.3f}s "
             "({reason}): {frames_in} frames in, {frames_out} out, "
-            "{rejected} rejected; {clients} connected",
+            "{frames_dropped} dropped, {rejected} rejected; {clients} connected",
             client_id=stats.client_id,
             duration=self.clock.seconds() - stats.connected_at,
             reason=reason.getErrorMessage(),
             frames_in=stats.frames_in,
             frames_out=stats.frames_out,
+            frames_dropped=stats.frames_dropped,
             rejected=sum(stats.rejects.values()),
             rejects=dict(stats.rejects),
             clients=len(self.clients),
         )
+        if self._drained is not None and not self.clients:
+            self._drained.callback(None)
+
+    def subscribe(self, client: RelayProtocol, subscription: Subscription) -> None:
+        """Replace what C{client} receives."""
+        if subscription == EVERYTHING:
+            subscription = EVERYTHING
+        self.filtered += subscription.filtered - client.subscription.filtered
+        client.subscription = subscription
+        client.stats.role = subscription.role
 
     def received(self, sender: RelayProtocol, size: int) -> None:
         """Count bytes read from C{sender}, before framing."""
         sender.stats.bytes_in += size
         self.totals.bytes_in += size
 
-    def broadcast(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
+    def broadcast(
+        self,
+        sender: RelayProtocol,
+        runs: list[bytes],
+        frames: int,
+        buf: bytes = b"",
+        index: list[tuple[int, int, Header]] | None = None,
+    ) -> None:
         """
-        Send C{runs}, contiguous slices holding C{frames} accepted frames,
-        to every client but C{sender}. A client whose write fails is cut off;
-        the others are not affected.
+        Send C{runs}, contiguous slices holding C{frames} accepted frames, to
+        every client but C{sender}. A client with a filtered subscription gets
+        the frames it wants, picked through C{index} (C{(start, end, header)}
+        of each frame in C{buf}), which the sender provides while any client
+        is filtered. A client whose write fails is cut off; the others are
+        not affected.
         """
         size = sum(map(len, runs))
         sender.stats.frames_in += frames
-        totals = self.totals
-        totals.frames_in += frames
+        self.totals.frames_in += frames
         echo = self.echo
         for client in tuple(self.clients.values()):
             if client is sender and not echo:
                 continue
-            try:
-                if len(runs) == 1:
-                    client.transport.write(runs[0])
-                else:
-                    client.transport.writeSequence(runs)
-            except Exception:
-                self.log.failure(
-                    "write to client {client_id} failed; disconnecting it",
-                    client_id=client.stats.client_id,
-                )
-                client.transport.abortConnection()
-                continue
-            stats = client.stats
+            subscription = client.subscription
+            if subscription is EVERYTHING:
+                self._deliver(client, runs, frames, size)
+            elif not subscription.publish_only and index is not None:
+                picked = [buf[s:e] for s, e, header in index if subscription.wants(buf, s, e, header)]
+                if picked:
+                    self._deliver(client, picked, len(picked), sum(map(len, picked)))
+
+    def _deliver(self, client: RelayProtocol, runs: list[bytes], frames: int, size: int) -> None:
+        try:
+            sent = client.outbox.send(runs, frames, size)
+        except Exception:
+            self.log.failure(
+                "write to client {client_id} failed; disconnecting it",
+                client_id=client.stats.client_id,
+            )
+            client.outbox.close()
+            client.transport.abortConnection()
+            return
+        if sent:
+            stats, totals = client.stats, self.totals
             stats.frames_out += frames
             stats.bytes_out += size
             totals.frames_out += frames
             totals.bytes_out += size
+
+    def dropped(self, client: RelayProtocol, frames: int, size: int) -> None:
+        """Count frames the drop policy did not deliver to C{client}."""
+        stats, totals = client.stats, self.totals
+        stats.frames_dropped += frames
+        stats.bytes_dropped += size
+        totals.frames_dropped += frames
+        totals.bytes_dropped += size
+        held = self._sampledLog.allow(("dropped", stats.client_id))
+        if held is not None:
+            self.log.warn(
+                "slow client {client_id}: dropped {frames} frames ({frames_dropped} so "
+                "far), its queue is at the high-water mark of {high_water} bytes",
+                client_id=stats.client_id,
+                frames=frames,
+                frames_dropped=stats.frames_dropped,
+                high_water=self.delivery.high_water,
+            )
+
+    def cutOff(self, client: RelayProtocol, reason: str, detail: str) -> None:
+        """Count and log that C{client} is being disconnected by the relay."""
+        client.stats.cut_offs[reason] += 1
+        self.totals.cut_offs[reason] += 1
+        self.log.warn(
+            "disconnecting client {client_id} ({reason}): {detail}",
+            client_id=client.stats.client_id,
+            reason=reason,
+            detail=detail,
+        )
 
     def rejected(self, sender: RelayProtocol, error: FrameError) -> None:
         """Count a refused frame and log it, at a bounded rate per reason."""
@@ -182,7 +268,7 @@ class RelayFactory(ServerFactory):
                 header=error.header.hex(" "),
             )
             return
-        held = self._rejectLog.allow(error.reason)
+        held = self._sampledLog.allow(error.reason)
         if held is not None:
             self.log.warn(
                 "dropped frame ({reason}): {error}{held_back}",
@@ -191,3 +277,55 @@ class RelayFactory(ServerFactory):
                 client_id=sender.stats.client_id,
                 held_back=f" ({held} more since the last report)" if held else "",
             )
+
+    def sequenceAnomaly(self, sender: RelayProtocol, kind: str, header: Header, last: int) -> None:
+        """
+        Log a gap, duplicate or regression in a publisher's sequence: every
+        one on a lossless (block) relay, a bounded number per second otherwise.
+        """
+        held = 0
+        if self.delivery.policy != "block":
+            held = self._sampledLog.allow(("sequence", kind))
+            if held is None:
+                return
+        self.log.warn(
+            "sequence {kind} from client {client_id}, source {source}: {sequence} "
+            "after {last}{held_back}",
+            kind=kind,
+            client_id=sender.stats.client_id,
+            source=header.source,
+            sequence=header.sequence,
+            last=last,
+            held_back=f" ({held} more since the last report)" if held else "",
+        )
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Stop reading from every client, give what is queued for them at most
+        C{timeout} seconds to be written, then close whatever is left.
+        """
+        self.draining = True
+        self._drained = drained = Deferred()
+        if not self.clients:
+            drained.callback(None)
+            return drained
+        for client in tuple(self.clients.values()):
+            client.transport.pauseProducing()
+            client.outbox.flushAndClose()
+        timer = self.clock.callLater(timeout, self._drainTimedOut, timeout)
+
+        def finished(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return drained.addCallback(finished)
+
+    def _drainTimedOut(self, timeout: float) -> None:
+        for client in tuple(self.clients.values()):
+            self.log.error(
+                "client {client_id} did not take all its data within the drain "
+                "timeout of {timeout}s; closing it",
+                client_id=client.stats.client_id,
+                timeout=timeout,
+            )
+            client.transport.abortConnection()

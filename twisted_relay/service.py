@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from .delivery import DeliverySettings
 from .domains import UnknownDomain, available_domains, find_domain
 from .relay import RelayFactory
 from .unixsocket import UnixSocketEndpoint
@@ -22,6 +24,19 @@ from .validation import FramePolicy
 
 def _onOff(flag: bool) -> str:
     return "on" if flag else "off"
+
+
+def _number(kind: type, option: str, value: str | None):
+    """C{value} of C{--option} as C{kind}, which must not be negative."""
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise usage.UsageError(f"--{option} takes a number >= 0, not {value!r}")
+    return number
 
 
 class Options(usage.Options):
@@ -49,6 +64,40 @@ Examples:
             "Largest frame accepted, in bytes, header included [default: the domain's].",
         ],
         ["stats-interval", None, "10", "Seconds between stats log lines; 0 turns them off."],
+        [
+            "slow-consumer",
+            None,
+            None,
+            "What to do with a client that does not keep up: drop, disconnect or "
+            "block [default: the domain's].",
+        ],
+        [
+            "high-water",
+            None,
+            None,
+            "Bytes queued for one client before its slow-consumer policy applies "
+            "[default: 8388608, 8 MiB].",
+        ],
+        [
+            "low-water",
+            None,
+            None,
+            "Bytes below which a blocking client releases the publishers "
+            "[default: 2 MiB, at most a quarter of --high-water].",
+        ],
+        [
+            "stall-timeout",
+            None,
+            None,
+            "Seconds a client may hold the publishers back (block) before it is cut "
+            "off [default: 2].",
+        ],
+        [
+            "drain-timeout",
+            None,
+            "5",
+            "Seconds given to queued data to reach clients on shutdown.",
+        ],
     ]
     optFlags = [
         ["echo", None, "Also send each client the frames it publishes."],
@@ -77,22 +126,28 @@ Examples:
             raise usage.UsageError(f"--mode {self['mode']:o} is not a file permission mode")
         if self["checksum"] and self["no-checksum"]:
             raise usage.UsageError("--checksum and --no-checksum contradict each other")
-        try:
-            self["stats-interval"] = float(self["stats-interval"])
-            if self["stats-interval"] < 0:
-                raise ValueError
-        except ValueError:
-            raise usage.UsageError("--stats-interval takes a number of seconds >= 0") from None
+        self["stats-interval"] = _number(float, "stats-interval", self["stats-interval"])
         try:
             self["policy"] = FramePolicy.for_logic(
                 logic,
-                max_frame_size=None if self["max-frame"] is None else int(self["max-frame"]),
+                max_frame_size=_number(int, "max-frame", self["max-frame"]),
                 verify_checksum=(
                     True if self["checksum"] else False if self["no-checksum"] else None
                 ),
             )
         except ValueError as e:
             raise usage.UsageError(f"--max-frame: {e}") from None
+        try:
+            self["delivery"] = DeliverySettings.for_logic(
+                logic,
+                policy=self["slow-consumer"],
+                high_water=_number(int, "high-water", self["high-water"]),
+                low_water=_number(int, "low-water", self["low-water"]),
+                stall_timeout=_number(float, "stall-timeout", self["stall-timeout"]),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["drain-timeout"] = _number(float, "drain-timeout", self["drain-timeout"])
         if not self["listen"]:
             self["listen"] = [f"unix:{logic.socket_path}"]
         self["endpoints"] = [self._endpoint(d) for d in self["listen"]]
@@ -163,9 +218,12 @@ class RelayService(Service):
 
     log = Logger()
 
-    def __init__(self, factory: RelayFactory, stats_interval: float) -> None:
+    def __init__(
+        self, factory: RelayFactory, stats_interval: float, drain_timeout: float = 5.0
+    ) -> None:
         self.factory = factory
         self.stats_interval = stats_interval
+        self.drain_timeout = drain_timeout
         self._stats = LoopingCall(self._report)
         self._stats.clock = factory.clock
         self._last = (0.0, 0, 0, 0, 0, 0)
@@ -178,14 +236,18 @@ class RelayService(Service):
         super().privilegedStartService()
         self.log.info(
             "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, "
-            "checksum {checksum}, strict TLV {strict_tlv}, delivery {delivery}, "
-            "echo {echo}",
+            "checksum {checksum}, strict TLV {strict_tlv}, slow consumers: {delivery} "
+            "(high-water {high_water} bytes, low-water {low_water}, stall timeout "
+            "{stall_timeout}s), echo {echo}",
             name=logic.name,
             domain=logic.domain,
             max_frame=policy.max_frame_size,
             checksum=_onOff(policy.verify_checksum),
             strict_tlv=_onOff(policy.strict_tlv),
-            delivery=logic.delivery,
+            delivery=factory.delivery.policy,
+            high_water=factory.delivery.high_water,
+            low_water=factory.delivery.low_water,
+            stall_timeout=factory.delivery.stall_timeout,
             echo=_onOff(factory.echo),
         )
 
@@ -195,10 +257,32 @@ class RelayService(Service):
             self._last = self._snapshot()
             self._stats.start(self.stats_interval, now=False)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        """Drain the clients (bounded by the drain timeout), then clean up the domain."""
         if self._stats.running:
             self._stats.stop()
         super().stopService()
+        factory = self.factory
+        self.log.info(
+            "stopping: draining {clients} clients for up to {timeout}s",
+            clients=len(factory.clients),
+            timeout=self.drain_timeout,
+        )
+        return factory.drain(self.drain_timeout).addCallback(self._stopped)
+
+    def _stopped(self, _: None) -> None:
+        totals, gate = self.factory.totals, self.factory.gate
+        self.log.info(
+            "stopped: {frames_in} frames accepted, {frames_out} delivered, "
+            "{frames_dropped} dropped, {rejected} rejected; publishers paused "
+            "{pauses} times, longest {longest_pause:.3f}s",
+            frames_in=totals.frames_in,
+            frames_out=totals.frames_out,
+            frames_dropped=totals.frames_dropped,
+            rejected=sum(totals.rejects.values()),
+            pauses=gate.pauses,
+            longest_pause=gate.longest_pause,
+        )
         self.factory.logic.cleanup()
 
     def _snapshot(self) -> tuple[float, int, int, int, int, int]:
@@ -233,9 +317,11 @@ class RelayService(Service):
 
 
 def makeService(options: Options) -> IService:
-    factory = RelayFactory(options["logic"], options["policy"], echo=options["echo"])
+    factory = RelayFactory(
+        options["logic"], options["policy"], delivery=options["delivery"], echo=options["echo"]
+    )
     top = MultiService()
-    RelayService(factory, options["stats-interval"]).setServiceParent(top)
+    RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         ListeningService(description, endpoint, factory).setServiceParent(top)
     return top

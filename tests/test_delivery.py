@@ -1,0 +1,311 @@
+"""
+Tests for L{twisted_relay.delivery}, L{twisted_relay.control} and sequence
+tracking: slow consumers under each policy, subscriptions, gaps, drain.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_relay.control import (
+    RELAY_ROLE,
+    SUBSCRIBE_SOURCES,
+    control_frame,
+)
+from twisted_relay.delivery import DeliverySettings
+from twisted_relay.domains import MARKET
+from twisted_relay.wire import Domain, build_frame, unpack_header
+
+from .helpers import connect, frames_for, make_relay
+
+
+def disconnect(client) -> None:
+    client.connectionLost(Failure(ConnectionDone()))
+
+
+def sequences(data: bytes) -> list[int]:
+    """The sequence numbers of the whole frames in C{data}, which must be frame-aligned."""
+    out, offset = [], 0
+    while offset < len(data):
+        header = unpack_header(data, offset)
+        out.append(header.sequence)
+        offset += 32 + header.payload_size
+    assert offset == len(data), "not frame-aligned"
+    return out
+
+
+def relay_with(policy: str, high: int = 1000, low: int = 200, stall: float = 2.0, **kw):
+    return make_relay(
+        delivery=DeliverySettings(policy, high_water=high, low_water=low, stall_timeout=stall), **kw
+    )
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_domainDefaults(self) -> None:
+        """Each domain brings its policy; marks default to 8 MiB and 2 MiB, stall to 2 s."""
+        settings = DeliverySettings.for_logic(MARKET)
+        self.assertEqual(
+            (settings.policy, settings.high_water, settings.low_water, settings.stall_timeout),
+            ("drop", 8 * 1024 * 1024, 2 * 1024 * 1024, 2.0),
+        )
+
+    def test_overrides(self) -> None:
+        """A high-water mark given alone pulls the low-water mark down to a quarter."""
+        settings = DeliverySettings.for_logic(MARKET, policy="block", high_water=4000)
+        self.assertEqual((settings.policy, settings.low_water), ("block", 1000))
+
+    def test_invalid(self) -> None:
+        """Unknown policies, inverted marks and non-positive stall timeouts are refused."""
+        self.assertRaises(ValueError, DeliverySettings, "lossy")
+        self.assertRaises(ValueError, DeliverySettings, "drop", high_water=10, low_water=10)
+        self.assertRaises(ValueError, DeliverySettings, "block", stall_timeout=0)
+
+
+class OutboxTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.frames = frames_for(Domain.MARKET_DATA, 40)  # 54 bytes each
+
+    def slow(self, policy: str, **kw):
+        relay = relay_with(policy, **kw)
+        publisher, slow, fast = connect(relay), connect(relay), connect(relay)
+        slow.outbox.pauseProducing()  # what the transport does when its buffer is full
+        return relay, publisher, slow, fast
+
+    def test_writesThroughWhileWritable(self) -> None:
+        """A client that keeps up gets frames straight from the transport; nothing queues."""
+        relay, publisher, slow, fast = self.slow("drop")
+        publisher.dataReceived(self.frames[0])
+        self.assertEqual(fast.outbox.queued, 0)
+        self.assertEqual(fast.transport.value(), self.frames[0])
+
+    def test_dropWholeFrames(self) -> None:
+        """Over the mark, frames are dropped whole for the slow client only, and counted."""
+        relay, publisher, slow, fast = self.slow("drop")
+        for frame in self.frames:
+            publisher.dataReceived(frame)
+        self.assertEqual(fast.transport.value(), b"".join(self.frames))
+        self.assertLessEqual(slow.outbox.queued, 1000)
+        slow.outbox.resumeProducing()
+        got = sequences(slow.transport.value())
+        self.assertEqual(got, list(range(1, len(got) + 1)))
+        self.assertEqual(len(got) + slow.stats.frames_dropped, 40)
+        self.assertEqual(slow.stats.frames_dropped, 40 - 1000 // 54)
+        self.assertEqual(relay.totals.frames_dropped, slow.stats.frames_dropped)
+        self.assertEqual(slow.stats.frames_out, len(got))
+        self.assertFalse(publisher.transport.disconnecting)
+
+    def test_queueFlushesInOrder(self) -> None:
+        """Queued frames reach the client in order once its transport drains."""
+        relay, publisher, slow, fast = self.slow("drop")
+        for frame in self.frames[:10]:
+            publisher.dataReceived(frame)
+        self.assertEqual(slow.transport.value(), b"")
+        slow.outbox.resumeProducing()
+        publisher.dataReceived(self.frames[10])
+        self.assertEqual(slow.transport.value(), b"".join(self.frames[:11]))
+
+    def test_disconnect(self) -> None:
+        """Under disconnect, the slow client is cut off, counted; the others carry on."""
+        relay, publisher, slow, fast = self.slow("disconnect")
+        for frame in self.frames:
+            publisher.dataReceived(frame)
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertEqual(dict(relay.totals.cut_offs), {"slow consumer": 1})
+        self.assertEqual(fast.transport.value(), b"".join(self.frames))
+        disconnect(slow)
+        self.assertEqual(list(relay.clients), [1, 3])
+
+    def test_blockPausesEveryPublisher(self) -> None:
+        """Under block, a client over the mark pauses reading from every client."""
+        relay, publisher, slow, fast = self.slow("block")
+        for frame in self.frames[:18]:  # 18 * 54 bytes fit under the mark of 1000
+            publisher.dataReceived(frame)
+        self.assertEqual(publisher.transport.producerState, "producing")
+        publisher.dataReceived(self.frames[18])
+        self.assertEqual(
+            [c.transport.producerState for c in (publisher, slow, fast)], ["paused"] * 3
+        )
+        late = connect(relay)
+        self.assertEqual(late.transport.producerState, "paused")
+        relay.clock.advance(1.5)
+        slow.outbox.resumeProducing()
+        self.assertEqual(
+            [c.transport.producerState for c in (publisher, slow, fast, late)], ["producing"] * 4
+        )
+        self.assertEqual(sequences(slow.transport.value()), list(range(1, 20)))
+        self.assertEqual((relay.gate.pauses, relay.gate.longest_pause), (1, 1.5))
+        self.assertEqual(relay.totals.frames_dropped, 0)
+
+    def test_blockStallTimeout(self) -> None:
+        """A client stuck over the mark past the stall timeout is cut; publishers resume."""
+        relay, publisher, slow, fast = self.slow("block", stall=2.0)
+        publisher.dataReceived(b"".join(self.frames[:20]))
+        self.assertEqual(publisher.transport.producerState, "paused")
+        relay.clock.advance(1.9)
+        self.assertFalse(slow.transport.disconnecting)
+        relay.clock.advance(0.1)
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertEqual(dict(relay.totals.cut_offs), {"stalled consumer": 1})
+        self.assertEqual(publisher.transport.producerState, "producing")
+        self.assertEqual(relay.gate.longest_pause, 2.0)
+        publisher.dataReceived(self.frames[20])
+        self.assertEqual(fast.transport.value(), b"".join(self.frames[:21]))
+
+    def test_blockerLeavingResumes(self) -> None:
+        """A blocking client that disconnects releases the publishers at once."""
+        relay, publisher, slow, fast = self.slow("block")
+        publisher.dataReceived(b"".join(self.frames[:20]))
+        disconnect(slow)
+        self.assertEqual(publisher.transport.producerState, "producing")
+        self.assertEqual(relay.clock.getDelayedCalls(), [])
+
+
+class SubscriptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.relay = make_relay()
+        self.publisher = connect(self.relay)
+        self.other = connect(self.relay)
+
+    def test_publishOnly(self) -> None:
+        """A publish-only client receives nothing, and its control frame is not forwarded."""
+        self.other.dataReceived(control_frame(publish_only=True))
+        self.publisher.dataReceived(b"".join(frames_for(Domain.MARKET_DATA, 3)))
+        self.assertEqual(self.other.transport.value(), b"")
+        self.assertEqual(self.publisher.transport.value(), b"")
+        self.assertEqual(self.other.stats.role, "publisher")
+        self.assertEqual(self.relay.totals.control_frames, 1)
+        self.assertEqual(dict(self.relay.totals.rejects), {})
+
+    def test_bySource(self) -> None:
+        """A client subscribed to some sources receives only their frames, in order."""
+        self.other.dataReceived(control_frame(sources=[2, 3]))
+        frames = [build_frame(1, source, seq, b"") for seq in range(1, 4) for source in (1, 2, 3)]
+        self.publisher.dataReceived(b"".join(frames))
+        expected = [f for f in frames if unpack_header(f).source in (2, 3)]
+        self.assertEqual(self.other.transport.value(), b"".join(expected))
+        self.assertEqual(self.other.stats.frames_out, 6)
+
+    def test_byTLVType(self) -> None:
+        """A client subscribed to TLV types receives frames holding any of them."""
+        self.other.dataReceived(control_frame(tlv_types=[2]))
+        trade = build_frame(1, 1, 1, [(1, b"t" * 40)])
+        quote = build_frame(1, 1, 2, [(2, b"q" * 52)])
+        both = build_frame(1, 1, 3, [(1, b"t"), (2, b"q")])
+        garbage = build_frame(1, 1, 4, b"\x02")
+        self.publisher.dataReceived(trade + quote + both + garbage)
+        self.assertEqual(self.other.transport.value(), quote + both)
+
+    def test_resetToDefault(self) -> None:
+        """A control frame without a filter restores receiving everything."""
+        self.other.dataReceived(control_frame(sources=[9]))
+        self.other.dataReceived(control_frame())
+        frame = frames_for(Domain.MARKET_DATA, 1)[0]
+        self.publisher.dataReceived(frame)
+        self.assertEqual(self.other.transport.value(), frame)
+        self.assertEqual(self.relay.filtered, 0)
+
+    def test_defaultClientsUnchanged(self) -> None:
+        """Clients that send no control frame receive everything, as before."""
+        filtered = connect(self.relay)
+        filtered.dataReceived(control_frame(sources=[9]))
+        frames = b"".join(frames_for(Domain.MARKET_DATA, 3))
+        self.publisher.dataReceived(frames)
+        self.assertEqual(self.other.transport.value(), frames)
+        self.assertEqual(filtered.transport.value(), b"")
+
+    def test_badControlFrames(self) -> None:
+        """A control frame with a bad value or checksum is rejected and changes nothing."""
+        bad_role = build_frame(Domain.SYSTEM, 0, 0, [(RELAY_ROLE, b"\x07")])
+        corrupt = bytearray(control_frame(publish_only=True))
+        corrupt[-1] ^= 1
+        self.other.dataReceived(bad_role + bytes(corrupt))
+        self.assertEqual(
+            dict(self.other.stats.rejects), {"bad_control_frame": 1, "bad_checksum": 1}
+        )
+        self.assertEqual(self.other.stats.role, "subscriber")
+
+    def test_otherSystemFramesFiltered(self) -> None:
+        """A system frame that is not a control frame is filtered like any other domain."""
+        heartbeat = build_frame(Domain.SYSTEM, 60, 1, [(100, b"hb"), (SUBSCRIBE_SOURCES, b"")])
+        self.publisher.dataReceived(heartbeat)
+        self.assertEqual(dict(self.publisher.stats.rejects), {"filtered": 1})
+        self.assertEqual(self.other.transport.value(), b"")
+
+
+class SequenceTests(SynchronousTestCase):
+    def feed(self, relay, pairs):
+        publisher = connect(relay)
+        publisher.dataReceived(b"".join(build_frame(1, s, q, b"") for s, q in pairs))
+        return publisher
+
+    def test_counts(self) -> None:
+        """Gaps count missing frames; duplicates and regressions count frames, per source."""
+        relay = make_relay()
+        publisher = self.feed(
+            relay,
+            [(1, 1), (2, 10), (1, 2), (1, 5), (2, 11), (1, 5), (2, 3), (2, 4), (1, 6), (2, 9)],
+        )
+        stats = publisher.stats
+        self.assertEqual(
+            (stats.sequence_gaps, stats.sequence_duplicates, stats.sequence_regressions),
+            (2 + 4, 1, 1),
+        )
+        self.assertEqual(relay.totals.sequence_gaps, 6)
+        self.assertEqual(stats.frames_in, 10)
+
+    def test_perConnection(self) -> None:
+        """Each connection has its own sequence state."""
+        relay = make_relay()
+        self.feed(relay, [(1, 1), (1, 2)])
+        second = self.feed(relay, [(1, 1), (1, 2)])
+        self.assertEqual(relay.totals.sequence_regressions, 0)
+        self.assertEqual(second.stats.sequence_gaps, 0)
+
+    def logged(self, domain: int, anomalies: int) -> int:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relay = make_relay(domain)
+        tlv = {Domain.MARKET_DATA: 1, Domain.EXECUTION: 40}[domain]
+        publisher = connect(relay)
+        publisher.dataReceived(
+            b"".join(build_frame(domain, 42, 2 * q, [(tlv, b"x")]) for q in range(anomalies + 1))
+        )
+        self.assertEqual(publisher.stats.sequence_gaps, anomalies)
+        return len([e for e in events if e.get("kind") == "gap"])
+
+    def test_executionLogsEveryAnomaly(self) -> None:
+        """The lossless execution relay logs every gap; market logs a bounded sample."""
+        self.assertEqual(self.logged(Domain.EXECUTION, 50), 50)
+        self.assertEqual(self.logged(Domain.MARKET_DATA, 50), 5)
+
+
+class DrainTests(SynchronousTestCase):
+    def test_flushesQueuedThenCloses(self) -> None:
+        """Drain stops reading, hands queued frames to the transport and closes."""
+        relay = relay_with("block", high=10_000, low=100)
+        publisher, slow = connect(relay), connect(relay)
+        slow.outbox.pauseProducing()
+        frames = b"".join(frames_for(Domain.MARKET_DATA, 5))
+        publisher.dataReceived(frames)
+        drained = relay.drain(5)
+        self.assertEqual(slow.transport.value(), frames)
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertIsNone(slow.transport.producer)
+        self.assertEqual(publisher.transport.producerState, "paused")
+        self.assertNoResult(drained)
+        disconnect(publisher)
+        disconnect(slow)
+        self.successResultOf(drained)
+        self.assertEqual(relay.clock.getDelayedCalls(), [])
+
+    def test_timeout(self) -> None:
+        """Clients still open when the drain timeout passes are aborted."""
+        relay = make_relay()
+        client = connect(relay)
+        relay.drain(3)
+        relay.clock.advance(3)
+        self.assertTrue(client.transport.disconnected)

@@ -1,0 +1,116 @@
+"""
+Control frames: how a client tells the relay what it wants to receive.
+
+A control frame is a system-domain (4) frame whose TLVs are all control TLVs
+from the vendor range. The relay consumes it (it is never forwarded) and
+replaces the sender's subscription with what it says; a TLV left out means
+the default. A client that sends none receives everything, as plain
+Protocol V2 clients expect.
+
+    250 RelayRole          1 byte: 0 publish and subscribe (default), 1 publish only
+    251 SubscribeSources   the source types to receive, one byte each (all if absent)
+    252 SubscribeTLVTypes  the TLV types to receive, one byte each (all if absent):
+                           a frame is received if any of its TLVs is of one of them
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .wire import HEADER_SIZE, Domain, FrameRejected, Header, build_frame, iter_tlvs
+
+RELAY_ROLE = 250
+SUBSCRIBE_SOURCES = 251
+SUBSCRIBE_TLV_TYPES = 252
+CONTROL_TLVS = frozenset({RELAY_ROLE, SUBSCRIBE_SOURCES, SUBSCRIBE_TLV_TYPES})
+
+ROLE_BOTH = 0
+ROLE_PUBLISH_ONLY = 1
+
+
+class BadControlFrame(FrameRejected):
+    reason = "bad_control_frame"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """What one client receives. The default receives everything."""
+
+    publish_only: bool = False
+    sources: frozenset[int] | None = None
+    tlv_types: frozenset[int] | None = None
+
+    @property
+    def filtered(self) -> bool:
+        """Whether frames must be picked one by one for this client."""
+        return self.sources is not None or self.tlv_types is not None
+
+    @property
+    def role(self) -> str:
+        if self.publish_only:
+            return "publisher"
+        return "filtered subscriber" if self.filtered else "subscriber"
+
+    def wants(self, buf: bytes, start: int, end: int, header: Header) -> bool:
+        if self.sources is not None and header.source not in self.sources:
+            return False
+        if self.tlv_types is None:
+            return True
+        try:
+            return any(
+                tlv_type in self.tlv_types
+                for tlv_type, _ in iter_tlvs(memoryview(buf)[start + HEADER_SIZE : end])
+            )
+        except FrameRejected:
+            return False
+
+
+def is_control(header: Header) -> bool:
+    return header.relay_domain == Domain.SYSTEM
+
+
+def parse_control(buf: bytes, start: int, end: int) -> Subscription | None:
+    """
+    The subscription a system-domain frame asks for, or C{None} if it is not
+    a control frame (it has no TLVs or some that are not control TLVs).
+
+    @raise BadControlFrame: a control TLV with an impossible value.
+    """
+    fields: dict[int, bytes] = {}
+    for tlv_type, value in iter_tlvs(memoryview(buf)[start + HEADER_SIZE : end]):
+        if tlv_type not in CONTROL_TLVS:
+            return None
+        fields[tlv_type] = bytes(value)
+    if not fields:
+        return None
+    role = fields.get(RELAY_ROLE, bytes([ROLE_BOTH]))
+    if role not in (bytes([ROLE_BOTH]), bytes([ROLE_PUBLISH_ONLY])):
+        raise BadControlFrame(f"RelayRole value {role.hex()} is not 00 or 01")
+    sources = fields.get(SUBSCRIBE_SOURCES)
+    tlv_types = fields.get(SUBSCRIBE_TLV_TYPES)
+    return Subscription(
+        publish_only=role[0] == ROLE_PUBLISH_ONLY,
+        sources=None if sources is None else frozenset(sources),
+        tlv_types=None if tlv_types is None else frozenset(tlv_types),
+    )
+
+
+def control_frame(
+    *,
+    publish_only: bool = False,
+    sources: Iterable[int] | None = None,
+    tlv_types: Iterable[int] | None = None,
+    source: int = 0,
+    sequence: int = 0,
+) -> bytes:
+    """
+    The control frame a client sends to declare its role and subscription.
+    With no arguments it restores the default: receive everything.
+    """
+    tlvs = [(RELAY_ROLE, bytes([ROLE_PUBLISH_ONLY if publish_only else ROLE_BOTH]))]
+    if sources is not None:
+        tlvs.append((SUBSCRIBE_SOURCES, bytes(sorted(set(sources)))))
+    if tlv_types is not None:
+        tlvs.append((SUBSCRIBE_TLV_TYPES, bytes(sorted(set(tlv_types)))))
+    return build_frame(Domain.SYSTEM, source, sequence, tlvs)

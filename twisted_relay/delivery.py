@@ -1,0 +1,247 @@
+"""
+Delivery to slow consumers: each client's bounded outbound queue, and what
+happens when a client falls behind (the domain's policy).
+
+A client's transport keeps at most about 64 KiB of its own; past that it
+pauses the client's L{Outbox} (its registered streaming producer) and frames
+wait in the outbox, counted in bytes against the high-water mark:
+
+ - C{drop}: frames that would take the queue over the mark are dropped for
+   that client, whole, and counted;
+ - C{disconnect}: the client is cut off as a slow consumer;
+ - C{block}: nothing is dropped; the L{PublisherGate} stops reading from every
+   client until the queue is back under the low-water mark, and cuts off a
+   client stuck over the mark longer than the stall timeout.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .interfaces import DELIVERY_POLICIES, IRelayLogic
+
+if TYPE_CHECKING:
+    from .protocol import RelayProtocol
+    from .relay import RelayFactory
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """The slow-consumer policy of one relay and its thresholds."""
+
+    policy: str
+    high_water: int = 8 * MiB
+    low_water: int = 2 * MiB
+    stall_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in DELIVERY_POLICIES:
+            raise ValueError(
+                f"slow-consumer policy {self.policy!r} is not one of "
+                f"{', '.join(DELIVERY_POLICIES)}"
+            )
+        if not 0 <= self.low_water < self.high_water:
+            raise ValueError(
+                f"the low-water mark ({self.low_water}) must be below the high-water "
+                f"mark ({self.high_water})"
+            )
+        if self.stall_timeout <= 0:
+            raise ValueError(f"stall timeout {self.stall_timeout} must be positive")
+
+    @classmethod
+    def for_logic(
+        cls,
+        logic: IRelayLogic,
+        *,
+        policy: str | None = None,
+        high_water: int | None = None,
+        low_water: int | None = None,
+        stall_timeout: float | None = None,
+    ) -> DeliverySettings:
+        """
+        The domain's policy with the operator's overrides. A high-water mark
+        given alone brings the low-water mark down to a quarter of it.
+        """
+        high = cls.high_water if high_water is None else high_water
+        if low_water is None:
+            low_water = min(cls.low_water, high // 4)
+        return cls(
+            policy=logic.delivery if policy is None else policy,
+            high_water=high,
+            low_water=low_water,
+            stall_timeout=cls.stall_timeout if stall_timeout is None else stall_timeout,
+        )
+
+
+@implementer(IPushProducer)
+class Outbox:
+    """
+    One client's outbound stream: written straight to the transport while
+    it keeps up, queued (bounded by policy) while it does not.
+    """
+
+    log = Logger()
+
+    def __init__(self, relay: RelayFactory, client: RelayProtocol) -> None:
+        self.relay = relay
+        self.client = client
+        self.settings = relay.delivery
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.writable = True
+        self.closed = False
+        #: Whether this outbox holds the publishers back (block policy).
+        self.blocking = False
+        client.transport.registerProducer(self, True)
+
+    def send(self, runs: list[bytes], frames: int, size: int) -> bool:
+        """Deliver C{runs}; C{False} if the policy dropped them for this client."""
+        if self.closed:
+            return False
+        if self.writable and not self.queue:
+            transport = self.client.transport
+            if len(runs) == 1:
+                transport.write(runs[0])
+            else:
+                transport.writeSequence(runs)
+            return True
+        policy = self.settings.policy
+        over = self.queued + size > self.settings.high_water
+        if over and policy == "drop":
+            self.relay.dropped(self.client, frames, size)
+            return False
+        if over and policy == "disconnect":
+            self.cut(
+                "slow consumer",
+                f"{self.queued} bytes queued, the next {size} would pass the "
+                f"high-water mark of {self.settings.high_water}",
+            )
+            return False
+        self.queue.extend(runs)
+        self.queued += size
+        if over and not self.blocking:
+            self.blocking = True
+            self.relay.gate.block(self)
+        return True
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: queue from now on."""
+        self.writable = False
+
+    def resumeProducing(self) -> None:
+        """The transport drained: refill it from the queue until it is full again."""
+        self.writable = True
+        queue, transport = self.queue, self.client.transport
+        while queue and self.writable:
+            data = queue.popleft()
+            self.queued -= len(data)
+            transport.write(data)
+        if self.blocking and self.queued <= self.settings.low_water:
+            self.blocking = False
+            self.relay.gate.unblock(self)
+
+    def stopProducing(self) -> None:
+        """The connection is gone; what is queued can no longer be delivered."""
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.clear()
+        self.queued = 0
+        if self.blocking:
+            self.blocking = False
+            self.relay.gate.unblock(self)
+
+    def cut(self, reason: str, detail: str) -> None:
+        """Disconnect this client at once, without flushing, for C{reason}."""
+        if self.closed:
+            return
+        self.relay.cutOff(self.client, reason, detail)
+        self.close()
+        self.client.transport.abortConnection()
+
+    def flushAndClose(self) -> None:
+        """Hand everything queued to the transport and close once it is written."""
+        if self.closed:
+            return
+        transport = self.client.transport
+        transport.writeSequence(list(self.queue))
+        self.close()
+        transport.unregisterProducer()
+        transport.loseConnection()
+
+
+class PublisherGate:
+    """
+    Holds every publisher back while any outbox is over its high-water mark
+    (block policy), by pausing the transports' reading, so the kernel pushes
+    back on the publishers. A client stuck longer than the stall timeout is
+    cut off, so no pause lasts longer than that.
+    """
+
+    log = Logger()
+
+    def __init__(self, relay: RelayFactory, clock: IReactorTime) -> None:
+        self.relay = relay
+        self.clock = clock
+        self.blockers: dict[Outbox, IDelayedCall] = {}
+        self.paused_since: float | None = None
+        self.pauses = 0
+        self.paused_seconds = 0.0
+        self.longest_pause = 0.0
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_since is not None
+
+    def block(self, outbox: Outbox) -> None:
+        timeout = outbox.settings.stall_timeout
+        self.blockers[outbox] = self.clock.callLater(timeout, self._stalled, outbox, timeout)
+        if self.paused_since is None:
+            self.paused_since = self.clock.seconds()
+            self.pauses += 1
+            self.log.info(
+                "publishers paused: client {client_id} is over the high-water mark "
+                "({queued} bytes queued)",
+                client_id=outbox.client.stats.client_id,
+                queued=outbox.queued,
+            )
+            for client in self.relay.clients.values():
+                client.transport.pauseProducing()
+
+    def unblock(self, outbox: Outbox) -> None:
+        call = self.blockers.pop(outbox, None)
+        if call is None:
+            return
+        if call.active():
+            call.cancel()
+        if not self.blockers and self.paused_since is not None:
+            pause = self.clock.seconds() - self.paused_since
+            self.paused_since = None
+            self.paused_seconds += pause
+            self.longest_pause = max(self.longest_pause, pause)
+            self.log.info("publishers resumed after {pause:.3f}s", pause=pause)
+            if not self.relay.draining:
+                for client in self.relay.clients.values():
+                    client.transport.resumeProducing()
+
+    def joined(self, client: RelayProtocol) -> None:
+        """A client connecting while publishers are held back is held back too."""
+        if self.paused:
+            client.transport.pauseProducing()
+
+    def _stalled(self, outbox: Outbox, timeout: float) -> None:
+        outbox.cut(
+            "stalled consumer",
+            f"over the high-water mark for {timeout:g}s with {outbox.queued} bytes queued",
+        )
