@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 RECEIVE_TIMEOUT = 10.0
@@ -35,7 +36,8 @@ class RelayProcess:
         self.workdir = workdir
         self.args = [twistd(), "-n", "--pidfile=", "relay", "--stats-interval", "0", *args]
         self.log_path = os.path.join(workdir, f"relay-{id(self)}.log")
-        self.env = {**os.environ, **(env or {})}
+        # The relay runs this checkout's code, not a copy installed earlier.
+        self.env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RelayProcess:

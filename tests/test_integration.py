@@ -20,9 +20,7 @@ from twisted.internet.task import deferLater
 from twisted_relay.wire import Domain, build_frame
 
 from .helpers import frames_for
-from .relayprocess import RelayProcess, connect
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .relayprocess import REPO, RelayProcess, connect
 
 
 @pytest.fixture
