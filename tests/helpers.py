@@ -60,3 +60,9 @@ def connect(factory: RelayFactory, transport: StringTransport | None = None):
     protocol = factory.buildProtocol(UNIXAddress(None))
     protocol.makeConnection(transport or RecordingTransport())
     return protocol
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """C{data} cut into chunks at the positions C{cuts} (taken modulo its length)."""
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in zip(points, points[1:])]

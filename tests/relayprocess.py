@@ -117,6 +117,6 @@ class Collector(Protocol):
         return self.closed.addTimeout(timeout, reactor)
 
 
-def connect(endpoint: str) -> Deferred[Collector]:
+def dial(endpoint: str) -> Deferred[Collector]:
     """A L{Collector} connected to the relay at the client endpoint string."""
     return connectProtocol(clientFromString(reactor, endpoint), Collector())

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted_relay.wire import Domain, build_frame
 
 from .helpers import frames_for
-from .relayprocess import REPO, RelayProcess, connect
+from .relayprocess import REPO, RelayProcess, dial
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ async def test_fan_out_without_echo(workdir, relays):
     """One publisher, three subscribers: each gets the byte-identical stream; no echo."""
     path = sock(workdir, "e.sock")
     relays("--domain", "execution", "--listen", f"unix:{path}")
-    subscribers = [(await connect(f"unix:{path}")) for _ in range(3)]
-    publisher = await connect(f"unix:{path}")
+    subscribers = [(await dial(f"unix:{path}")) for _ in range(3)]
+    publisher = await dial(f"unix:{path}")
     frames = b"".join(frames_for(Domain.EXECUTION, 500, size=60))
     for i in range(0, len(frames), 1000):
         publisher.send(frames[i : i + 1000])
@@ -79,8 +79,8 @@ async def test_mixed_domains_filtered(workdir, relays):
     """The market relay forwards market frames only, in their order."""
     path = sock(workdir)
     relays("--domain", "market", "--listen", f"unix:{path}")
-    subscriber = await connect(f"unix:{path}")
-    publisher = await connect(f"unix:{path}")
+    subscriber = await dial(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
     market = frames_for(Domain.MARKET_DATA, 30)
     other = frames_for(Domain.SIGNAL, 30) + frames_for(Domain.EXECUTION, 30)
     publisher.send(b"".join(m + o for m, o in zip(market, other)))
@@ -95,9 +95,9 @@ async def test_garbage_sender_closed_others_served(workdir, relays):
     """A client sending garbage is cut off with a logged reason; the others carry on."""
     path = sock(workdir)
     relay = relays("--domain", "signal", "--listen", f"unix:{path}")
-    subscriber = await connect(f"unix:{path}")
-    publisher = await connect(f"unix:{path}")
-    vandal = await connect(f"unix:{path}")
+    subscriber = await dial(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
+    vandal = await dial(f"unix:{path}")
     first, second = frames_for(Domain.SIGNAL, 2)
     publisher.send(first)
     assert (await subscriber.receive(len(first))) == first
@@ -117,8 +117,8 @@ async def test_stale_socket_removed(workdir, relays):
     stale.close()
     relay = relays("--listen", f"unix:{path}")
     assert f"removed stale socket {path}" in relay.log()
-    subscriber = await connect(f"unix:{path}")
-    publisher = await connect(f"unix:{path}")
+    subscriber = await dial(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
     frame = frames_for(Domain.MARKET_DATA, 1)[0]
     publisher.send(frame)
     assert (await subscriber.receive(len(frame))) == frame
@@ -129,13 +129,13 @@ async def test_second_relay_refused(workdir, relays):
     """A relay on a live path exits with one clear line; the first keeps serving."""
     path = sock(workdir)
     relays("--listen", f"unix:{path}")
-    subscriber = await connect(f"unix:{path}")
+    subscriber = await dial(f"unix:{path}")
     second = relays("--listen", f"unix:{path}", wait=False)
     assert second.wait_exit() != 0
     assert (
         f"twistd relay: cannot listen on unix:{path}: a relay is already listening on {path}\n"
     ) in second.log()
-    publisher = await connect(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
     frame = frames_for(Domain.MARKET_DATA, 1)[0]
     publisher.send(frame)
     assert (await subscriber.receive(len(frame))) == frame
@@ -158,8 +158,8 @@ async def test_simultaneous_start_one_wins(workdir, relays):
     assert f"a relay is already listening on {path}" in loser.log()
     [winner] = [r for r in pair if r is not loser]
     winner.wait_listening()
-    subscriber = await connect(f"unix:{path}")
-    publisher = await connect(f"unix:{path}")
+    subscriber = await dial(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
     frame = frames_for(Domain.MARKET_DATA, 1)[0]
     publisher.send(frame)
     assert (await subscriber.receive(len(frame))) == frame
@@ -208,8 +208,8 @@ async def test_third_party_domain_plugin(workdir, relays):
     env = {"PYTHONPATH": os.pathsep.join([os.path.join(workdir, "site"), REPO])}
     relay = relays("--domain", "acme_fx", "--listen", f"unix:{path}", env=env)
     assert "acme relay (domain 9) starting" in relay.log()
-    subscriber = await connect(f"unix:{path}")
-    publisher = await connect(f"unix:{path}")
+    subscriber = await dial(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
     acme = [build_frame(9, 5, seq, [(200, b"fx")]) for seq in range(3)]
     publisher.send(acme[0] + frames_for(Domain.MARKET_DATA, 1)[0] + acme[1] + acme[2])
     expected = b"".join(acme)
@@ -228,8 +228,24 @@ async def test_tcp_and_unix_together(workdir, relays):
         "--domain", "execution", "--listen", f"unix:{path}",
         "--listen", f"tcp:{port}:interface=127.0.0.1",
     ).wait_listening(2)
-    remote = await connect(f"tcp:127.0.0.1:{port}")
-    local = await connect(f"unix:{path}")
+    remote = await dial(f"tcp:127.0.0.1:{port}")
+    local = await dial(f"unix:{path}")
     orders = b"".join(frames_for(Domain.EXECUTION, 10))
     local.send(orders)
     assert (await remote.receive(len(orders))) == orders
+
+
+def test_failed_start_leaves_no_socket(workdir, relays):
+    """A start-up that fails on its second socket removes the first one it bound."""
+    busy = sock(workdir, "busy.sock")
+    holder = socket.socket(socket.AF_UNIX)
+    holder.bind(busy)
+    holder.listen(1)
+    first = sock(workdir, "first.sock")
+    relay = relays("--listen", f"unix:{first}", "--listen", f"unix:{busy}", wait=False)
+    try:
+        assert relay.wait_exit() != 0
+    finally:
+        holder.close()
+    assert f"a relay is already listening on {busy}" in relay.log()
+    assert not os.path.exists(first)

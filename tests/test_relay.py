@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.wire import MAGIC, Domain, Header, build_frame
 
-from .helpers import RecordingTransport, connect, frames_for, make_relay
+from .helpers import RecordingTransport, connect, frames_for, make_relay, split
 
 
 def disconnect(client) -> None:
@@ -99,11 +99,10 @@ class BroadcastTests(SynchronousTestCase):
         frames = frames_for(Domain.MARKET_DATA, count)
         garbage = b"\x00" + garbage  # not a header: it cannot start with the magic
         stream = b"".join(frames) + garbage
-        points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
         relay = make_relay()
         publisher, subscriber, bystander = connect(relay), connect(relay), connect(relay)
-        for a, b in zip(points, points[1:]):
-            publisher.dataReceived(stream[a:b])
+        for chunk in split(stream, cuts):
+            publisher.dataReceived(chunk)
         self.assertEqual(subscriber.transport.value(), b"".join(frames))
         self.assertTrue(publisher.transport.disconnecting)
         self.assertEqual(relay.totals.rejects["bad_magic"], 1)
@@ -135,6 +134,7 @@ class RejectTests(SynchronousTestCase):
         self.assertEqual(subscriber.transport.value(), good)
         self.assertTrue(publisher.transport.disconnecting)
         self.assertEqual(dict(relay.totals.rejects), {reason: 1})
+        self.assertEqual(publisher.stats.close_reason, reason)
         publisher.dataReceived(good)
         self.assertEqual(subscriber.transport.value(), good)
         disconnect(publisher)

@@ -115,6 +115,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage("'lossy' is not one of drop, disconnect, block", "--slow-consumer", "lossy")
         self.assertUsage("must be below the high-water", "--high-water", "100", "--low-water", "100")
         self.assertUsage("--drain-timeout takes a number", "--drain-timeout", "soon")
+        self.assertUsage("--stats-interval takes a number >= 0, not 'nan'", "--stats-interval", "nan")
+        self.assertUsage("--stall-timeout takes a number >= 0, not 'inf'", "--stall-timeout", "inf")
 
     def test_helpListsDomainsAndExamples(self) -> None:
         """--help names every domain with its aliases, and shows examples."""

@@ -31,25 +31,27 @@ class Framer:
     Incremental framer for one stream.
 
     A partial frame at the end of a chunk is kept for the next one. While the
-    rest of a frame whose header is already checked is awaited, chunks are
-    only collected and joined once the frame is complete, so a large frame
-    arriving in many small reads costs one copy, not one per read. A partial
-    header is rescanned on every read, so garbage is caught from its first
-    four bytes.
+    rest of a frame whose header is already checked is awaited, reads are
+    only appended to one growing buffer and scanned once the frame is
+    complete, so a large frame arriving in many small reads costs neither a
+    copy nor a Python object per read. A partial header is rescanned on every
+    read, so garbage is caught from its first four bytes.
+
+    L{feed} is a generator whose state is saved when it is exhausted: callers
+    must consume it to the end (or to the L{FramingLost} it raises).
     """
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_payload_size = max_frame_size - HEADER_SIZE
         #: Stream offset of the first byte not yet consumed as a whole frame.
         self.position = 0
-        self._pending: list[bytes] = []
-        self._pending_size = 0
+        self._pending = bytearray()
         self._needed = HEADER_SIZE
 
     @property
     def buffered(self) -> int:
         """Bytes held of a frame not yet complete."""
-        return self._pending_size
+        return len(self._pending)
 
     def feed(self, data: bytes) -> Iterator[tuple[bytes, int, Header]]:
         """
@@ -63,11 +65,10 @@ class Framer:
         """
         pending = self._pending
         if pending:
-            pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size < self._needed > HEADER_SIZE:
+            pending += data
+            if len(pending) < self._needed > HEADER_SIZE:
                 return
-            buf = b"".join(pending)
+            buf = bytes(pending)
         else:
             buf = data
         end = len(buf)
@@ -86,8 +87,7 @@ class Framer:
         rest = end - offset
         if rest >= 4 and rest < HEADER_SIZE and buf[offset : offset + 4] != MAGIC_BYTES:
             raise self._lost(buf, offset, None)
-        self._pending = [buf[offset:]] if rest else []
-        self._pending_size = rest
+        self._pending = bytearray(buf[offset:]) if rest else bytearray()
         self._needed = HEADER_SIZE + fields[7] if rest >= HEADER_SIZE else HEADER_SIZE
         self.position += offset
 

@@ -78,6 +78,7 @@ class RelayProtocol(Protocol):
                 client_id=self.stats.client_id,
             )
             self._closing = True
+            self.stats.close_reason = "internal error"
             self.outbox.close()
             self.transport.abortConnection()
 
@@ -189,6 +190,7 @@ class RelayProtocol(Protocol):
         """The stream cannot be cut into frames any more: count, log, close."""
         error.client_id = self.stats.client_id
         self._closing = True
+        self.stats.close_reason = error.reason
         self.factory.rejected(self, error)
         self.outbox.flushAndClose()
 

@@ -37,7 +37,11 @@ def describe_peer(transport: ITransport) -> str:
     peer (from SO_PEERCRED), or the address of a network peer.
     """
     handle = getattr(transport, "getHandle", lambda: None)()
-    if isinstance(handle, socket.socket) and handle.family == socket.AF_UNIX:
+    if (
+        isinstance(handle, socket.socket)
+        and handle.family == socket.AF_UNIX
+        and hasattr(socket, "SO_PEERCRED")
+    ):
         creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         pid, uid, gid = _PEERCRED.unpack(creds)
         return f"pid {pid} uid {uid} gid {gid}"
@@ -78,6 +82,8 @@ class ClientStats(Counters):
     peer: str = ""
     connected_at: float = 0.0
     role: str = EVERYTHING.role
+    #: Why the relay closed this connection, if it did.
+    close_reason: str = ""
 
 
 class RelayFactory(ServerFactory):
@@ -153,7 +159,7 @@ class RelayFactory(ServerFactory):
             "{frames_dropped} dropped, {rejected} rejected; {clients} connected",
             client_id=stats.client_id,
             duration=self.clock.seconds() - stats.connected_at,
-            reason=reason.getErrorMessage(),
+            reason=stats.close_reason or reason.getErrorMessage(),
             frames_in=stats.frames_in,
             frames_out=stats.frames_out,
             frames_dropped=stats.frames_dropped,
@@ -247,6 +253,7 @@ class RelayFactory(ServerFactory):
     def cutOff(self, client: RelayProtocol, reason: str, detail: str) -> None:
         """Count and log that C{client} is being disconnected by the relay."""
         client.stats.cut_offs[reason] += 1
+        client.stats.close_reason = reason
         self.totals.cut_offs[reason] += 1
         self.log.warn(
             "disconnecting client {client_id} ({reason}): {detail}",
@@ -259,17 +266,17 @@ class RelayFactory(ServerFactory):
         """Count a refused frame and log it, at a bounded rate per reason."""
         sender.stats.rejects[error.reason] += 1
         self.totals.rejects[error.reason] += 1
-        if error.fatal:
+        held = self._sampledLog.allow(error.reason)
+        if held is not None and error.fatal:
             self.log.error(
-                "closing client {client_id}: {error}; header bytes {header}",
+                "closing client {client_id}: {error}; header bytes {header}{held_back}",
                 client_id=sender.stats.client_id,
                 error=str(error),
                 reason=error.reason,
                 header=error.header.hex(" "),
+                held_back=f" ({held} more since the last report)" if held else "",
             )
-            return
-        held = self._sampledLog.allow(error.reason)
-        if held is not None:
+        elif held is not None:
             self.log.warn(
                 "dropped frame ({reason}): {error}{held_back}",
                 reason=error.reason,

@@ -4,7 +4,10 @@ C{twistd relay}: its command line and the services it runs.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+from typing import NamedTuple
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
@@ -34,7 +37,7 @@ def _number(kind: type, option: str, value: str | None):
         number = kind(value)
     except ValueError:
         number = -1
-    if number < 0:
+    if not 0 <= number < math.inf:
         raise usage.UsageError(f"--{option} takes a number >= 0, not {value!r}")
     return number
 
@@ -212,6 +215,34 @@ class ListeningService(Service):
             port, self.port = self.port, None
             return port.stopListening()
 
+    def abandon(self) -> None:
+        """
+        Give the port up at once, for a start-up that failed: the reactor
+        will not run, so the socket file is removed here, not by the port.
+        """
+        if self.port is None:
+            return
+        self.port.stopListening()
+        self.port = None
+        if isinstance(self.endpoint, UnixSocketEndpoint):
+            try:
+                os.unlink(self.endpoint.path)
+            except FileNotFoundError:
+                pass
+
+
+class RelayServices(MultiService):
+    """The relay's services; a start-up that fails part-way leaves no socket behind."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except SystemExit:
+            for service in self:
+                if isinstance(service, ListeningService):
+                    service.abandon()
+            raise
+
 
 class RelayService(Service):
     """Runs the domain's life-cycle hooks and the periodic stats line."""
@@ -226,7 +257,7 @@ class RelayService(Service):
         self.drain_timeout = drain_timeout
         self._stats = LoopingCall(self._report)
         self._stats.clock = factory.clock
-        self._last = (0.0, 0, 0, 0, 0, 0)
+        self._last = self._snapshot()
 
     def privilegedStartService(self) -> None:
         """Initialise the domain before any listener binds."""
@@ -285,42 +316,63 @@ class RelayService(Service):
         )
         self.factory.logic.cleanup()
 
-    def _snapshot(self) -> tuple[float, int, int, int, int, int]:
-        totals = self.factory.totals
-        return (
-            self.factory.clock.seconds(),
+    def _snapshot(self) -> _Snapshot:
+        factory = self.factory
+        totals, gate, now = factory.totals, factory.gate, factory.clock.seconds()
+        return _Snapshot(
+            now,
             totals.frames_in,
             totals.bytes_in,
             totals.frames_out,
             totals.bytes_out,
             sum(totals.rejects.values()),
+            totals.frames_dropped,
+            totals.sequence_gaps,
+            gate.paused_seconds + (now - gate.paused_since if gate.paused else 0.0),
         )
 
     def _report(self) -> None:
-        now = self._snapshot()
-        elapsed = (now[0] - self._last[0]) or 1e-9
-        rates = [(n - p) / elapsed for n, p in zip(now[1:5], self._last[1:5])]
+        now, last = self._snapshot(), self._last
+        elapsed = (now.time - last.time) or 1e-9
         self.log.info(
-            "stats: {clients} clients; in {in_fps:.0f} frames/s {in_mbps:.2f} MB/s; "
-            "out {out_fps:.0f} frames/s {out_mbps:.2f} MB/s; {new_rejects} rejects "
-            "({rejects} since start)",
+            "stats: {clients} clients; in {in_fps:.1f} frames/s {in_mbps:.2f} MB/s; "
+            "out {out_fps:.1f} frames/s {out_mbps:.2f} MB/s; {new_rejects} rejects "
+            "({rejects} since start); {new_dropped} frames dropped, {new_gaps} sequence "
+            "gaps, publishers paused {paused:.3f}s",
             clients=len(self.factory.clients),
-            in_fps=rates[0],
-            in_mbps=rates[1] / 1e6,
-            out_fps=rates[2],
-            out_mbps=rates[3] / 1e6,
-            new_rejects=now[5] - self._last[5],
-            rejects=now[5],
+            in_fps=(now.frames_in - last.frames_in) / elapsed,
+            in_mbps=(now.bytes_in - last.bytes_in) / elapsed / 1e6,
+            out_fps=(now.frames_out - last.frames_out) / elapsed,
+            out_mbps=(now.bytes_out - last.bytes_out) / elapsed / 1e6,
+            new_rejects=now.rejects - last.rejects,
+            rejects=now.rejects,
             reject_reasons=dict(self.factory.totals.rejects),
+            new_dropped=now.dropped - last.dropped,
+            new_gaps=now.gaps - last.gaps,
+            paused=now.paused - last.paused,
         )
         self._last = now
+
+
+class _Snapshot(NamedTuple):
+    """Totals at one instant, so the stats line can report differences."""
+
+    time: float
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    rejects: int
+    dropped: int
+    gaps: int
+    paused: float
 
 
 def makeService(options: Options) -> IService:
     factory = RelayFactory(
         options["logic"], options["policy"], delivery=options["delivery"], echo=options["echo"]
     )
-    top = MultiService()
+    top = RelayServices()
     RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         ListeningService(description, endpoint, factory).setServiceParent(top)
