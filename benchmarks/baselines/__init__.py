@@ -1,0 +1,1 @@
+"""Baseline relays the benchmark measures ours against, in the same run."""
