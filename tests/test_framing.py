@@ -25,7 +25,7 @@ def cut(framer: Framer, chunks, out: list[bytes] | None = None) -> list[bytes]:
     """Feed C{chunks} and return the whole frames, as bytes, appended to C{out}."""
     out = [] if out is None else out
     for chunk in chunks:
-        for buf, start, header in framer.feed(chunk):
+        for buf, start, header in framer.frames(chunk):
             out.append(buf[start : start + HEADER_SIZE + header.payload_size])
     return out
 
@@ -51,7 +51,7 @@ class FramerTests(SynchronousTestCase):
     def test_oneBufferPerChunk(self) -> None:
         """All frames of a chunk are offsets into one buffer: the chunk itself."""
         stream = b"".join(frames_for(1, 3))
-        for buf, _, _ in Framer(1024).feed(stream):
+        for buf, _, _ in Framer(1024).frames(stream):
             self.assertIs(buf, stream)
 
     def test_largeFrameCollected(self) -> None:
@@ -121,7 +121,7 @@ class FramerTests(SynchronousTestCase):
         framer = Framer(1024)
         seen = []
         with self.assertRaises(BadMagic):
-            for buf, start, header in framer.feed(b"".join(good) + b"\x00" * 32):
+            for buf, start, header in framer.frames(b"".join(good) + b"\x00" * 32):
                 seen.append(buf[start : start + HEADER_SIZE + header.payload_size])
         self.assertEqual(seen, good)
 

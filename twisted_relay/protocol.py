@@ -13,9 +13,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .control import is_control, parse_control
+from .domains import RelayDomain
 from .framing import Framer
 from .wire import (
     HEADER_SIZE,
+    MAGIC,
+    ROUTING,
+    VERSION,
     BadChecksum,
     FrameRejected,
     FramingLost,
@@ -23,6 +27,7 @@ from .wire import (
     IncompleteFrame,
     NotForwarded,
     frame_checksum,
+    unpack_header,
 )
 
 if TYPE_CHECKING:
@@ -45,10 +50,23 @@ class RelayProtocol(Protocol):
     _closing = False
 
     def connectionMade(self) -> None:
-        self.factory.register(self)
-        self._framer = Framer(self.factory.policy.max_frame_size)
-        #: Last sequence seen per source on this connection.
+        factory = self.factory
+        factory.register(self)
+        self._framer = Framer(factory.policy.max_frame_size)
+        self._check = factory.policy.check if factory.policy.inspects_frames else None
+        #: The relay_domain whose frames need no closer look than the header
+        #: checks of the scan, or None when every frame gets one (_admit).
+        self._plainDomain = (
+            factory.logic.domain
+            if self._check is None
+            and type(factory.logic).should_forward is RelayDomain.should_forward
+            else None
+        )
+        #: Last sequence seen per source on this connection, except for the
+        #: source of the latest frame, whose next sequence is in _expected.
         self._sequences: dict[int, int] = {}
+        self._source: int | None = None
+        self._expected = 0
 
     def connectionLost(self, reason: Failure) -> None:
         if self._framer.buffered and not self._closing:
@@ -83,62 +101,98 @@ class RelayProtocol(Protocol):
             self.transport.abortConnection()
 
     def _relay(self, data: bytes) -> None:
+        """
+        One pass over the chunk: cut it into frames, admit or refuse each,
+        track sequences, and forward the accepted frames as contiguous runs.
+        This is the hot path: a frame of the plain domain costs one unpack
+        and a few comparisons, with no Python object of its own.
+        """
         factory = self.factory
         factory.received(self, len(data))
         framer = self._framer
-        should_forward = factory.logic.should_forward
-        policy = factory.policy
-        check = policy.check if policy.inspects_frames else None
-        sequences = self._sequences
+        buf = framer.take(data)
+        if buf is None:
+            return
+        unpack, max_payload = ROUTING.unpack_from, framer.max_payload_size
+        plain = self._plainDomain
         index: list[tuple[int, int, Header]] | None = [] if factory.filtered else None
+        source, expected = self._source, self._expected
         runs: list[bytes] = []
-        frames = 0
-        run_start = None
+        frames = run_start = offset = 0
+        end = len(buf)
         lost = None
         try:
-            for buf, start, header in framer.feed(data):
-                end = start + HEADER_SIZE + header.payload_size
-                try:
-                    if is_control(header) and self._control(buf, start, end, header):
-                        accepted = False
-                    elif not should_forward(header):
-                        raise NotForwarded(
-                            f"frame of relay_domain {header.relay_domain} (source "
-                            f"{header.source}, sequence {header.sequence}) is not "
-                            f"carried by the {factory.logic.name} relay"
-                        )
-                    else:
-                        if check is not None:
-                            check(buf, start, end, header)
-                        accepted = True
-                except FrameRejected as error:
-                    error.offset = framer.position + start
-                    error.client_id = self.stats.client_id
-                    factory.rejected(self, error)
-                    accepted = False
-                if not accepted:
-                    if run_start is not None:
-                        runs.append(buf[run_start:start])
-                        run_start = None
+            while end - offset >= HEADER_SIZE:
+                magic, domain, version, src, sequence, size = unpack(buf, offset)
+                if magic != MAGIC or version != VERSION or size > max_payload:
+                    raise framer.lost(buf, offset)
+                frame_end = offset + HEADER_SIZE + size
+                if frame_end > end:
+                    break
+                if domain != plain and not self._admit(buf, offset, frame_end):
+                    if run_start < offset:
+                        runs.append(buf[run_start:offset])
+                    run_start = offset = frame_end
                     continue
                 frames += 1
-                if run_start is None:
-                    run_start = start
                 if index is not None:
-                    index.append((start, end, header))
-                last = sequences.get(header.source)
-                if last is None or header.sequence == last + 1:
-                    sequences[header.source] = header.sequence
+                    index.append((offset, frame_end, unpack_header(buf, offset)))
+                if src == source and sequence == expected:
+                    expected += 1
                 else:
-                    self._sequenceAnomaly(header, last)
+                    expected = self._track(source, expected, src, sequence)
+                    source = src
+                offset = frame_end
+            framer.keep(buf, offset)
         except FramingLost as error:
             lost = error
-        if run_start is not None:
-            runs.append(buf[run_start:end])
+        self._source, self._expected = source, expected
+        if run_start < offset:
+            runs.append(buf[run_start:offset])
         if frames:
             factory.broadcast(self, runs, frames, buf, index)
         if lost is not None:
             self._loseFraming(lost)
+
+    def _admit(self, buf: bytes, start: int, end: int) -> bool:
+        """
+        The closer look: control frames, the domain's C{should_forward} and
+        the policy's checks. A refused frame is reported here.
+        """
+        header = unpack_header(buf, start)
+        factory = self.factory
+        try:
+            if is_control(header) and self._control(buf, start, end, header):
+                return False
+            if not factory.logic.should_forward(header):
+                raise NotForwarded(
+                    f"frame of relay_domain {header.relay_domain} (source "
+                    f"{header.source}, sequence {header.sequence}) is not "
+                    f"carried by the {factory.logic.name} relay"
+                )
+            if self._check is not None:
+                self._check(buf, start, end, header)
+        except FrameRejected as error:
+            error.offset = self._framer.position + start
+            error.client_id = self.stats.client_id
+            factory.rejected(self, error)
+            return False
+        return True
+
+    def _track(self, source: int | None, expected: int, src: int, sequence: int) -> int:
+        """
+        The sequence of C{src} does not simply continue the previous frame's:
+        file the previous source's last sequence, check this one against its
+        source's last, and return the next sequence expected from C{src}.
+        """
+        sequences = self._sequences
+        if source is not None:
+            sequences[source] = expected - 1
+        last = sequences.get(src)
+        if last is None or sequence == last + 1:
+            return sequence + 1
+        self._sequenceAnomaly(src, sequence, last)
+        return last + 1 if sequence == last else sequence + 1
 
     def _control(self, buf: bytes, start: int, end: int, header: Header) -> bool:
         """
@@ -165,10 +219,9 @@ class RelayProtocol(Protocol):
         )
         return True
 
-    def _sequenceAnomaly(self, header: Header, last: int) -> None:
-        """Count a sequence that does not follow the source's last one."""
+    def _sequenceAnomaly(self, source: int, sequence: int, last: int) -> None:
+        """Count a sequence of C{source} that does not follow its C{last}."""
         stats, totals = self.stats, self.factory.totals
-        sequence = header.sequence
         if sequence > last:
             missing = sequence - last - 1
             stats.sequence_gaps += missing
@@ -182,9 +235,7 @@ class RelayProtocol(Protocol):
             stats.sequence_regressions += 1
             totals.sequence_regressions += 1
             kind = "regression"
-        if sequence != last:
-            self._sequences[header.source] = sequence
-        self.factory.sequenceAnomaly(self, kind, header, last)
+        self.factory.sequenceAnomaly(self, kind, source, sequence, last)
 
     def _loseFraming(self, error: FramingLost) -> None:
         """The stream cannot be cut into frames any more: count, log, close."""

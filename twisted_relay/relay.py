@@ -285,7 +285,9 @@ class RelayFactory(ServerFactory):
                 held_back=f" ({held} more since the last report)" if held else "",
             )
 
-    def sequenceAnomaly(self, sender: RelayProtocol, kind: str, header: Header, last: int) -> None:
+    def sequenceAnomaly(
+        self, sender: RelayProtocol, kind: str, source: int, sequence: int, last: int
+    ) -> None:
         """
         Log a gap, duplicate or regression in a publisher's sequence: every
         one on a lossless (block) relay, a bounded number per second otherwise.
@@ -300,8 +302,8 @@ class RelayFactory(ServerFactory):
             "after {last}{held_back}",
             kind=kind,
             client_id=sender.stats.client_id,
-            source=header.source,
-            sequence=header.sequence,
+            source=source,
+            sequence=sequence,
             last=last,
             held_back=f" ({held} more since the last report)" if held else "",
         )

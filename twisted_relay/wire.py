@@ -19,6 +19,10 @@ MAGIC = 0xDEADBEEF
 VERSION = 1
 HEADER = struct.Struct("<IBBBBQQII")
 HEADER_SIZE = HEADER.size
+#: The header fields that framing and routing need, in one unpack: magic,
+#: relay_domain, version, source, sequence, payload_size.
+ROUTING = struct.Struct("<IBBBxQ8xI")
+PAYLOAD_SIZE_OFFSET = 24
 #: Bytes of the header covered by the checksum (everything before it).
 CHECKED_HEADER_SIZE = 28
 MAGIC_BYTES = struct.pack("<I", MAGIC)
