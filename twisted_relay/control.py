@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .wire import HEADER_SIZE, Domain, FrameRejected, Header, build_frame, iter_tlvs
+from .wire import HEADER_SIZE, Domain, FrameRejected, Header, build_frame, tlv_spans
 
 RELAY_ROLE = 250
 SUBSCRIBE_SOURCES = 251
@@ -60,7 +60,7 @@ class Subscription:
         try:
             return any(
                 tlv_type in self.tlv_types
-                for tlv_type, _ in iter_tlvs(memoryview(buf)[start + HEADER_SIZE : end])
+                for tlv_type, _, _ in tlv_spans(buf, start + HEADER_SIZE, end)
             )
         except FrameRejected:
             return False
@@ -78,10 +78,10 @@ def parse_control(buf: bytes, start: int, end: int) -> Subscription | None:
     @raise BadControlFrame: a control TLV with an impossible value.
     """
     fields: dict[int, bytes] = {}
-    for tlv_type, value in iter_tlvs(memoryview(buf)[start + HEADER_SIZE : end]):
+    for tlv_type, value_start, value_end in tlv_spans(buf, start + HEADER_SIZE, end):
         if tlv_type not in CONTROL_TLVS:
             return None
-        fields[tlv_type] = bytes(value)
+        fields[tlv_type] = bytes(buf[value_start:value_end])
     if not fields:
         return None
     role = fields.get(RELAY_ROLE, bytes([ROLE_BOTH]))

@@ -54,12 +54,12 @@ class RelayProtocol(Protocol):
         factory.register(self)
         self._framer = Framer(factory.policy.max_frame_size)
         self._check = factory.policy.check if factory.policy.inspects_frames else None
-        #: The relay_domain whose frames need no closer look than the header
-        #: checks of the scan, or None when every frame gets one (_admit).
-        self._plainDomain = (
+        #: The relay_domain the domain forwards, when that is all its
+        #: should_forward decides (a RelayDomain): the scan then compares it
+        #: itself. None when should_forward must see every frame.
+        self._routedDomain = (
             factory.logic.domain
-            if self._check is None
-            and type(factory.logic).should_forward is RelayDomain.should_forward
+            if type(factory.logic).should_forward is RelayDomain.should_forward
             else None
         )
         #: Last sequence seen per source on this connection, except for the
@@ -104,8 +104,9 @@ class RelayProtocol(Protocol):
         """
         One pass over the chunk: cut it into frames, admit or refuse each,
         track sequences, and forward the accepted frames as contiguous runs.
-        This is the hot path: a frame of the plain domain costs one unpack
-        and a few comparisons, with no Python object of its own.
+        This is the hot path: a frame of a RelayDomain with no checks to run
+        (market) costs one unpack and a few comparisons, and no Python object
+        of its own.
         """
         factory = self.factory
         factory.received(self, len(data))
@@ -114,7 +115,7 @@ class RelayProtocol(Protocol):
         if buf is None:
             return
         unpack, max_payload = ROUTING.unpack_from, framer.max_payload_size
-        plain = self._plainDomain
+        routed, check = self._routedDomain, self._check
         index: list[tuple[int, int, Header]] | None = [] if factory.filtered else None
         source, expected = self._source, self._expected
         runs: list[bytes] = []
@@ -129,7 +130,9 @@ class RelayProtocol(Protocol):
                 frame_end = offset + HEADER_SIZE + size
                 if frame_end > end:
                     break
-                if domain != plain and not self._admit(buf, offset, frame_end):
+                if not (domain == routed and check is None) and not self._admit(
+                    buf, offset, frame_end, domain == routed
+                ):
                     if run_start < offset:
                         runs.append(buf[run_start:offset])
                     run_start = offset = frame_end
@@ -154,24 +157,27 @@ class RelayProtocol(Protocol):
         if lost is not None:
             self._loseFraming(lost)
 
-    def _admit(self, buf: bytes, start: int, end: int) -> bool:
+    def _admit(self, buf: bytes, start: int, end: int, routed: bool) -> bool:
         """
-        The closer look: control frames, the domain's C{should_forward} and
-        the policy's checks. A refused frame is reported here.
+        The closer look the scan could not take itself: control frames and
+        the domain's C{should_forward} (unless C{routed}: the scan already
+        knows the domain forwards it), then the policy's checks. A refused
+        frame is reported here.
         """
-        header = unpack_header(buf, start)
         factory = self.factory
         try:
-            if is_control(header) and self._control(buf, start, end, header):
-                return False
-            if not factory.logic.should_forward(header):
-                raise NotForwarded(
-                    f"frame of relay_domain {header.relay_domain} (source "
-                    f"{header.source}, sequence {header.sequence}) is not "
-                    f"carried by the {factory.logic.name} relay"
-                )
+            if not routed:
+                header = unpack_header(buf, start)
+                if is_control(header) and self._control(buf, start, end, header):
+                    return False
+                if not factory.logic.should_forward(header):
+                    raise NotForwarded(
+                        f"frame of relay_domain {header.relay_domain} (source "
+                        f"{header.source}, sequence {header.sequence}) is not "
+                        f"carried by the {factory.logic.name} relay"
+                    )
             if self._check is not None:
-                self._check(buf, start, end, header)
+                self._check(buf, start, end)
         except FrameRejected as error:
             error.offset = self._framer.position + start
             error.client_id = self.stats.client_id

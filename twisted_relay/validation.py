@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 from .interfaces import IRelayLogic
 from .wire import (
+    CHECKSUM,
+    CHECKSUM_OFFSET,
     HEADER_SIZE,
     BadChecksum,
-    Header,
     UnknownTLVType,
     frame_checksum,
-    iter_tlvs,
+    tlv_spans,
+    unpack_header,
 )
 
 
@@ -60,24 +62,27 @@ class FramePolicy:
         """Whether L{check} has anything to do; if not, callers skip it."""
         return self.verify_checksum or self.strict_tlv
 
-    def check(self, buf: bytes, start: int, end: int, header: Header) -> None:
+    def check(self, buf: bytes, start: int, end: int) -> None:
         """
-        Check the frame at C{buf[start:end]}.
+        Check the frame at C{buf[start:end]}, whose header the scan has
+        already checked.
 
         @raise FrameRejected: the frame must be dropped.
         """
         if self.verify_checksum:
+            expected = CHECKSUM.unpack_from(buf, start + CHECKSUM_OFFSET)[0]
             actual = frame_checksum(buf, start, end)
-            if actual != header.checksum:
+            if actual != expected:
+                header = unpack_header(buf, start)
                 raise BadChecksum(
-                    f"checksum 0x{header.checksum:08x} does not match the frame's "
-                    f"CRC-32 0x{actual:08x} (source {header.source}, sequence "
-                    f"{header.sequence})"
+                    f"checksum 0x{expected:08x} does not match the frame's CRC-32 "
+                    f"0x{actual:08x} (source {header.source}, sequence {header.sequence})"
                 )
         if self.strict_tlv:
             allowed = self.allowed_tlv_types
-            for tlv_type, _ in iter_tlvs(memoryview(buf)[start + HEADER_SIZE : end]):
+            for tlv_type, _, _ in tlv_spans(buf, start + HEADER_SIZE, end):
                 if tlv_type not in allowed:
+                    header = unpack_header(buf, start)
                     raise UnknownTLVType(
                         f"TLV type {tlv_type} is not allowed on this relay "
                         f"(source {header.source}, sequence {header.sequence})"

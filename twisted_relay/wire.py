@@ -23,6 +23,8 @@ HEADER_SIZE = HEADER.size
 #: relay_domain, version, source, sequence, payload_size.
 ROUTING = struct.Struct("<IBBBxQ8xI")
 PAYLOAD_SIZE_OFFSET = 24
+CHECKSUM = struct.Struct("<I")
+CHECKSUM_OFFSET = 28
 #: Bytes of the header covered by the checksum (everything before it).
 CHECKED_HEADER_SIZE = 28
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -105,11 +107,10 @@ def frame_checksum(
     CRC-32 of the frame at C{data[start:end]}: its first 28 header bytes, then
     its payload, so the checksum field itself is left out.
     """
-    view = memoryview(data)
     if end is None:
-        end = len(view)
-    crc = zlib.crc32(view[start : start + CHECKED_HEADER_SIZE])
-    return zlib.crc32(view[start + HEADER_SIZE : end], crc)
+        end = len(data)
+    crc = zlib.crc32(data[start : start + CHECKED_HEADER_SIZE])
+    return zlib.crc32(data[start + HEADER_SIZE : end], crc)
 
 
 def encode_tlvs(tlvs: Iterable[tuple[int, bytes]]) -> bytes:
@@ -163,42 +164,50 @@ def build_frame(
     return head[:CHECKED_HEADER_SIZE] + struct.pack("<I", crc) + payload
 
 
-def iter_tlvs(payload: bytes | bytearray | memoryview) -> Iterator[tuple[int, memoryview]]:
+def tlv_spans(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
     """
-    Walk a TLV payload, yielding C{(type, value)} for standard and extended
-    TLVs alike.
+    Walk the TLVs of the payload C{buf[start:end]}, yielding C{(type,
+    value_start, value_end)} offsets into C{buf} for standard and extended
+    TLVs alike, without copying anything.
 
     @raise TruncatedTLV: a TLV runs past the end of the payload.
     """
-    view = memoryview(payload)
-    end = len(view)
-    offset = 0
+    if end is None:
+        end = len(buf)
+    offset = start
     while offset < end:
         tlv_start = offset
-        tlv_type = view[offset]
+        tlv_type = buf[offset]
         if tlv_type == EXTENDED_TLV:
             if offset + _EXTENDED.size > end:
                 raise TruncatedTLV(
-                    f"extended TLV header at payload offset {offset} needs "
+                    f"extended TLV header at payload offset {offset - start} needs "
                     f"{_EXTENDED.size} bytes, {end - offset} left"
                 )
-            _, _, tlv_type, length = _EXTENDED.unpack_from(view, offset)
-            start = offset + _EXTENDED.size
+            _, _, tlv_type, length = _EXTENDED.unpack_from(buf, offset)
+            value = offset + _EXTENDED.size
         else:
             if offset + 2 > end:
                 raise TruncatedTLV(
-                    f"TLV type {tlv_type} at payload offset {offset} has no "
+                    f"TLV type {tlv_type} at payload offset {offset - start} has no "
                     f"length byte"
                 )
-            length = view[offset + 1]
-            start = offset + 2
-        offset = start + length
+            length = buf[offset + 1]
+            value = offset + 2
+        offset = value + length
         if offset > end:
             raise TruncatedTLV(
-                f"TLV type {tlv_type} at payload offset {tlv_start} declares "
-                f"{length} bytes, {end - start} left in the payload"
+                f"TLV type {tlv_type} at payload offset {tlv_start - start} declares "
+                f"{length} bytes, {end - value} left in the payload"
             )
-        yield tlv_type, view[start:offset]
+        yield tlv_type, value, offset
+
+
+def iter_tlvs(payload: bytes | bytearray | memoryview) -> Iterator[tuple[int, memoryview]]:
+    """Walk a TLV payload, yielding C{(type, value)}; see L{tlv_spans}."""
+    view = memoryview(payload)
+    for tlv_type, start, end in tlv_spans(view):
+        yield tlv_type, view[start:end]
 
 
 class FrameError(Exception):
