@@ -1,0 +1,27 @@
+"""
+The benchmark harness itself works: a smoke run (tiny counts) of every kind
+of case, with every frame verified. Speed is not checked here; see
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .relayprocess import REPO
+
+
+def test_smoke_run_verifies_every_case():
+    """Every smoke case runs to completion with every frame verified."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    # 5 throughput cases (floor, ceiling, 3 domains) and 3 latency cases
+    assert run.stdout.count("| yes |") == 8
+    assert "FAILED" not in run.stdout
