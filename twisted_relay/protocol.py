@@ -115,22 +115,25 @@ class RelayProtocol(Protocol):
         if buf is None:
             return
         unpack, max_payload = ROUTING.unpack_from, framer.max_payload_size
-        routed, check = self._routedDomain, self._check
+        routed = self._routedDomain
+        # Frames of this domain are accepted by the scan alone.
+        unchecked = routed if self._check is None else None
         index: list[tuple[int, int, Header]] | None = [] if factory.filtered else None
         source, expected = self._source, self._expected
         runs: list[bytes] = []
         frames = run_start = offset = 0
         end = len(buf)
+        last_start = end - HEADER_SIZE
         lost = None
         try:
-            while end - offset >= HEADER_SIZE:
+            while offset <= last_start:
                 magic, domain, version, src, sequence, size = unpack(buf, offset)
                 if magic != MAGIC or version != VERSION or size > max_payload:
                     raise framer.lost(buf, offset)
                 frame_end = offset + HEADER_SIZE + size
                 if frame_end > end:
                     break
-                if not (domain == routed and check is None) and not self._admit(
+                if domain != unchecked and not self._admit(
                     buf, offset, frame_end, domain == routed
                 ):
                     if run_start < offset:
