@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import socket
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+import twisted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120.0
@@ -148,6 +151,8 @@ def run_case(case: Case, workdir: str) -> dict:
                 process.kill()
             process.wait()
         log.close()
+    with open(os.path.join(workdir, f"{case.relay}.log"), errors="replace") as f:
+        scan = re.search(r"scan (native|pure Python)", f.read())
     started = published["started_ns"]
     verified = all(
         r["verified"] and r["crc"] == published["crc"] and r["frames"] == case.count
@@ -161,6 +166,8 @@ def run_case(case: Case, workdir: str) -> dict:
         "relay_cpu_s": cpu,
         "relay_peak_rss_mib": rss,
     }
+    if scan:
+        result["scan"] = scan[1]
     if case.rate:
         result["latency_us"] = {
             key: max(r["latency_us"][key] for r in received)
@@ -286,7 +293,12 @@ def main(argv: list[str]) -> int:
             print(f"  {json.dumps(case.result)}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    scans = {case.result["scan"] for case in cases if "scan" in case.result}
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, Twisted {twisted.__version__}; relay scan: "
+        f"{', '.join(sorted(scans)) or 'unknown'}"
+    )
     print(report(cases))
     if args.json:
         with open(args.json, "w") as f:

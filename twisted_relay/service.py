@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from .delivery import DeliverySettings
 from .domains import UnknownDomain, available_domains, find_domain
 from .relay import RelayFactory
+from .scan import NATIVE as NATIVE_SCAN
 from .unixsocket import UnixSocketEndpoint
 from .validation import FramePolicy
 
@@ -269,7 +270,7 @@ class RelayService(Service):
             "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, "
             "checksum {checksum}, strict TLV {strict_tlv}, slow consumers: {delivery} "
             "(high-water {high_water} bytes, low-water {low_water}, stall timeout "
-            "{stall_timeout}s), echo {echo}",
+            "{stall_timeout}s), echo {echo}, scan {scan}",
             name=logic.name,
             domain=logic.domain,
             max_frame=policy.max_frame_size,
@@ -280,6 +281,7 @@ class RelayService(Service):
             low_water=factory.delivery.low_water,
             stall_timeout=factory.delivery.stall_timeout,
             echo=_onOff(factory.echo),
+            scan="native" if NATIVE_SCAN else "pure Python",
         )
 
     def startService(self) -> None:
