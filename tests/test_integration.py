@@ -54,6 +54,16 @@ def pause(seconds: float):
     return deferLater(reactor, seconds, lambda: None)
 
 
+async def assert_relays(path: str, subscriber=None) -> None:
+    """The relay at C{path} carries a frame from a new publisher to a subscriber."""
+    if subscriber is None:
+        subscriber = await dial(f"unix:{path}")
+    publisher = await dial(f"unix:{path}")
+    frame = frames_for(Domain.MARKET_DATA, 1)[0]
+    publisher.send(frame)
+    assert (await subscriber.receive(len(subscriber.received) + len(frame)))[-len(frame) :] == frame
+
+
 @pytest_twisted.ensureDeferred
 async def test_fan_out_without_echo(workdir, relays):
     """One publisher, three subscribers: each gets the byte-identical stream; no echo."""
@@ -117,11 +127,7 @@ async def test_stale_socket_removed(workdir, relays):
     stale.close()
     relay = relays("--listen", f"unix:{path}")
     assert f"removed stale socket {path}" in relay.log()
-    subscriber = await dial(f"unix:{path}")
-    publisher = await dial(f"unix:{path}")
-    frame = frames_for(Domain.MARKET_DATA, 1)[0]
-    publisher.send(frame)
-    assert (await subscriber.receive(len(frame))) == frame
+    await assert_relays(path)
 
 
 @pytest_twisted.ensureDeferred
@@ -135,10 +141,7 @@ async def test_second_relay_refused(workdir, relays):
     assert (
         f"twistd relay: cannot listen on unix:{path}: a relay is already listening on {path}\n"
     ) in second.log()
-    publisher = await dial(f"unix:{path}")
-    frame = frames_for(Domain.MARKET_DATA, 1)[0]
-    publisher.send(frame)
-    assert (await subscriber.receive(len(frame))) == frame
+    await assert_relays(path, subscriber)
 
 
 @pytest_twisted.ensureDeferred
@@ -158,11 +161,7 @@ async def test_simultaneous_start_one_wins(workdir, relays):
     assert f"a relay is already listening on {path}" in loser.log()
     [winner] = [r for r in pair if r is not loser]
     winner.wait_listening()
-    subscriber = await dial(f"unix:{path}")
-    publisher = await dial(f"unix:{path}")
-    frame = frames_for(Domain.MARKET_DATA, 1)[0]
-    publisher.send(frame)
-    assert (await subscriber.receive(len(frame))) == frame
+    await assert_relays(path)
 
 
 def test_path_not_a_socket_refused(workdir, relays):

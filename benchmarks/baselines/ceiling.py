@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import sys
 
-from twisted.internet import endpoints, reactor
-from twisted.internet.protocol import Factory, Protocol
+from . import BaselineClient, serve
 
 
-class CeilingProtocol(Protocol):
-    def connectionMade(self) -> None:
-        self.factory.clients.add(self)
-
-    def connectionLost(self, reason) -> None:
-        self.factory.clients.discard(self)
-
+class CeilingProtocol(BaselineClient):
     def dataReceived(self, data: bytes) -> None:
         for client in self.factory.clients:
             if client is not self:
                 client.transport.write(data)
 
 
-def main(description: str) -> None:
-    factory = Factory.forProtocol(CeilingProtocol)
-    factory.clients = set()
-    endpoints.serverFromString(reactor, description).listen(factory)
-    reactor.run()
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    serve(CeilingProtocol, sys.argv[1])

@@ -12,21 +12,14 @@ from __future__ import annotations
 import struct
 import sys
 
-from twisted.internet import endpoints, reactor
-from twisted.internet.protocol import Factory, Protocol
+from . import BaselineClient, serve
 
 PAYLOAD_SIZE = struct.Struct("<I")
 HEADER_SIZE = 32
 
 
-class FloorProtocol(Protocol):
+class FloorProtocol(BaselineClient):
     _unprocessed = b""
-
-    def connectionMade(self) -> None:
-        self.factory.clients.add(self)
-
-    def connectionLost(self, reason) -> None:
-        self.factory.clients.discard(self)
 
     def dataReceived(self, data: bytes) -> None:
         alldata = self._unprocessed + data
@@ -45,12 +38,5 @@ class FloorProtocol(Protocol):
         self._unprocessed = alldata[offset:]
 
 
-def main(description: str) -> None:
-    factory = Factory.forProtocol(FloorProtocol)
-    factory.clients = set()
-    endpoints.serverFromString(reactor, description).listen(factory)
-    reactor.run()
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    serve(FloorProtocol, sys.argv[1])
