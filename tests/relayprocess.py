@@ -73,7 +73,9 @@ class RelayProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"relay still running after {timeout}s:\n{self.log()}")
+            raise AssertionError(
+                f"relay still running after {timeout}s:\n{self.log()}"
+            ) from None
         return self.process.returncode
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

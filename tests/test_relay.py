@@ -289,7 +289,7 @@ class RegistryTests(SynchronousTestCase):
         relay = make_relay()
         first, second = connect(relay), connect(relay)
         disconnect(first)
-        self.assertEqual(list(relay.clients), [2])
+        self.assertEqual(list(relay.clients.values()), [second])
         self.assertEqual(connect(relay).stats.client_id, 3)
         self.assertEqual(relay.connections, 3)
 
