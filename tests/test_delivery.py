@@ -154,6 +154,29 @@ class OutboxTests(SynchronousTestCase):
         publisher.dataReceived(self.frames[20])
         self.assertEqual(fast.transport.value(), b"".join(self.frames[:21]))
 
+    def test_cutClientLosesWhatWasQueued(self) -> None:
+        """Frames still queued at a cut-off count as lost, not as delivered."""
+        relay, publisher, slow, fast = self.slow("block", stall=2.0)
+        publisher.dataReceived(b"".join(self.frames[:20]))
+        relay.clock.advance(2)
+        self.assertEqual((slow.stats.frames_out, slow.stats.frames_lost), (0, 20))
+        self.assertEqual(slow.stats.bytes_lost, 20 * 54)
+        self.assertEqual((fast.stats.frames_out, fast.stats.frames_lost), (20, 0))
+        self.assertEqual(relay.totals.frames_lost, 20)
+
+    def test_brokenClientClosedWithinDeadline(self) -> None:
+        """A client closed for lost framing that never reads is aborted after the stall timeout."""
+        relay, publisher, slow, fast = self.slow("drop", stall=3.0)
+        publisher.dataReceived(self.frames[0])
+        slow.dataReceived(b"garbage!")
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertEqual(slow.transport.value(), self.frames[0])
+        self.assertEqual(slow.stats.frames_out, 1)
+        relay.clock.advance(2.9)
+        self.assertFalse(slow.transport.disconnected)
+        relay.clock.advance(0.1)
+        self.assertTrue(slow.transport.disconnected)
+
     def test_blockerLeavingResumes(self) -> None:
         """A blocking client that disconnects releases the publishers at once."""
         relay, publisher, slow, fast = self.slow("block")
@@ -226,6 +249,15 @@ class SubscriptionTests(SynchronousTestCase):
             dict(self.other.stats.rejects), {"bad_control_frame": 1, "bad_checksum": 1}
         )
         self.assertEqual(self.other.stats.role, "subscriber")
+
+    def test_subscribingMidChunkWithEcho(self) -> None:
+        """With echo, frames after a sender's own control frame follow its new subscription."""
+        relay = make_relay(echo=True)
+        sender = connect(relay)
+        wanted = build_frame(1, 2, 1, b"")
+        unwanted = build_frame(1, 3, 1, b"")
+        sender.dataReceived(unwanted + control_frame(sources=[2]) + wanted + unwanted)
+        self.assertEqual(sender.transport.value(), unwanted + wanted)
 
     def test_otherSystemFramesFiltered(self) -> None:
         """A system frame that is not a control frame is filtered like any other domain."""
@@ -301,6 +333,15 @@ class DrainTests(SynchronousTestCase):
         disconnect(slow)
         self.successResultOf(drained)
         self.assertEqual(relay.clock.getDelayedCalls(), [])
+
+    def test_partialFrameAtShutdownIsNoReject(self) -> None:
+        """A publisher stopped mid-frame by the drain is not counted as sending a bad frame."""
+        relay = make_relay()
+        publisher = connect(relay)
+        publisher.dataReceived(frames_for(Domain.MARKET_DATA, 1)[0][:40])
+        relay.drain(5)
+        disconnect(publisher)
+        self.assertEqual(dict(relay.totals.rejects), {})
 
     def test_timeout(self) -> None:
         """Clients still open when the drain timeout passes are aborted."""

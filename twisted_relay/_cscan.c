@@ -36,9 +36,11 @@ scan_run(PyObject *module, PyObject *args)
         const unsigned char *h = buf + offset;
         uint32_t size = le32(h + 24);
         uint64_t sequence = le64(h + 8);
+        if (le32(h) != 0xDEADBEEFu || h[5] != 1 || size > max_payload
+            || (uint64_t)(end - offset - 32) < size)
+            break;
         Py_ssize_t frame_end = offset + 32 + (Py_ssize_t)size;
-        if (le32(h) != 0xDEADBEEFu || h[5] != 1 || size > max_payload || frame_end > end
-            || h[4] != domain || h[6] != source || sequence == 0 || sequence - 1 != last)
+        if (h[4] != domain || h[6] != source || sequence == 0 || sequence - 1 != last)
             break;
         frames++;
         last = sequence;

@@ -86,6 +86,10 @@ class Outbox:
     """
     One client's outbound stream: written straight to the transport while
     it keeps up, queued (bounded by policy) while it does not.
+
+    Frames count as delivered (C{frames_out}) when they are handed to the
+    transport; frames still queued when the connection ends count as lost
+    (C{frames_lost}).
     """
 
     log = Logger()
@@ -94,43 +98,48 @@ class Outbox:
         self.relay = relay
         self.client = client
         self.settings = relay.delivery
-        self.queue: deque[bytes] = deque()
+        #: Writes waiting for the transport: (runs, frames, bytes) each.
+        self.queue: deque[tuple[list[bytes], int, int]] = deque()
         self.queued = 0
         self.writable = True
         self.closed = False
         #: Whether this outbox holds the publishers back (block policy).
         self.blocking = False
+        self._closeDeadline: IDelayedCall | None = None
         client.transport.registerProducer(self, True)
 
-    def send(self, runs: list[bytes], frames: int, size: int) -> bool:
-        """Deliver C{runs}; C{False} if the policy dropped them for this client."""
+    def send(self, runs: list[bytes], frames: int, size: int) -> None:
+        """Deliver C{runs}, holding C{frames} whole frames, or apply the policy."""
         if self.closed:
-            return False
+            return
         if self.writable and not self.queue:
-            transport = self.client.transport
-            if len(runs) == 1:
-                transport.write(runs[0])
-            else:
-                transport.writeSequence(runs)
-            return True
+            self._write(runs, frames, size)
+            return
         policy = self.settings.policy
         over = self.queued + size > self.settings.high_water
         if over and policy == "drop":
             self.relay.dropped(self.client, frames, size)
-            return False
+            return
         if over and policy == "disconnect":
             self.cut(
                 "slow consumer",
                 f"{self.queued} bytes queued, the next {size} would pass the "
                 f"high-water mark of {self.settings.high_water}",
             )
-            return False
-        self.queue.extend(runs)
+            return
+        self.queue.append((runs, frames, size))
         self.queued += size
         if over and not self.blocking:
             self.blocking = True
             self.relay.gate.block(self)
-        return True
+
+    def _write(self, runs: list[bytes], frames: int, size: int) -> None:
+        transport = self.client.transport
+        if len(runs) == 1:
+            transport.write(runs[0])
+        else:
+            transport.writeSequence(runs)
+        self.relay.delivered(self.client, frames, size)
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: queue from now on."""
@@ -139,11 +148,11 @@ class Outbox:
     def resumeProducing(self) -> None:
         """The transport drained: refill it from the queue until it is full again."""
         self.writable = True
-        queue, transport = self.queue, self.client.transport
+        queue = self.queue
         while queue and self.writable:
-            data = queue.popleft()
-            self.queued -= len(data)
-            transport.write(data)
+            runs, frames, size = queue.popleft()
+            self.queued -= size
+            self._write(runs, frames, size)
         if self.blocking and self.queued <= self.settings.low_water:
             self.blocking = False
             self.relay.gate.unblock(self)
@@ -153,9 +162,14 @@ class Outbox:
         self.close()
 
     def close(self) -> None:
+        """Deliver nothing more; count what is still queued as lost."""
         if self.closed:
             return
         self.closed = True
+        if self.queue:
+            self.relay.lost(
+                self.client, sum(frames for _, frames, _ in self.queue), self.queued
+            )
         self.queue.clear()
         self.queued = 0
         if self.blocking:
@@ -170,15 +184,29 @@ class Outbox:
         self.close()
         self.client.transport.abortConnection()
 
-    def flushAndClose(self) -> None:
-        """Hand everything queued to the transport and close once it is written."""
+    def flushAndClose(self, deadline: float) -> None:
+        """
+        Hand everything queued to the transport and close the connection once
+        it is written, or abort it after C{deadline} seconds if the client
+        does not take it.
+        """
         if self.closed:
             return
-        transport = self.client.transport
-        transport.writeSequence(list(self.queue))
+        while self.queue:
+            runs, frames, size = self.queue.popleft()
+            self.queued -= size
+            self._write(runs, frames, size)
         self.close()
+        transport = self.client.transport
         transport.unregisterProducer()
         transport.loseConnection()
+        self._closeDeadline = self.relay.clock.callLater(deadline, transport.abortConnection)
+
+    def disconnected(self) -> None:
+        """The connection is gone: no deadline is needed any more."""
+        self.close()
+        if self._closeDeadline is not None and self._closeDeadline.active():
+            self._closeDeadline.cancel()
 
 
 class PublisherGate:
@@ -230,8 +258,8 @@ class PublisherGate:
             self.paused_since = None
             self.paused_seconds += pause
             self.longest_pause = max(self.longest_pause, pause)
-            self.log.info("publishers resumed after {pause:.3f}s", pause=pause)
             if not self.relay.draining:
+                self.log.info("publishers resumed after {pause:.3f}s", pause=pause)
                 for client in self.relay.clients.values():
                     client.transport.resumeProducing()
 

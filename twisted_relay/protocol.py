@@ -52,6 +52,8 @@ class RelayProtocol(Protocol):
     outbox: Outbox
     subscription: Subscription
     _closing = False
+    #: A subscription asked for by a control frame, applied by the scan.
+    _resubscribe: Subscription | None = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -73,7 +75,7 @@ class RelayProtocol(Protocol):
         self._last = 0
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._framer.buffered and not self._closing:
+        if self._framer.buffered and not (self._closing or self.factory.draining):
             self.factory.rejected(
                 self,
                 IncompleteFrame(
@@ -125,8 +127,6 @@ class RelayProtocol(Protocol):
         routed = self._routedDomain
         # Frames of this domain are accepted by the scan alone.
         unchecked = routed if self._check is None else None
-        index: list[tuple[int, int, Header]] | None = [] if factory.filtered else None
-        skim = unchecked is not None and index is None
         source, last = self._source, self._last
         runs: list[bytes] = []
         frames = run_start = offset = 0
@@ -135,7 +135,7 @@ class RelayProtocol(Protocol):
         lost = None
         try:
             while offset <= last_start:
-                if skim:
+                if unchecked is not None:
                     offset, skimmed, last = scan_run(
                         buf, offset, end, max_payload, unchecked, source, last
                     )
@@ -154,10 +154,16 @@ class RelayProtocol(Protocol):
                     if run_start < offset:
                         runs.append(buf[run_start:offset])
                     run_start = offset = frame_end
+                    if self._resubscribe is not None:
+                        # A control frame: the frames before it go out under
+                        # the subscription they arrived under.
+                        if frames:
+                            factory.broadcast(self, runs, frames)
+                            runs, frames = [], 0
+                        factory.subscribe(self, self._resubscribe)
+                        self._resubscribe = None
                     continue
                 frames += 1
-                if index is not None:
-                    index.append((offset, frame_end, unpack_header(buf, offset)))
                 if src == source and sequence == last + 1:
                     last = sequence
                 else:
@@ -171,7 +177,7 @@ class RelayProtocol(Protocol):
         if run_start < offset:
             runs.append(buf[run_start:offset])
         if frames:
-            factory.broadcast(self, runs, frames, buf, index)
+            factory.broadcast(self, runs, frames)
         if lost is not None:
             self._loseFraming(lost)
 
@@ -232,7 +238,7 @@ class RelayProtocol(Protocol):
                 f"control frame checksum 0x{header.checksum:08x} does not match its "
                 f"CRC-32 0x{actual:08x}"
             )
-        self.factory.subscribe(self, subscription)
+        self._resubscribe = subscription
         self.stats.control_frames += 1
         self.factory.totals.control_frames += 1
         self.log.info(
@@ -267,7 +273,7 @@ class RelayProtocol(Protocol):
         self._closing = True
         self.stats.close_reason = error.reason
         self.factory.rejected(self, error)
-        self.outbox.flushAndClose()
+        self.outbox.flushAndClose(self.factory.delivery.stall_timeout)
 
 
 def _describe(subscription: Subscription) -> str:

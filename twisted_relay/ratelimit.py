@@ -39,3 +39,7 @@ class RateLimiter:
             return held
         window[2] += 1
         return None
+
+    def forget(self, key: Hashable) -> None:
+        """Drop what is known of C{key}, whose events will not come again."""
+        self._windows.pop(key, None)

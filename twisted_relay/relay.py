@@ -9,6 +9,7 @@ import itertools
 import socket
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
@@ -23,7 +24,7 @@ from .interfaces import IRelayLogic
 from .protocol import RelayProtocol
 from .ratelimit import RateLimiter
 from .validation import FramePolicy
-from .wire import FrameError, Header
+from .wire import HEADER_SIZE, FrameError, Header, unpack_header
 
 _PEERCRED = struct.Struct("3i")
 
@@ -54,10 +55,12 @@ def describe_peer(transport: ITransport) -> str:
 class Counters:
     """
     Traffic counters. C{frames_in} counts accepted frames; C{bytes_in} every
-    byte read, accepted or not; C{rejects} the refused frames by reason;
-    C{frames_dropped} the frames the drop policy did not deliver; the
-    sequence counters what publishers' C{sequence} fields gave away (frames
-    missing, repeated, going backwards).
+    byte read, accepted or not; C{frames_out} frames handed to a client's
+    transport; C{rejects} the refused frames by reason; C{frames_dropped} the
+    frames the drop policy did not deliver; C{frames_lost} the frames still
+    queued for a client when its connection ended; the sequence counters what
+    publishers' C{sequence} fields gave away (frames missing, repeated, going
+    backwards).
     """
 
     frames_in: int = 0
@@ -66,6 +69,8 @@ class Counters:
     bytes_out: int = 0
     frames_dropped: int = 0
     bytes_dropped: int = 0
+    frames_lost: int = 0
+    bytes_lost: int = 0
     control_frames: int = 0
     sequence_gaps: int = 0
     sequence_duplicates: int = 0
@@ -150,19 +155,22 @@ class RelayFactory(ServerFactory):
     def unregister(self, client: RelayProtocol, reason: Failure) -> None:
         """Forget a client whose connection is gone."""
         stats = client.stats
-        client.outbox.close()
+        client.outbox.disconnected()
         self.subscribe(client, EVERYTHING)
         del self.clients[stats.client_id]
+        self._sampledLog.forget(("dropped", stats.client_id))
         self.log.info(
             "client {client_id} disconnected after {duration:.3f}s "
             "({reason}): {frames_in} frames in, {frames_out} out, "
-            "{frames_dropped} dropped, {rejected} rejected; {clients} connected",
+            "{frames_dropped} dropped, {frames_lost} lost, {rejected} rejected; "
+            "{clients} connected",
             client_id=stats.client_id,
             duration=self.clock.seconds() - stats.connected_at,
             reason=stats.close_reason or reason.getErrorMessage(),
             frames_in=stats.frames_in,
             frames_out=stats.frames_out,
             frames_dropped=stats.frames_dropped,
+            frames_lost=stats.frames_lost,
             rejected=sum(stats.rejects.values()),
             rejects=dict(stats.rejects),
             clients=len(self.clients),
@@ -183,40 +191,34 @@ class RelayFactory(ServerFactory):
         sender.stats.bytes_in += size
         self.totals.bytes_in += size
 
-    def broadcast(
-        self,
-        sender: RelayProtocol,
-        runs: list[bytes],
-        frames: int,
-        buf: bytes = b"",
-        index: list[tuple[int, int, Header]] | None = None,
-    ) -> None:
+    def broadcast(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
         """
         Send C{runs}, contiguous slices holding C{frames} accepted frames, to
-        every client but C{sender}. A client with a filtered subscription gets
-        the frames it wants, picked through C{index} (C{(start, end, header)}
-        of each frame in C{buf}), which the sender provides while any client
-        is filtered. A client whose write fails is cut off; the others are
-        not affected.
+        every client but C{sender}, each through its outbox. A client with a
+        filtered subscription gets the frames it wants, picked one by one. A
+        client whose write fails is cut off; the others are not affected.
         """
         size = sum(map(len, runs))
         sender.stats.frames_in += frames
         self.totals.frames_in += frames
         echo = self.echo
+        picking: list[tuple[bytes, int, int, Header]] | None = None
         for client in tuple(self.clients.values()):
             if client is sender and not echo:
                 continue
             subscription = client.subscription
             if subscription is EVERYTHING:
                 self._deliver(client, runs, frames, size)
-            elif not subscription.publish_only and index is not None:
-                picked = [buf[s:e] for s, e, header in index if subscription.wants(buf, s, e, header)]
+            elif not subscription.publish_only:
+                if picking is None:
+                    picking = list(_frames_in(runs))
+                picked = [run[s:e] for run, s, e, header in picking if subscription.wants(run, s, e, header)]
                 if picked:
                     self._deliver(client, picked, len(picked), sum(map(len, picked)))
 
     def _deliver(self, client: RelayProtocol, runs: list[bytes], frames: int, size: int) -> None:
         try:
-            sent = client.outbox.send(runs, frames, size)
+            client.outbox.send(runs, frames, size)
         except Exception:
             self.log.failure(
                 "write to client {client_id} failed; disconnecting it",
@@ -224,13 +226,22 @@ class RelayFactory(ServerFactory):
             )
             client.outbox.close()
             client.transport.abortConnection()
-            return
-        if sent:
-            stats, totals = client.stats, self.totals
-            stats.frames_out += frames
-            stats.bytes_out += size
-            totals.frames_out += frames
-            totals.bytes_out += size
+
+    def delivered(self, client: RelayProtocol, frames: int, size: int) -> None:
+        """Count frames handed to C{client}'s transport."""
+        stats, totals = client.stats, self.totals
+        stats.frames_out += frames
+        stats.bytes_out += size
+        totals.frames_out += frames
+        totals.bytes_out += size
+
+    def lost(self, client: RelayProtocol, frames: int, size: int) -> None:
+        """Count frames still queued for C{client} when its connection ended."""
+        stats, totals = client.stats, self.totals
+        stats.frames_lost += frames
+        stats.bytes_lost += size
+        totals.frames_lost += frames
+        totals.bytes_lost += size
 
     def dropped(self, client: RelayProtocol, frames: int, size: int) -> None:
         """Count frames the drop policy did not deliver to C{client}."""
@@ -320,7 +331,7 @@ class RelayFactory(ServerFactory):
             return drained
         for client in tuple(self.clients.values()):
             client.transport.pauseProducing()
-            client.outbox.flushAndClose()
+            client.outbox.flushAndClose(timeout)
         timer = self.clock.callLater(timeout, self._drainTimedOut, timeout)
 
         def finished(result: None) -> None:
@@ -338,3 +349,14 @@ class RelayFactory(ServerFactory):
                 timeout=timeout,
             )
             client.transport.abortConnection()
+
+
+def _frames_in(runs: list[bytes]) -> Iterator[tuple[bytes, int, int, Header]]:
+    """C{(run, start, end, header)} for each frame of runs of whole frames."""
+    for run in runs:
+        offset = 0
+        while offset < len(run):
+            header = unpack_header(run, offset)
+            end = offset + HEADER_SIZE + header.payload_size
+            yield run, offset, end, header
+            offset = end

@@ -307,11 +307,12 @@ class RelayService(Service):
         totals, gate = self.factory.totals, self.factory.gate
         self.log.info(
             "stopped: {frames_in} frames accepted, {frames_out} delivered, "
-            "{frames_dropped} dropped, {rejected} rejected; publishers paused "
-            "{pauses} times, longest {longest_pause:.3f}s",
+            "{frames_dropped} dropped, {frames_lost} lost, {rejected} rejected; "
+            "publishers paused {pauses} times, longest {longest_pause:.3f}s",
             frames_in=totals.frames_in,
             frames_out=totals.frames_out,
             frames_dropped=totals.frames_dropped,
+            frames_lost=totals.frames_lost,
             rejected=sum(totals.rejects.values()),
             pauses=gate.pauses,
             longest_pause=gate.longest_pause,
