@@ -1,0 +1,126 @@
+"""
+Tests for L{twisted_relay.client}: the Twisted client protocol over an
+in-memory transport, and the blocking client and the reconnecting service
+against a real relay process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_relay.client import BlockingClient, RelayClientProtocol, relay_service
+from twisted_relay.control import parse_control
+from twisted_relay.wire import Domain
+
+from .helpers import frames_for, split
+from .relayprocess import RelayProcess
+
+
+class Recorder(RelayClientProtocol):
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, bytes]] = []
+
+    def frameReceived(self, header, frame) -> None:
+        self.frames.append((header.sequence, frame))
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.client = Recorder()
+        self.client.makeConnection(StringTransport())
+
+    def test_framesAcrossReads(self) -> None:
+        """Frames cut anywhere arrive whole, with their header, in order."""
+        frames = frames_for(Domain.MARKET_DATA, 5)
+        for chunk in split(b"".join(frames), [3, 50, 51, 200, 201]):
+            self.client.dataReceived(chunk)
+        self.assertEqual(self.client.frames, list(zip(range(1, 6), frames)))
+
+    def test_publishAndDeclare(self) -> None:
+        """publish writes frames as given; declare writes the control frame."""
+        frame = frames_for(Domain.MARKET_DATA, 1)[0]
+        self.client.publish(frame)
+        self.client.declare(sources=[1, 2])
+        written = self.client.transport.value()
+        self.assertEqual(written[: len(frame)], frame)
+        subscription = parse_control(written, len(frame), len(written))
+        self.assertEqual(subscription.sources, {1, 2})
+
+    def test_garbageCloses(self) -> None:
+        """A stream that is not Protocol V2 closes the connection."""
+        self.client.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertTrue(self.client.transport.disconnecting)
+
+
+@pytest.fixture
+def relay_path():
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    path = os.path.join(workdir, "r.sock")
+    relay = RelayProcess(workdir, "--domain", "execution", "--listen", f"unix:{path}")
+    relay.start().wait_listening()
+    yield path, relay, workdir
+    if relay.process.poll() is None:
+        relay.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_blocking_clients_through_a_relay(relay_path):
+    """Two blocking clients exchange frames through a real relay, filtered as declared."""
+    path, _, _ = relay_path
+    frames = frames_for(Domain.EXECUTION, 20)
+    with BlockingClient(path) as subscriber, BlockingClient(f"unix:{path}") as publisher:
+        publisher.declare(publish_only=True)
+        publisher.publish(b"".join(frames))
+        received = subscriber.receive(20, timeout=10)
+        assert [frame for _, frame in received] == frames
+        assert [header.sequence for header, _ in received] == list(range(1, 21))
+        assert subscriber.receive(1, timeout=0.2) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_reconnects(relay_path):
+    """The relay service reconnects after the relay restarts, and frames flow again."""
+    path, relay, workdir = relay_path
+    received = {1: Deferred(), 2: Deferred()}
+    lost: Deferred[None] = Deferred()
+
+    class Waiter(RelayClientProtocol):
+        def frameReceived(self, header, frame) -> None:
+            received[header.sequence].callback(frame)
+
+        def connectionLost(self, reason) -> None:
+            # Resume the test once the service too has seen the loss.
+            if not lost.called:
+                reactor.callLater(0, lost.callback, None)
+
+    service = relay_service(reactor, f"unix:path={path}", Factory.forProtocol(Waiter))
+    service.startService()
+    try:
+        await service.whenConnected(failAfterFailures=50)
+        first, second = frames_for(Domain.EXECUTION, 2)
+        with BlockingClient(path) as publisher:
+            publisher.publish(first)
+            assert await received[1].addTimeout(10, reactor) == first
+        relay.stop()
+        await lost.addTimeout(10, reactor)
+        restarted = RelayProcess(workdir, "--domain", "execution", "--listen", f"unix:{path}")
+        restarted.start().wait_listening()
+        try:
+            await service.whenConnected(failAfterFailures=100)
+            with BlockingClient(path) as publisher:
+                publisher.publish(second)
+                assert await received[2].addTimeout(10, reactor) == second
+        finally:
+            restarted.stop()
+    finally:
+        await service.stopService()
