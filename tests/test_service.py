@@ -126,6 +126,13 @@ class OptionsTests(SynchronousTestCase):
 
 
 class MakeServiceTests(SynchronousTestCase):
+    def test_httpService(self) -> None:
+        """--http adds one more listener, serving the status site."""
+        top = makeService(parse("--http", "tcp:9100:interface=127.0.0.1"))
+        *_, http = list(top)
+        self.assertEqual(http.description, "tcp:9100:interface=127.0.0.1")
+        self.assertIsNotNone(http.factory.resource.getStaticEntity(b"metrics"))
+
     def test_services(self) -> None:
         """The relay service comes first, then one listener per --listen, in order."""
         top = makeService(parse("--listen", "unix:/tmp/a/1.sock", "--listen", "tcp:7001"))

@@ -127,6 +127,8 @@ class RelayFactory(ServerFactory):
         self.connections = 0
         self.gate = PublisherGate(self, clock)
         self.draining = False
+        #: When a client was last dropped from, cut off or lost frames.
+        self.last_trouble: float | None = None
         self._ids = itertools.count(1)
         self._sampledLog = RateLimiter(clock)
         self._drained: Deferred[None] | None = None
@@ -237,6 +239,7 @@ class RelayFactory(ServerFactory):
 
     def lost(self, client: RelayProtocol, frames: int, size: int) -> None:
         """Count frames still queued for C{client} when its connection ended."""
+        self.last_trouble = self.clock.seconds()
         stats, totals = client.stats, self.totals
         stats.frames_lost += frames
         stats.bytes_lost += size
@@ -245,6 +248,7 @@ class RelayFactory(ServerFactory):
 
     def dropped(self, client: RelayProtocol, frames: int, size: int) -> None:
         """Count frames the drop policy did not deliver to C{client}."""
+        self.last_trouble = self.clock.seconds()
         stats, totals = client.stats, self.totals
         stats.frames_dropped += frames
         stats.bytes_dropped += size
@@ -263,6 +267,7 @@ class RelayFactory(ServerFactory):
 
     def cutOff(self, client: RelayProtocol, reason: str, detail: str) -> None:
         """Count and log that C{client} is being disconnected by the relay."""
+        self.last_trouble = self.clock.seconds()
         client.stats.cut_offs[reason] += 1
         client.stats.close_reason = reason
         self.totals.cut_offs[reason] += 1

@@ -22,6 +22,7 @@ from .delivery import DeliverySettings
 from .domains import UnknownDomain, available_domains, find_domain
 from .relay import RelayFactory
 from .scan import NATIVE as NATIVE_SCAN
+from .status import status_site
 from .unixsocket import UnixSocketEndpoint
 from .validation import FramePolicy
 
@@ -102,6 +103,13 @@ Examples:
             "5",
             "Seconds given to queued data to reach clients on shutdown.",
         ],
+        [
+            "http",
+            None,
+            None,
+            "Serve /health (JSON) and /metrics (Prometheus) on this endpoint, "
+            "e.g. tcp:9100:interface=127.0.0.1 [default: off].",
+        ],
     ]
     optFlags = [
         ["echo", None, "Also send each client the frames it publishes."],
@@ -155,6 +163,7 @@ Examples:
         if not self["listen"]:
             self["listen"] = [f"unix:{logic.socket_path}"]
         self["endpoints"] = [self._endpoint(d) for d in self["listen"]]
+        self["http-endpoint"] = self._endpoint(self["http"]) if self["http"] else None
 
     def _endpoint(self, description: str) -> IStreamServerEndpoint:
         """The endpoint for one --listen value; Unix sockets get the safe one."""
@@ -379,4 +388,7 @@ def makeService(options: Options) -> IService:
     RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         ListeningService(description, endpoint, factory).setServiceParent(top)
+    if options["http-endpoint"] is not None:
+        site = status_site(factory, options["listen"])
+        ListeningService(options["http"], options["http-endpoint"], site).setServiceParent(top)
     return top

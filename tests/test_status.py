@@ -1,0 +1,132 @@
+"""
+Tests for L{twisted_relay.status}: /health and /metrics, through treq's
+StubTreq on the resources (no port), and on a real relay process with treq.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_relay.delivery import DeliverySettings
+from twisted_relay.status import status_root
+from twisted_relay.wire import Domain
+
+from .helpers import connect, frames_for, make_relay
+from .relayprocess import RelayProcess
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus exposition, by name and sorted labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class StatusTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.relay = make_relay(
+            delivery=DeliverySettings("drop", high_water=100, low_water=10)
+        )
+        self.treq = StubTreq(status_root(self.relay, ["unix:/tmp/torq/market_data.sock"]))
+        self.publisher, self.subscriber = connect(self.relay), connect(self.relay)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        response = self.successResultOf(self.treq.get(f"http://relay{path}"))
+        return response.code, self.successResultOf(response.content())
+
+    def test_health(self) -> None:
+        """/health gives the domain, endpoints, clients with their counters, and totals."""
+        frames = frames_for(Domain.MARKET_DATA, 3)
+        self.publisher.dataReceived(b"".join(frames) + frames_for(Domain.SIGNAL, 1)[0])
+        self.relay.clock.advance(7)
+        code, body = self.get("/health")
+        self.assertEqual(code, 200)
+        health = json.loads(body)
+        self.assertEqual(
+            (health["status"], health["domain"], health["relay_domain"], health["uptime_s"]),
+            ("ok", "market", 1, 7),
+        )
+        self.assertEqual(health["listening"], ["unix:/tmp/torq/market_data.sock"])
+        publisher, subscriber = health["clients"]
+        self.assertEqual((publisher["id"], publisher["frames_in"]), (1, 3))
+        self.assertEqual(publisher["rejects"], {"filtered": 1})
+        self.assertEqual(subscriber["frames_out"], 3)
+        self.assertEqual(health["totals"]["bytes_out"], sum(map(len, frames)))
+
+    def test_degradedWhileDropping(self) -> None:
+        """Drops make the relay degraded, for a minute after the last one."""
+        self.subscriber.outbox.pauseProducing()
+        self.publisher.dataReceived(b"".join(frames_for(Domain.MARKET_DATA, 5)))
+        self.assertEqual(json.loads(self.get("/health")[1])["status"], "degraded")
+        self.relay.clock.advance(61)
+        self.assertEqual(json.loads(self.get("/health")[1])["status"], "ok")
+
+    def test_metrics(self) -> None:
+        """/metrics is a Prometheus exposition of the live counters."""
+        self.publisher.dataReceived(
+            b"".join(frames_for(Domain.MARKET_DATA, 4)) + frames_for(Domain.SIGNAL, 1)[0]
+        )
+        code, body = self.get("/metrics")
+        self.assertEqual(code, 200)
+        values = samples(body.decode())
+        market = (("domain", "market"),)
+        self.assertEqual(values[("torq_relay_frames_in_total", market)], 4)
+        self.assertEqual(values[("torq_relay_frames_out_total", market)], 4)
+        self.assertEqual(
+            values[("torq_relay_rejects_total", (("domain", "market"), ("reason", "filtered")))], 1
+        )
+        self.assertEqual(
+            values[("torq_relay_rejects_total", (("domain", "market"), ("reason", "bad_magic")))], 0
+        )
+        self.assertEqual(values[("torq_relay_clients", market)], 2)
+        self.assertEqual(values[("torq_relay_buffered_bytes", market)], 0)
+
+
+@pytest.fixture
+def relay_with_http():
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    path = os.path.join(workdir, "r.sock")
+    relay = RelayProcess(
+        workdir, "--domain", "signal", "--listen", f"unix:{path}",
+        "--http", f"tcp:{port}:interface=127.0.0.1",
+    )
+    relay.start().wait_listening(2)
+    yield f"http://127.0.0.1:{port}", path
+    relay.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_of_a_real_relay(relay_with_http):
+    """A real relay started with --http serves /health and /metrics."""
+    url, path = relay_with_http
+    from twisted_relay.client import BlockingClient
+
+    with BlockingClient(path) as subscriber, BlockingClient(path) as publisher:
+        frames = frames_for(Domain.SIGNAL, 10)
+        publisher.publish(b"".join(frames))
+        assert len(subscriber.receive(10, timeout=10)) == 10
+        health = json.loads(await (await treq.get(f"{url}/health")).text())
+        assert health["domain"] == "signal" and health["status"] == "ok"
+        assert [c["frames_in"] for c in health["clients"]] == [0, 10]
+        response = await treq.get(f"{url}/metrics")
+        assert response.code == 200
+        values = samples(await response.text())
+        assert values[("torq_relay_frames_out_total", (("domain", "signal"),))] == 10

@@ -1,0 +1,181 @@
+"""
+The relay's HTTP status endpoint (C{--http}): C{/health} as JSON for people
+and scripts, C{/metrics} in the Prometheus text format for monitoring. Both
+read the live counters of the relay at request time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from .relay import Counters, RelayFactory
+from .wire import REJECT_REASONS
+
+#: How long after a client was dropped from, cut off or lost frames the
+#: relay reports itself degraded.
+DEGRADED_FOR = 60.0
+
+#: Counters of L{Counters} exported as Prometheus counters: name, help.
+_COUNTERS = (
+    ("frames_in", "Frames accepted from publishers."),
+    ("bytes_in", "Bytes read from clients, accepted or not."),
+    ("frames_out", "Frames handed to subscribers' connections."),
+    ("bytes_out", "Bytes handed to subscribers' connections."),
+    ("frames_dropped", "Frames not delivered to a lagging subscriber (drop policy)."),
+    ("frames_lost", "Frames still queued for a subscriber when its connection ended."),
+    ("control_frames", "Control frames applied."),
+    ("sequence_gaps", "Frames missing from publishers' sequences."),
+    ("sequence_duplicates", "Repeated sequence numbers from publishers."),
+    ("sequence_regressions", "Sequence numbers going backwards."),
+)
+
+
+def _version() -> str:
+    try:
+        return version("twisted_relay")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _counters(counters: Counters) -> dict:
+    return {
+        **{name: getattr(counters, name) for name, _ in _COUNTERS},
+        "bytes_dropped": counters.bytes_dropped,
+        "bytes_lost": counters.bytes_lost,
+        "rejects": dict(counters.rejects),
+        "cut_offs": dict(counters.cut_offs),
+    }
+
+
+def health(factory: RelayFactory, started_at: float, listening: list[str]) -> dict:
+    """Everything an operator asks first, as one JSON-ready dict."""
+    now = factory.clock.seconds()
+    gate = factory.gate
+    trouble = factory.last_trouble
+    degraded = gate.paused or (trouble is not None and now - trouble < DEGRADED_FOR)
+    return {
+        "status": "degraded" if degraded else "ok",
+        "domain": factory.logic.name,
+        "relay_domain": factory.logic.domain,
+        "version": _version(),
+        "uptime_s": round(now - started_at, 3),
+        "listening": listening,
+        "delivery": factory.delivery.policy,
+        "clients": [
+            {
+                "id": client.stats.client_id,
+                "peer": client.stats.peer,
+                "connected_at": client.stats.connected_at,
+                "role": client.stats.role,
+                "buffered_bytes": client.outbox.queued,
+                **_counters(client.stats),
+            }
+            for client in factory.clients.values()
+        ],
+        "totals": {
+            **_counters(factory.totals),
+            "connections": factory.connections,
+            "publisher_pauses": gate.pauses,
+            "publishers_paused_s": round(gate.paused_seconds, 3),
+            "longest_pause_s": round(gate.longest_pause, 3),
+            "publishers_paused_now": gate.paused,
+        },
+    }
+
+
+class RelayCollector:
+    """Prometheus metrics read from the relay at each scrape."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.factory = factory
+
+    def collect(self) -> Iterator[Metric]:
+        factory = self.factory
+        totals, gate, domain = factory.totals, factory.gate, factory.logic.name
+        for name, text in _COUNTERS:
+            metric = CounterMetricFamily(f"torq_relay_{name}", text, labels=["domain"])
+            metric.add_metric([domain], getattr(totals, name))
+            yield metric
+        rejects = CounterMetricFamily(
+            "torq_relay_rejects", "Frames refused, by reason.", labels=["domain", "reason"]
+        )
+        for reason in REJECT_REASONS + tuple(set(totals.rejects) - set(REJECT_REASONS)):
+            rejects.add_metric([domain, reason], totals.rejects[reason])
+        yield rejects
+        cut_offs = CounterMetricFamily(
+            "torq_relay_disconnects",
+            "Clients disconnected by the relay, by reason.",
+            labels=["domain", "reason"],
+        )
+        for reason in ("slow consumer", "stalled consumer", *totals.cut_offs):
+            cut_offs.add_metric([domain, reason], totals.cut_offs[reason])
+        yield cut_offs
+        pauses = CounterMetricFamily(
+            "torq_relay_publisher_pauses", "Times the publishers were held back.", labels=["domain"]
+        )
+        pauses.add_metric([domain], gate.pauses)
+        yield pauses
+        paused = CounterMetricFamily(
+            "torq_relay_publishers_paused_seconds",
+            "Seconds the publishers were held back (block policy).",
+            labels=["domain"],
+        )
+        paused.add_metric([domain], gate.paused_seconds)
+        yield paused
+        clients = GaugeMetricFamily("torq_relay_clients", "Connected clients.", labels=["domain"])
+        clients.add_metric([domain], len(factory.clients))
+        yield clients
+        buffered = GaugeMetricFamily(
+            "torq_relay_buffered_bytes", "Bytes queued for subscribers.", labels=["domain"]
+        )
+        buffered.add_metric([domain], sum(c.outbox.queued for c in factory.clients.values()))
+        yield buffered
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, factory: RelayFactory, listening: list[str]) -> None:
+        super().__init__()
+        self.factory = factory
+        self.listening = listening
+        self.started_at = factory.clock.seconds()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        body = health(self.factory, self.started_at, self.listening)
+        return json.dumps(body, indent=1).encode() + b"\n"
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, factory: RelayFactory) -> None:
+        super().__init__()
+        self.registry = CollectorRegistry()
+        self.registry.register(RelayCollector(factory))
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.registry)
+
+
+def status_root(factory: RelayFactory, listening: list[str]) -> Resource:
+    root = Resource()
+    root.putChild(b"health", HealthResource(factory, listening))
+    root.putChild(b"metrics", MetricsResource(factory))
+    return root
+
+
+def status_site(factory: RelayFactory, listening: list[str]) -> Site:
+    """The web site serving C{/health} and C{/metrics} for C{factory}."""
+    site = Site(status_root(factory, listening))
+    site.displayTracebacks = False
+    return site
