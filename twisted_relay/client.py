@@ -26,7 +26,24 @@ from .wire import HEADER_SIZE, FramingLost, Header
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
 
-class RelayClientProtocol(Protocol):
+class Declaring:
+    """What a client says to the relay about itself, over its C{publish}."""
+
+    def publish(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def declare(
+        self,
+        *,
+        publish_only: bool = False,
+        sources: Iterable[int] | None = None,
+        tlv_types: Iterable[int] | None = None,
+    ) -> None:
+        """Tell the relay what this connection receives (see docs/delivery.md)."""
+        self.publish(control_frame(publish_only=publish_only, sources=sources, tlv_types=tlv_types))
+
+
+class RelayClientProtocol(Declaring, Protocol):
     """
     One connection to a relay. Override L{frameReceived}; send with
     L{publish}; say what to receive with L{declare}.
@@ -53,18 +70,6 @@ class RelayClientProtocol(Protocol):
         """Send one or more whole frames to the relay."""
         self.transport.write(frame)
 
-    def declare(
-        self,
-        *,
-        publish_only: bool = False,
-        sources: Iterable[int] | None = None,
-        tlv_types: Iterable[int] | None = None,
-    ) -> None:
-        """Tell the relay what this connection receives (see docs/delivery.md)."""
-        self.transport.write(
-            control_frame(publish_only=publish_only, sources=sources, tlv_types=tlv_types)
-        )
-
 
 def relay_service(
     reactor: IReactorTime, endpoint: str, factory: Factory
@@ -82,7 +87,7 @@ def relay_service(
     )
 
 
-class BlockingClient:
+class BlockingClient(Declaring):
     """
     A relay client for scripts, on a plain socket: connect to a Unix socket
     path (or C{unix:PATH}, C{tcp:HOST:PORT}), send frames, iterate over the
@@ -112,16 +117,6 @@ class BlockingClient:
     def publish(self, frame: bytes) -> None:
         """Send one or more whole frames."""
         self.socket.sendall(frame)
-
-    def declare(
-        self,
-        *,
-        publish_only: bool = False,
-        sources: Iterable[int] | None = None,
-        tlv_types: Iterable[int] | None = None,
-    ) -> None:
-        """Tell the relay what this connection receives (see docs/delivery.md)."""
-        self.publish(control_frame(publish_only=publish_only, sources=sources, tlv_types=tlv_types))
 
     def frames(self, timeout: float | None = None) -> Iterator[tuple[Header, bytes]]:
         """
