@@ -1,0 +1,125 @@
+"""
+Tests for the C{twisted-relay} command (L{twisted_relay.cli}): its output
+formats, its synthetic frames, and the commands against a real relay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_relay.cli import describe, synthetic
+from twisted_relay.domains import BUILTIN_DOMAINS
+from twisted_relay.validation import FramePolicy
+from twisted_relay.wire import build_frame, unpack_header
+
+from .relayprocess import RelayProcess
+
+COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
+
+
+class FormatTests(SynchronousTestCase):
+    def test_line(self) -> None:
+        """A frame is one line: time, domain, source name, sequence, TLV names, size."""
+        frame = build_frame(1, 2, 17, [(1, b"t" * 40)], timestamp=1_700_000_000_123_456_789)
+        self.assertEqual(
+            describe(unpack_header(frame), frame, False),
+            "22:13:20.123456  market_data KRAKEN(2)                  seq 17         "
+            "Trade(1)  74 B",
+        )
+
+    def test_json(self) -> None:
+        """--json gives the fields as numbers."""
+        frame = build_frame(3, 42, 5, [(40, b"o"), (255 - 1, b"v")], timestamp=9)
+        self.assertEqual(
+            json.loads(describe(unpack_header(frame), frame, True)),
+            {"timestamp_ns": 9, "relay_domain": 3, "source": 42, "sequence": 5,
+             "tlv_types": [40, 254], "size": len(frame)},
+        )
+
+    def test_syntheticFramesPassTheirRelaysChecks(self) -> None:
+        """publish sends frames each shipped relay accepts, in sequence order."""
+        for logic in BUILTIN_DOMAINS:
+            policy = FramePolicy.for_logic(logic, verify_checksum=True)
+            frames = list(synthetic(logic.domain, 10, None))
+            for sequence, frame in enumerate(frames, 1):
+                header = unpack_header(frame)
+                self.assertEqual((header.relay_domain, header.sequence), (logic.domain, sequence))
+                policy.check(frame, 0, len(frame))
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [COMMAND, *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def relay():
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    path = os.path.join(workdir, "m.sock")
+    process = RelayProcess(
+        workdir, "--listen", f"unix:{path}", "--http", f"tcp:{port}:interface=127.0.0.1"
+    )
+    process.start().wait_listening(2)
+    yield path, f"http://127.0.0.1:{port}"
+    process.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_publish_tap_status(relay):
+    """Frames published by the command are tapped by the command, all of them; status counts them."""
+    path, url = relay
+    tap = subprocess.Popen(
+        [COMMAND, "tap", f"unix:{path}", "--json", "--count", "5000", "--timeout", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(200):  # until the relay has the tap as a client
+            if _status_clients(url):
+                break
+            time.sleep(0.05)
+        published = run("publish", path, "--count", "5000")
+        assert published.returncode == 0, published.stderr
+        assert "published 5,000 market frames" in published.stdout
+        out, err = tap.communicate(timeout=60)
+    finally:
+        tap.kill()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["sequence"] for line in lines] == list(range(1, 5001))
+    shown = run("status", url)
+    assert shown.returncode == 0, shown.stderr
+    assert "status     ok" in shown.stdout
+    assert "frames     5,000 in" in shown.stdout
+
+
+def _status_clients(url: str) -> bool:
+    """Whether the relay at C{url} has a client connected (the tap)."""
+    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        return bool(json.load(response)["clients"])
+
+
+def test_errors_are_one_line():
+    """No relay, no status endpoint, an unknown domain: one line and exit status 1."""
+    for args, message in [
+        (("tap", "/tmp/tr-no-such.sock"), "no relay at /tmp/tr-no-such.sock: the socket does not exist"),
+        (("publish", "--domain", "forex"), "unknown domain 'forex'"),
+        (("status", "http://127.0.0.1:9"), "cannot read http://127.0.0.1:9/health"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and message in result.stderr
