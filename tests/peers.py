@@ -17,7 +17,7 @@ import time
 import zlib
 
 from twisted_relay.control import control_frame
-from twisted_relay.wire import HEADER, HEADER_SIZE, build_frame
+from twisted_relay.wire import HEADER, HEADER_SIZE, Domain, build_frame
 
 TLV_FOR_DOMAIN = {1: 1, 2: 20, 3: 40}
 
@@ -86,12 +86,14 @@ def subscribe(args: argparse.Namespace) -> dict:
             end = offset + HEADER_SIZE + fields[7]
             if end > len(buf):
                 break
+            offset = end
+            if fields[1] == Domain.SYSTEM:  # the relay's answer to a control frame
+                continue
             source, sequence = fields[3], fields[5]
             if source in last and sequence <= last[source]:
                 in_order = False
             last[source] = sequence
             frames += 1
-            offset = end
         buf = buf[offset:]
     return {
         "frames": frames,

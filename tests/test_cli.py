@@ -123,3 +123,15 @@ def test_errors_are_one_line():
         result = run(*args)
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_relay_of_another_domain(relay):
+    """publish and tap with the wrong --domain say which relay they reached."""
+    path, _ = relay
+    for command in ("publish", "tap"):
+        result = run(command, path, "--domain", "execution")
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"twisted-relay: the relay at {path} is the market relay (domain 1), "
+            f"not execution: use --domain market\n"
+        )

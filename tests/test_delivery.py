@@ -14,6 +14,7 @@ from twisted_relay.control import (
     RELAY_ROLE,
     SUBSCRIBE_SOURCES,
     control_frame,
+    parse_relay_info,
 )
 from twisted_relay.delivery import DeliverySettings
 from twisted_relay.domains import MARKET
@@ -192,9 +193,17 @@ class SubscriptionTests(SynchronousTestCase):
         self.publisher = connect(self.relay)
         self.other = connect(self.relay)
 
+    def declare(self, client, **subscription) -> None:
+        """Send a control frame; the relay answers with its domain and name."""
+        client.dataReceived(control_frame(**subscription))
+        answer = client.transport.value()
+        header = unpack_header(answer)
+        self.assertEqual(parse_relay_info(header, answer), (1, "market"))
+        client.transport.clear()
+
     def test_publishOnly(self) -> None:
         """A publish-only client receives nothing, and its control frame is not forwarded."""
-        self.other.dataReceived(control_frame(publish_only=True))
+        self.declare(self.other, publish_only=True)
         self.publisher.dataReceived(b"".join(frames_for(Domain.MARKET_DATA, 3)))
         self.assertEqual(self.other.transport.value(), b"")
         self.assertEqual(self.publisher.transport.value(), b"")
@@ -204,16 +213,16 @@ class SubscriptionTests(SynchronousTestCase):
 
     def test_bySource(self) -> None:
         """A client subscribed to some sources receives only their frames, in order."""
-        self.other.dataReceived(control_frame(sources=[2, 3]))
+        self.declare(self.other, sources=[2, 3])
         frames = [build_frame(1, source, seq, b"") for seq in range(1, 4) for source in (1, 2, 3)]
         self.publisher.dataReceived(b"".join(frames))
         expected = [f for f in frames if unpack_header(f).source in (2, 3)]
         self.assertEqual(self.other.transport.value(), b"".join(expected))
-        self.assertEqual(self.other.stats.frames_out, 6)
+        self.assertEqual(self.other.stats.frames_out, 6 + 1)  # and the relay's answer
 
     def test_byTLVType(self) -> None:
         """A client subscribed to TLV types receives frames holding any of them."""
-        self.other.dataReceived(control_frame(tlv_types=[2]))
+        self.declare(self.other, tlv_types=[2])
         trade = build_frame(1, 1, 1, [(1, b"t" * 40)])
         quote = build_frame(1, 1, 2, [(2, b"q" * 52)])
         both = build_frame(1, 1, 3, [(1, b"t"), (2, b"q")])
@@ -223,8 +232,8 @@ class SubscriptionTests(SynchronousTestCase):
 
     def test_resetToDefault(self) -> None:
         """A control frame without a filter restores receiving everything."""
-        self.other.dataReceived(control_frame(sources=[9]))
-        self.other.dataReceived(control_frame())
+        self.declare(self.other, sources=[9])
+        self.declare(self.other)
         frame = frames_for(Domain.MARKET_DATA, 1)[0]
         self.publisher.dataReceived(frame)
         self.assertEqual(self.other.transport.value(), frame)
@@ -233,7 +242,7 @@ class SubscriptionTests(SynchronousTestCase):
     def test_defaultClientsUnchanged(self) -> None:
         """Clients that send no control frame receive everything, as before."""
         filtered = connect(self.relay)
-        filtered.dataReceived(control_frame(sources=[9]))
+        self.declare(filtered, sources=[9])
         frames = b"".join(frames_for(Domain.MARKET_DATA, 3))
         self.publisher.dataReceived(frames)
         self.assertEqual(self.other.transport.value(), frames)
@@ -257,7 +266,10 @@ class SubscriptionTests(SynchronousTestCase):
         wanted = build_frame(1, 2, 1, b"")
         unwanted = build_frame(1, 3, 1, b"")
         sender.dataReceived(unwanted + control_frame(sources=[2]) + wanted + unwanted)
-        self.assertEqual(sender.transport.value(), unwanted + wanted)
+        value = sender.transport.value()
+        answer = value[len(unwanted) : -len(wanted)]
+        self.assertEqual((value[: len(unwanted)], value[-len(wanted) :]), (unwanted, wanted))
+        self.assertEqual(parse_relay_info(unpack_header(answer), answer), (1, "market"))
 
     def test_otherSystemFramesFiltered(self) -> None:
         """A system frame that is not a control frame is filtered like any other domain."""

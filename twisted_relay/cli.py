@@ -112,10 +112,23 @@ def connect(args: argparse.Namespace) -> BlockingClient:
         raise Failed(f"cannot connect to {endpoint}: {e}") from None
 
 
+def introduce(relay: BlockingClient, args: argparse.Namespace, **declaration) -> None:
+    """Declare the connection's role and check that the relay is of --domain."""
+    where = args.endpoint or args.logic.socket_path
+    try:
+        domain, name = relay.introduce(**declaration)
+    except TimeoutError:
+        raise Failed(f"the relay at {where} did not answer: is it a twisted_relay relay?") from None
+    if domain != args.logic.domain:
+        raise Failed(
+            f"the relay at {where} is the {name} relay (domain {domain}), not "
+            f"{args.logic.name}: use --domain {name}"
+        )
+
+
 def tap(args: argparse.Namespace) -> None:
     with connect(args) as relay:
-        if args.source or args.tlv_type:
-            relay.declare(sources=args.source or None, tlv_types=args.tlv_type or None)
+        introduce(relay, args, sources=args.source or None, tlv_types=args.tlv_type or None)
         shown, frames, size, gaps = 0, 0, 0, 0
         last: dict[int, int] = {}
         window_start, window_frames, window_bytes = time.monotonic(), 0, 0
@@ -165,7 +178,7 @@ def publish(args: argparse.Namespace) -> None:
         raise Failed(f"no synthetic frames for domain {args.logic.name}")
     progress = sys.stderr.isatty()
     with connect(args) as relay:
-        relay.declare(publish_only=True)
+        introduce(relay, args, publish_only=True)
         started = time.monotonic()
         sent = size = 0
         batch: list[bytes] = []

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from .control import control_frame
+from .control import control_frame, parse_relay_info
 from .framing import Framer
 from .wire import HEADER_SIZE, FramingLost, Header
 
@@ -117,6 +117,38 @@ class BlockingClient(Declaring):
     def publish(self, frame: bytes) -> None:
         """Send one or more whole frames."""
         self.socket.sendall(frame)
+
+    def introduce(
+        self,
+        timeout: float = 2.0,
+        *,
+        publish_only: bool = False,
+        sources: Iterable[int] | None = None,
+        tlv_types: Iterable[int] | None = None,
+    ) -> tuple[int, str]:
+        """
+        Declare what this connection receives and return the relay's
+        C{(relay_domain, name)} from its answer. Frames that arrive before the
+        answer stay for L{frames}.
+
+        @raise TimeoutError: no answer within C{timeout} seconds.
+        """
+        self.declare(publish_only=publish_only, sources=sources, tlv_types=tlv_types)
+        deadline = time.monotonic() + timeout
+        earlier: list[tuple[Header, bytes]] = []
+        try:
+            while True:
+                if not self._ready:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._read(remaining):
+                        raise TimeoutError(f"no answer from the relay within {timeout}s")
+                header, frame = self._ready.popleft()
+                info = parse_relay_info(header, frame)
+                if info is not None:
+                    return info
+                earlier.append((header, frame))
+        finally:
+            self._ready.extendleft(reversed(earlier))
 
     def frames(self, timeout: float | None = None) -> Iterator[tuple[Header, bytes]]:
         """

@@ -11,6 +11,10 @@ Protocol V2 clients expect.
     251 SubscribeSources   the source types to receive, one byte each (all if absent)
     252 SubscribeTLVTypes  the TLV types to receive, one byte each (all if absent):
                            a frame is received if any of its TLVs is of one of them
+
+The relay answers each control frame it applies with a RelayInfo frame (system
+domain, TLV 253: its relay_domain, then its name), so a client learns which
+relay it reached.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ RELAY_ROLE = 250
 SUBSCRIBE_SOURCES = 251
 SUBSCRIBE_TLV_TYPES = 252
 CONTROL_TLVS = frozenset({RELAY_ROLE, SUBSCRIBE_SOURCES, SUBSCRIBE_TLV_TYPES})
+#: The relay's answer to a control frame: its relay_domain (1 byte), then its name.
+RELAY_INFO = 253
 
 ROLE_BOTH = 0
 ROLE_PUBLISH_ONLY = 1
@@ -114,3 +120,22 @@ def control_frame(
     if tlv_types is not None:
         tlvs.append((SUBSCRIBE_TLV_TYPES, bytes(sorted(set(tlv_types)))))
     return build_frame(Domain.SYSTEM, source, sequence, tlvs)
+
+
+def relay_info_frame(domain: int, name: str) -> bytes:
+    """The relay's answer to a control frame."""
+    return build_frame(Domain.SYSTEM, 0, 0, [(RELAY_INFO, bytes([domain]) + name.encode())])
+
+
+def parse_relay_info(header: Header, frame: bytes) -> tuple[int, str] | None:
+    """C{(relay_domain, name)} if C{frame} is a relay's answer, else C{None}."""
+    if header.relay_domain != Domain.SYSTEM:
+        return None
+    try:
+        spans = list(tlv_spans(frame, HEADER_SIZE, len(frame)))
+    except FrameRejected:
+        return None
+    if len(spans) != 1 or spans[0][0] != RELAY_INFO or spans[0][2] - spans[0][1] < 1:
+        return None
+    _, start, end = spans[0]
+    return frame[start], frame[start + 1 : end].decode(errors="replace")

@@ -12,7 +12,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .control import is_control, parse_control
+from .control import is_control, parse_control, relay_info_frame
 from .domains import RelayDomain
 from .framing import Framer
 from .scan import scan_run
@@ -162,6 +162,8 @@ class RelayProtocol(Protocol):
                             runs, frames = [], 0
                         factory.subscribe(self, self._resubscribe)
                         self._resubscribe = None
+                        answer = relay_info_frame(factory.logic.domain, factory.logic.name)
+                        self.outbox.send([answer], 1, len(answer))
                     continue
                 frames += 1
                 if src == source and sequence == last + 1:
