@@ -1,6 +1,6 @@
 """
-Publisher and subscriber processes for the delivery tests: plain blocking
-sockets, so each runs as its own process at its own pace. Each prints one
+Publisher and subscriber processes for the delivery tests, on the package's
+blocking client, so each runs as its own process at its own pace. Each prints one
 JSON line describing exactly what it sent or received.
 
     python -m tests.peers publish PATH --domain 1 --count 1000 --size 1024
@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 import zlib
 
-from twisted_relay.control import control_frame
-from twisted_relay.wire import HEADER, HEADER_SIZE, Domain, build_frame
+from twisted_relay.client import BlockingClient
+from twisted_relay.wire import HEADER_SIZE, Domain, build_frame
 
 TLV_FOR_DOMAIN = {1: 1, 2: 20, 3: 40}
 
 
-def connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    return sock
-
-
 def publish(args: argparse.Namespace) -> dict:
-    sock = connect(args.path)
+    relay = BlockingClient(args.path)
     if args.publish_only:
-        sock.sendall(control_frame(publish_only=True))
+        relay.declare(publish_only=True)
     # One TLV fills the frame: standard (2-byte header) up to 255 bytes, else extended (5).
     room = args.size - HEADER_SIZE
     value = b"v" * (room - 2 if room - 2 <= 255 else room - 5)
@@ -43,7 +36,7 @@ def publish(args: argparse.Namespace) -> dict:
         batch.append(frame)
         if len(batch) == 64 or sequence == args.count:
             data = b"".join(batch)
-            sock.sendall(data)
+            relay.publish(data)
             crc = zlib.crc32(data, crc)
             sent += len(data)
             batch = []
@@ -53,56 +46,46 @@ def publish(args: argparse.Namespace) -> dict:
                     time.sleep(ahead)
     if args.linger:
         time.sleep(args.linger)
-    sock.close()
+    relay.close()
     return {"frames": args.count, "bytes": sent, "crc": crc}
 
 
 def subscribe(args: argparse.Namespace) -> dict:
-    sock = connect(args.path)
+    relay = BlockingClient(args.path)
     if args.sources:
-        sock.sendall(control_frame(sources=args.sources))
+        relay.declare(sources=args.sources)
     print(json.dumps({"ready": True}), flush=True)
     if args.wait_stdin:
         sys.stdin.readline()
-    sock.settimeout(args.idle)
-    buf, crc, total, frames = b"", 0, 0, 0
+    crc, total, frames, unpaced = 0, 0, 0, 0
     last: dict[int, int] = {}
     in_order = True
-    while args.frames is None or frames < args.frames:
-        try:
-            data = sock.recv(args.read_size)
-        except socket.timeout:
-            break
-        if not data:
-            break
+    for header, frame in relay.frames(timeout=args.idle):
+        if header.relay_domain == Domain.SYSTEM:  # the relay's answer to a control frame
+            continue
+        crc = zlib.crc32(frame, crc)
+        total += len(frame)
+        frames += 1
+        if header.source in last and header.sequence <= last[header.source]:
+            in_order = False
+        last[header.source] = header.sequence
         if args.throttle:
-            time.sleep(args.throttle)
-        crc = zlib.crc32(data, crc)
-        total += len(data)
-        buf += data
-        offset = 0
-        while len(buf) - offset >= HEADER_SIZE:
-            fields = HEADER.unpack_from(buf, offset)
-            end = offset + HEADER_SIZE + fields[7]
-            if end > len(buf):
-                break
-            offset = end
-            if fields[1] == Domain.SYSTEM:  # the relay's answer to a control frame
-                continue
-            source, sequence = fields[3], fields[5]
-            if source in last and sequence <= last[source]:
-                in_order = False
-            last[source] = sequence
-            frames += 1
-        buf = buf[offset:]
-    return {
+            unpaced += len(frame)
+            if unpaced >= args.read_size:
+                time.sleep(args.throttle)
+                unpaced = 0
+        if args.frames is not None and frames >= args.frames:
+            break
+    result = {
         "frames": frames,
         "bytes": total,
         "crc": crc,
         "in_order": in_order,
-        "aligned": not buf,
+        "aligned": not relay.buffered,
         "last": {str(k): v for k, v in last.items()},
     }
+    relay.close()
+    return result
 
 
 def main(argv: list[str]) -> None:
@@ -125,7 +108,9 @@ def main(argv: list[str]) -> None:
         "--wait-stdin", action="store_true", help="read nothing until a line arrives on stdin"
     )
     sub.add_argument("--throttle", type=float, default=0, help="seconds to sleep per read")
-    sub.add_argument("--read-size", type=int, default=256 * 1024)
+    sub.add_argument(
+        "--read-size", type=int, default=256 * 1024, help="bytes taken per --throttle pause"
+    )
     sub.add_argument("--sources", type=int, nargs="*")
     args = parser.parse_args(argv)
     result = publish(args) if args.command == "publish" else subscribe(args)

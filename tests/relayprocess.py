@@ -15,7 +15,8 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.protocol import Protocol
+
+from twisted_relay.client import RelayClientProtocol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 20.0
@@ -86,16 +87,16 @@ class RelayProcess:
         return result
 
 
-class Collector(Protocol):
-    """A relay client that keeps everything it receives."""
+class Collector(RelayClientProtocol):
+    """A relay client (the package's) that keeps every frame it receives, in order."""
 
     def __init__(self) -> None:
         self.received = bytearray()
         self.closed: Deferred[None] = Deferred()
         self._waiting: list[tuple[int, Deferred[bytes]]] = []
 
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
+    def frameReceived(self, header, frame: bytes) -> None:
+        self.received += frame
         ready = [(n, d) for n, d in self._waiting if len(self.received) >= n]
         self._waiting = [(n, d) for n, d in self._waiting if len(self.received) < n]
         for _, d in ready:
@@ -105,10 +106,11 @@ class Collector(Protocol):
         self.closed.callback(None)
 
     def send(self, data: bytes) -> None:
+        """Write C{data} as it is, whole frames or not."""
         self.transport.write(data)
 
     def receive(self, size: int, timeout: float = RECEIVE_TIMEOUT) -> Deferred[bytes]:
-        """Fires with all bytes received once there are at least C{size}."""
+        """Fires with all frames received once they hold at least C{size} bytes."""
         if len(self.received) >= size:
             return succeed(bytes(self.received))
         d: Deferred[bytes] = Deferred()

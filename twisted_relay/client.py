@@ -114,6 +114,11 @@ class BlockingClient(Declaring):
     def close(self) -> None:
         self.socket.close()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received of a frame not yet complete."""
+        return self._framer.buffered
+
     def publish(self, frame: bytes) -> None:
         """Send one or more whole frames."""
         self.socket.sendall(frame)
