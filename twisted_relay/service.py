@@ -217,7 +217,14 @@ class ListeningService(Service):
                 f"{outcome[0].getErrorMessage()}"
             )
         self.port = outcome[0]
-        self.log.info("listening on {endpoint}", endpoint=self.endpoint)
+        self.log.info(
+            "listening on {endpoint}",
+            endpoint=(
+                repr(self.endpoint)
+                if isinstance(self.endpoint, UnixSocketEndpoint)
+                else self.description
+            ),
+        )
 
     def stopService(self):
         super().stopService()
