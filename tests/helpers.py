@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from twisted.internet.address import UNIXAddress
-from twisted.internet.testing import StringTransport
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.relay import RelayFactory

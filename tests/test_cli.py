@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
-import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.cli import describe, synthetic
 from twisted_relay.domains import BUILTIN_DOMAINS
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import build_frame, unpack_header
-
-from .relayprocess import RelayProcess
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
 
@@ -64,26 +58,9 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture
-def relay():
-    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    path = os.path.join(workdir, "m.sock")
-    process = RelayProcess(
-        workdir, "--listen", f"unix:{path}", "--http", f"tcp:{port}:interface=127.0.0.1"
-    )
-    process.start().wait_listening(2)
-    yield path, f"http://127.0.0.1:{port}"
-    process.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-def test_publish_tap_status(relay):
+def test_publish_tap_status(http_relay):
     """Frames published by the command are tapped by the command, all of them; status counts them."""
-    path, url = relay
+    path, url = http_relay("market")
     tap = subprocess.Popen(
         [COMMAND, "tap", f"unix:{path}", "--json", "--count", "5000", "--timeout", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -125,9 +102,9 @@ def test_errors_are_one_line():
         assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
-def test_relay_of_another_domain(relay):
+def test_relay_of_another_domain(http_relay):
     """publish and tap with the wrong --domain say which relay they reached."""
-    path, _ = relay
+    path, _ = http_relay("market")
     for command in ("publish", "tap"):
         result = run(command, path, "--domain", "execution")
         assert result.returncode == 1

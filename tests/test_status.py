@@ -6,12 +6,7 @@ StubTreq on the resources (no port), and on a real relay process with treq.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import tempfile
 
-import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,7 +18,6 @@ from twisted_relay.status import status_root
 from twisted_relay.wire import Domain
 
 from .helpers import connect, frames_for, make_relay
-from .relayprocess import RelayProcess
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -95,28 +89,10 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(values[("torq_relay_buffered_bytes", market)], 0)
 
 
-@pytest.fixture
-def relay_with_http():
-    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    path = os.path.join(workdir, "r.sock")
-    relay = RelayProcess(
-        workdir, "--domain", "signal", "--listen", f"unix:{path}",
-        "--http", f"tcp:{port}:interface=127.0.0.1",
-    )
-    relay.start().wait_listening(2)
-    yield f"http://127.0.0.1:{port}", path
-    relay.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
 @pytest_twisted.ensureDeferred
-async def test_status_of_a_real_relay(relay_with_http):
+async def test_status_of_a_real_relay(http_relay):
     """A real relay started with --http serves /health and /metrics."""
-    url, path = relay_with_http
+    path, url = http_relay("signal")
     from twisted_relay.client import BlockingClient
 
     with BlockingClient(path) as subscriber, BlockingClient(path) as publisher:

@@ -235,7 +235,13 @@ class PublisherGate:
     def block(self, outbox: Outbox) -> None:
         timeout = outbox.settings.stall_timeout
         self.blockers[outbox] = self.clock.callLater(timeout, self._stalled, outbox, timeout)
-        if self.paused_since is None:
+        if self.paused_since is not None:
+            self.log.info(
+                "client {client_id} is also over the high-water mark ({queued} bytes queued)",
+                client_id=outbox.client.stats.client_id,
+                queued=outbox.queued,
+            )
+        else:
             self.paused_since = self.clock.seconds()
             self.pauses += 1
             self.log.info(

@@ -1,0 +1,41 @@
+"""Fixtures shared by the tests that run real relay processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+import pytest
+
+from .relayprocess import RelayProcess
+
+
+@pytest.fixture
+def http_relay():
+    """
+    Start a relay of a domain on a temporary Unix socket with --http on a free
+    loopback port; returns C{(socket_path, status_url)}. Stopped afterwards.
+    """
+    started: list[tuple[RelayProcess, str]] = []
+
+    def start(domain: str) -> tuple[str, str]:
+        workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        path = os.path.join(workdir, "r.sock")
+        relay = RelayProcess(
+            workdir, "--domain", domain, "--listen", f"unix:{path}",
+            "--http", f"tcp:{port}:interface=127.0.0.1",
+        )
+        started.append((relay, workdir))
+        relay.start().wait_listening(2)
+        return path, f"http://127.0.0.1:{port}"
+
+    yield start
+    for relay, workdir in started:
+        relay.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
