@@ -18,6 +18,7 @@ from twisted_relay.control import (
 )
 from twisted_relay.delivery import DeliverySettings
 from twisted_relay.domains import MARKET
+from twisted_relay.relay import EVERYTHING
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import connect, frames_for, make_relay
@@ -237,7 +238,7 @@ class SubscriptionTests(SynchronousTestCase):
         frame = frames_for(Domain.MARKET_DATA, 1)[0]
         self.publisher.dataReceived(frame)
         self.assertEqual(self.other.transport.value(), frame)
-        self.assertEqual(self.relay.filtered, 0)
+        self.assertIs(self.other.subscription, EVERYTHING)
 
     def test_defaultClientsUnchanged(self) -> None:
         """Clients that send no control frame receive everything, as before."""

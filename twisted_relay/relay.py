@@ -121,8 +121,6 @@ class RelayFactory(ServerFactory):
         self.clock = clock
         #: Connected clients by id, in connection order.
         self.clients: dict[int, RelayProtocol] = {}
-        #: How many clients pick their frames one by one.
-        self.filtered = 0
         self.totals = Counters()
         self.connections = 0
         self.gate = PublisherGate(self, clock)
@@ -158,7 +156,6 @@ class RelayFactory(ServerFactory):
         """Forget a client whose connection is gone."""
         stats = client.stats
         client.outbox.disconnected()
-        self.subscribe(client, EVERYTHING)
         del self.clients[stats.client_id]
         self._sampledLog.forget(("dropped", stats.client_id))
         self.log.info(
@@ -184,7 +181,6 @@ class RelayFactory(ServerFactory):
         """Replace what C{client} receives."""
         if subscription == EVERYTHING:
             subscription = EVERYTHING
-        self.filtered += subscription.filtered - client.subscription.filtered
         client.subscription = subscription
         client.stats.role = subscription.role
 
