@@ -15,7 +15,15 @@ from collections.abc import Iterator
 
 from .client import BlockingClient
 from .domains import UnknownDomain, find_domain
-from .wire import HEADER_SIZE, Domain, FrameError, Header, Source, build_frame, tlv_spans
+from .wire import (
+    HEADER_SIZE,
+    Domain,
+    FrameError,
+    Header,
+    Source,
+    build_frame,
+    tlv_spans,
+)
 
 #: Names of the TLV types the tools print, from protocol-v2.md.
 TLV_NAMES = {

@@ -11,7 +11,6 @@ buffer, so whole runs of frames can be forwarded as single slices.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
 from .wire import (
@@ -19,7 +18,7 @@ from .wire import (
     MAGIC,
     MAGIC_BYTES,
     PAYLOAD_SIZE_OFFSET,
-    ROUTING,
+    UINT32,
     VERSION,
     BadMagic,
     FrameTooLarge,
@@ -28,8 +27,6 @@ from .wire import (
     UnsupportedVersion,
     unpack_header,
 )
-
-_PAYLOAD_SIZE = struct.Struct("<I")
 
 
 class Framer:
@@ -91,7 +88,7 @@ class Framer:
                     raise self.lost(buf, offset)
                 self._needed = HEADER_SIZE
             else:
-                size = _PAYLOAD_SIZE.unpack_from(buf, offset + PAYLOAD_SIZE_OFFSET)[0]
+                size = UINT32.unpack_from(buf, offset + PAYLOAD_SIZE_OFFSET)[0]
                 self._needed = HEADER_SIZE + size
             self._pending = bytearray(buf[offset:])
         self.position += offset
@@ -107,15 +104,18 @@ class Framer:
         if buf is None:
             return
         end, offset = len(buf), 0
-        unpack, max_payload = ROUTING.unpack_from, self.max_payload_size
         while end - offset >= HEADER_SIZE:
-            magic, _, version, _, _, size = unpack(buf, offset)
-            if magic != MAGIC or version != VERSION or size > max_payload:
+            header = unpack_header(buf, offset)
+            if (
+                header.magic != MAGIC
+                or header.version != VERSION
+                or header.payload_size > self.max_payload_size
+            ):
                 raise self.lost(buf, offset)
-            frame_end = offset + HEADER_SIZE + size
+            frame_end = offset + HEADER_SIZE + header.payload_size
             if frame_end > end:
                 break
-            yield buf, offset, unpack_header(buf, offset)
+            yield buf, offset, header
             offset = frame_end
         self.keep(buf, offset)
 

@@ -18,7 +18,11 @@ import socket
 import stat
 
 from twisted.internet.defer import Deferred, execute
-from twisted.internet.interfaces import IListeningPort, IReactorUNIX, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorUNIX,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from .interfaces import IRelayLogic
 from .wire import (
-    CHECKSUM,
     CHECKSUM_OFFSET,
     HEADER_SIZE,
+    UINT32,
     BadChecksum,
     UnknownTLVType,
     frame_checksum,
@@ -70,7 +70,7 @@ class FramePolicy:
         @raise FrameRejected: the frame must be dropped.
         """
         if self.verify_checksum:
-            expected = CHECKSUM.unpack_from(buf, start + CHECKSUM_OFFSET)[0]
+            expected = UINT32.unpack_from(buf, start + CHECKSUM_OFFSET)[0]
             actual = frame_checksum(buf, start, end)
             if actual != expected:
                 header = unpack_header(buf, start)

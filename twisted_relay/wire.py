@@ -23,7 +23,8 @@ HEADER_SIZE = HEADER.size
 #: relay_domain, version, source, sequence, payload_size.
 ROUTING = struct.Struct("<IBBBxQ8xI")
 PAYLOAD_SIZE_OFFSET = 24
-CHECKSUM = struct.Struct("<I")
+#: A little-endian u32 field (payload_size, checksum), read in place.
+UINT32 = struct.Struct("<I")
 CHECKSUM_OFFSET = 28
 #: Bytes of the header covered by the checksum (everything before it).
 CHECKED_HEADER_SIZE = 28
@@ -161,7 +162,7 @@ def build_frame(
         MAGIC, domain, VERSION, source, flags, sequence, timestamp, len(payload), 0
     )
     crc = zlib.crc32(payload, zlib.crc32(head[:CHECKED_HEADER_SIZE]))
-    return head[:CHECKED_HEADER_SIZE] + struct.pack("<I", crc) + payload
+    return head[:CHECKED_HEADER_SIZE] + UINT32.pack(crc) + payload
 
 
 def tlv_spans(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
