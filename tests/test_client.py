@@ -53,7 +53,7 @@ class ProtocolTests(SynchronousTestCase):
         self.client.declare(sources=[1, 2])
         written = self.client.transport.value()
         self.assertEqual(written[: len(frame)], frame)
-        subscription = parse_control(written, len(frame), len(written))
+        subscription = parse_control(written, len(frame), len(written)).subscription
         self.assertEqual(subscription.sources, {1, 2})
 
     def test_garbageCloses(self) -> None:

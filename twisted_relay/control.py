@@ -15,11 +15,22 @@ Protocol V2 clients expect.
 The relay answers each control frame it applies with a RelayInfo frame (system
 domain, TLV 253: its relay_domain, then its name), so a client learns which
 relay it reached.
+
+Two Protocol V2 system TLVs are also understood (layouts in docs/protocol.md):
+
+    100 Heartbeat          sent by the relay to a client that received nothing
+                           for an interval: the interval (u32 ms), then the last
+                           sequence forwarded per source (source u8, sequence u64)
+    110 RecoveryRequest    sent by a client, in a control frame: source u8, first
+                           sequence wanted u64; one TLV per source
+    111 RecoveryResponse   the relay's answer, before the replayed frames:
+                           source u8, first sequence wanted u64, status u8
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .wire import HEADER_SIZE, Domain, FrameRejected, Header, build_frame, tlv_spans
@@ -27,9 +38,27 @@ from .wire import HEADER_SIZE, Domain, FrameRejected, Header, build_frame, tlv_s
 RELAY_ROLE = 250
 SUBSCRIBE_SOURCES = 251
 SUBSCRIBE_TLV_TYPES = 252
-CONTROL_TLVS = frozenset({RELAY_ROLE, SUBSCRIBE_SOURCES, SUBSCRIBE_TLV_TYPES})
 #: The relay's answer to a control frame: its relay_domain (1 byte), then its name.
 RELAY_INFO = 253
+HEARTBEAT = 100
+RECOVERY_REQUEST = 110
+RECOVERY_RESPONSE = 111
+SUBSCRIPTION_TLVS = frozenset({RELAY_ROLE, SUBSCRIBE_SOURCES, SUBSCRIBE_TLV_TYPES})
+CONTROL_TLVS = SUBSCRIPTION_TLVS | {RECOVERY_REQUEST}
+
+#: RecoveryResponse status: the replay from the audit log follows.
+REPLAYING = 0
+#: RecoveryResponse status: this relay keeps no audit log; nothing follows.
+NO_AUDIT_LOG = 1
+#: RecoveryResponse status: a replay is already running for this connection.
+BUSY = 2
+
+_SOURCE_SEQUENCE = struct.Struct("<BQ")
+_INTERVAL_MS = struct.Struct("<I")
+_RECOVERY_RESPONSE = struct.Struct("<BQB")
+
+#: The source type the relay of each domain puts on the frames it makes.
+RELAY_SOURCES = {Domain.MARKET_DATA: 80, Domain.SIGNAL: 81, Domain.EXECUTION: 82}
 
 ROLE_BOTH = 0
 ROLE_PUBLISH_ONLY = 1
@@ -76,20 +105,46 @@ def is_control(header: Header) -> bool:
     return header.relay_domain == Domain.SYSTEM
 
 
-def parse_control(buf: bytes, start: int, end: int) -> Subscription | None:
+@dataclass(frozen=True)
+class Control:
     """
-    The subscription a system-domain frame asks for, or C{None} if it is not
-    a control frame (it has no TLVs or some that are not control TLVs).
+    What one control frame asks for: a new subscription (C{None}: keep the
+    current one), and the first sequence wanted per source to be replayed.
+    """
+
+    subscription: Subscription | None
+    recovery: Mapping[int, int]
+
+
+def parse_control(buf: bytes, start: int, end: int) -> Control | None:
+    """
+    What a system-domain frame asks for, or C{None} if it is not a control
+    frame (it has no TLVs or some that are not control TLVs).
 
     @raise BadControlFrame: a control TLV with an impossible value.
     """
     fields: dict[int, bytes] = {}
+    recovery: dict[int, int] = {}
     for tlv_type, value_start, value_end in tlv_spans(buf, start + HEADER_SIZE, end):
         if tlv_type not in CONTROL_TLVS:
             return None
-        fields[tlv_type] = bytes(buf[value_start:value_end])
-    if not fields:
+        value = bytes(buf[value_start:value_end])
+        if tlv_type == RECOVERY_REQUEST:
+            if len(value) != _SOURCE_SEQUENCE.size:
+                raise BadControlFrame(
+                    f"RecoveryRequest value of {len(value)} bytes is not source u8 + "
+                    f"sequence u64"
+                )
+            source, sequence = _SOURCE_SEQUENCE.unpack(value)
+            recovery[source] = sequence
+        else:
+            fields[tlv_type] = value
+    if not fields and not recovery:
         return None
+    return Control(_subscription(fields) if fields else None, recovery)
+
+
+def _subscription(fields: dict[int, bytes]) -> Subscription:
     role = fields.get(RELAY_ROLE, bytes([ROLE_BOTH]))
     if role not in (bytes([ROLE_BOTH]), bytes([ROLE_PUBLISH_ONLY])):
         raise BadControlFrame(f"RelayRole value {role.hex()} is not 00 or 01")
@@ -107,35 +162,88 @@ def control_frame(
     publish_only: bool = False,
     sources: Iterable[int] | None = None,
     tlv_types: Iterable[int] | None = None,
+    recover: Mapping[int, int] | None = None,
     source: int = 0,
     sequence: int = 0,
 ) -> bytes:
     """
-    The control frame a client sends to declare its role and subscription.
-    With no arguments it restores the default: receive everything.
+    The control frame a client sends to declare its role and subscription,
+    and to ask for the replay of each source of C{recover} from the
+    sequence given. With no arguments it restores the default: receive
+    everything.
     """
     tlvs = [(RELAY_ROLE, bytes([ROLE_PUBLISH_ONLY if publish_only else ROLE_BOTH]))]
     if sources is not None:
         tlvs.append((SUBSCRIBE_SOURCES, bytes(sorted(set(sources)))))
     if tlv_types is not None:
         tlvs.append((SUBSCRIBE_TLV_TYPES, bytes(sorted(set(tlv_types)))))
+    for wanted, first in sorted((recover or {}).items()):
+        tlvs.append((RECOVERY_REQUEST, _SOURCE_SEQUENCE.pack(wanted, first)))
     return build_frame(Domain.SYSTEM, source, sequence, tlvs)
 
 
-def relay_info_frame(domain: int, name: str) -> bytes:
-    """The relay's answer to a control frame."""
-    return build_frame(Domain.SYSTEM, 0, 0, [(RELAY_INFO, bytes([domain]) + name.encode())])
+def recovery_frame(recover: Mapping[int, int]) -> bytes:
+    """A control frame that only asks for a replay, keeping the subscription."""
+    tlvs = [(RECOVERY_REQUEST, _SOURCE_SEQUENCE.pack(s, q)) for s, q in sorted(recover.items())]
+    return build_frame(Domain.SYSTEM, 0, 0, tlvs)
 
 
-def parse_relay_info(header: Header, frame: bytes) -> tuple[int, str] | None:
-    """C{(relay_domain, name)} if C{frame} is a relay's answer, else C{None}."""
+def recovery_response_frame(domain: int, source: int, first: int, status: int) -> bytes:
+    """The relay's answer to a RecoveryRequest for C{source} from C{first}."""
+    value = _RECOVERY_RESPONSE.pack(source, first, status)
+    return build_frame(Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), 0, [(RECOVERY_RESPONSE, value)])
+
+
+def heartbeat_frame(
+    domain: int, sequence: int, interval: float, sequences: Mapping[int, int]
+) -> bytes:
+    """A relay's heartbeat: its interval and the last sequence forwarded per source."""
+    value = _INTERVAL_MS.pack(round(interval * 1000)) + b"".join(
+        _SOURCE_SEQUENCE.pack(s, q) for s, q in sorted(sequences.items())
+    )
+    return build_frame(Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), sequence, [(HEARTBEAT, value)])
+
+
+def _system_tlv(header: Header, frame: bytes, tlv_type: int) -> bytes | None:
+    """The value of C{frame}'s one TLV if it is a system frame with just that TLV."""
     if header.relay_domain != Domain.SYSTEM:
         return None
     try:
         spans = list(tlv_spans(frame, HEADER_SIZE, len(frame)))
     except FrameRejected:
         return None
-    if len(spans) != 1 or spans[0][0] != RELAY_INFO or spans[0][2] - spans[0][1] < 1:
+    if len(spans) != 1 or spans[0][0] != tlv_type:
         return None
-    _, start, end = spans[0]
-    return frame[start], frame[start + 1 : end].decode(errors="replace")
+    return frame[spans[0][1] : spans[0][2]]
+
+
+def parse_heartbeat(header: Header, frame: bytes) -> tuple[float, dict[int, int]] | None:
+    """C{(interval, {source: last sequence})} if C{frame} is a heartbeat, else C{None}."""
+    value = _system_tlv(header, frame, HEARTBEAT)
+    if value is None or (len(value) - _INTERVAL_MS.size) % _SOURCE_SEQUENCE.size:
+        return None
+    (interval_ms,) = _INTERVAL_MS.unpack_from(value)
+    return interval_ms / 1000, dict(_SOURCE_SEQUENCE.iter_unpack(value[_INTERVAL_MS.size :]))
+
+
+def parse_recovery_response(header: Header, frame: bytes) -> tuple[int, int, int] | None:
+    """C{(source, first sequence, status)} if C{frame} answers a RecoveryRequest."""
+    value = _system_tlv(header, frame, RECOVERY_RESPONSE)
+    if value is None or len(value) != _RECOVERY_RESPONSE.size:
+        return None
+    return _RECOVERY_RESPONSE.unpack(value)
+
+
+def relay_info_frame(domain: int, name: str) -> bytes:
+    """The relay's answer to a control frame."""
+    return build_frame(
+        Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), 0, [(RELAY_INFO, bytes([domain]) + name.encode())]
+    )
+
+
+def parse_relay_info(header: Header, frame: bytes) -> tuple[int, str] | None:
+    """C{(relay_domain, name)} if C{frame} is a relay's answer, else C{None}."""
+    value = _system_tlv(header, frame, RELAY_INFO)
+    if not value:
+        return None
+    return value[0], value[1:].decode(errors="replace")

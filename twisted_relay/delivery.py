@@ -29,8 +29,11 @@ from .interfaces import DELIVERY_POLICIES, IRelayLogic
 if TYPE_CHECKING:
     from .protocol import RelayProtocol
     from .relay import RelayFactory
+    from .replay import Replay
 
 MiB = 1024 * 1024
+#: The place in an outbox's queue where its replay starts.
+_REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class Outbox:
         self.closed = False
         #: Whether this outbox holds the publishers back (block policy).
         self.blocking = False
+        #: The replay that has the client, once what is queued is written.
+        self.replay: Replay | None = None
         self._closeDeadline: IDelayedCall | None = None
         client.transport.registerProducer(self, True)
 
@@ -141,6 +146,14 @@ class Outbox:
             transport.writeSequence(runs)
         self.relay.delivered(self.client, frames, size)
 
+    def startReplay(self, replay: Replay) -> None:
+        """Hand the client to C{replay} once what is queued for it is written."""
+        self.replay = replay
+        if self.writable and not self.queue:
+            replay.begin(self.relay.cooperator)
+        else:
+            self.queue.append(_REPLAY)
+
     def pauseProducing(self) -> None:
         """The transport's buffer is full: queue from now on."""
         self.writable = False
@@ -150,12 +163,18 @@ class Outbox:
         self.writable = True
         queue = self.queue
         while queue and self.writable:
-            runs, frames, size = queue.popleft()
+            item = queue.popleft()
+            if item is _REPLAY:
+                self.replay.begin(self.relay.cooperator)
+                break
+            runs, frames, size = item
             self.queued -= size
             self._write(runs, frames, size)
         if self.blocking and self.queued <= self.settings.low_water:
             self.blocking = False
             self.relay.gate.unblock(self)
+        if self.replay is not None:
+            self.replay.resume()
 
     def stopProducing(self) -> None:
         """The connection is gone; what is queued can no longer be delivered."""
@@ -166,6 +185,8 @@ class Outbox:
         if self.closed:
             return
         self.closed = True
+        if self.replay is not None:
+            self.replay.stop()
         if self.queue:
             self.relay.lost(
                 self.client, sum(frames for _, frames, _ in self.queue), self.queued
@@ -194,8 +215,9 @@ class Outbox:
             return
         while self.queue:
             runs, frames, size = self.queue.popleft()
-            self.queued -= size
-            self._write(runs, frames, size)
+            if runs:
+                self.queued -= size
+                self._write(runs, frames, size)
         self.close()
         transport = self.client.transport
         transport.unregisterProducer()
@@ -211,10 +233,11 @@ class Outbox:
 
 class PublisherGate:
     """
-    Holds every publisher back while any outbox is over its high-water mark
-    (block policy), by pausing the transports' reading, so the kernel pushes
-    back on the publishers. A client stuck longer than the stall timeout is
-    cut off, so no pause lasts longer than that.
+    Holds every publisher back, by pausing the transports' reading so the
+    kernel pushes back on the publishers, while anything holds it: an
+    outbox over its high-water mark (block policy), or the audit log when it
+    cannot be written. A client stuck over the mark longer than the stall
+    timeout is cut off, so no such pause lasts longer than that.
     """
 
     log = Logger()
@@ -222,7 +245,8 @@ class PublisherGate:
     def __init__(self, relay: RelayFactory, clock: IReactorTime) -> None:
         self.relay = relay
         self.clock = clock
-        self.blockers: dict[Outbox, IDelayedCall] = {}
+        #: What holds the publishers back, with its stall timer if it has one.
+        self.blockers: dict[object, IDelayedCall | None] = {}
         self.paused_since: float | None = None
         self.pauses = 0
         self.paused_seconds = 0.0
@@ -233,31 +257,32 @@ class PublisherGate:
         return self.paused_since is not None
 
     def block(self, outbox: Outbox) -> None:
+        """Hold the publishers back until C{outbox} is under its low-water mark."""
         timeout = outbox.settings.stall_timeout
-        self.blockers[outbox] = self.clock.callLater(timeout, self._stalled, outbox, timeout)
-        if self.paused_since is not None:
-            self.log.info(
-                "client {client_id} is also over the high-water mark ({queued} bytes queued)",
-                client_id=outbox.client.stats.client_id,
-                queued=outbox.queued,
-            )
-        else:
-            self.paused_since = self.clock.seconds()
-            self.pauses += 1
-            self.log.info(
-                "publishers paused: client {client_id} is over the high-water mark "
-                "({queued} bytes queued)",
-                client_id=outbox.client.stats.client_id,
-                queued=outbox.queued,
-            )
-            for client in self.relay.clients.values():
-                client.transport.pauseProducing()
+        self.hold(
+            outbox,
+            f"client {outbox.client.stats.client_id} is over the high-water mark "
+            f"({outbox.queued} bytes queued)",
+            self.clock.callLater(timeout, self._stalled, outbox, timeout),
+        )
 
-    def unblock(self, outbox: Outbox) -> None:
-        call = self.blockers.pop(outbox, None)
-        if call is None:
+    def hold(self, holder: object, why: str, timer: IDelayedCall | None = None) -> None:
+        """Hold the publishers back until L{unblock}C{(holder)}."""
+        self.blockers[holder] = timer
+        if self.paused_since is not None:
+            self.log.info("publishers held back as well: {why}", why=why)
             return
-        if call.active():
+        self.paused_since = self.clock.seconds()
+        self.pauses += 1
+        self.log.info("publishers paused: {why}", why=why)
+        for client in self.relay.clients.values():
+            client.transport.pauseProducing()
+
+    def unblock(self, holder: object) -> None:
+        if holder not in self.blockers:
+            return
+        call = self.blockers.pop(holder)
+        if call is not None and call.active():
             call.cancel()
         if not self.blockers and self.paused_since is not None:
             pause = self.clock.seconds() - self.paused_since

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from .access import NotAllowedToPublish, peer_of
 from .control import is_control, parse_control, relay_info_frame
 from .domains import RelayDomain
 from .framing import Framer
@@ -35,11 +38,12 @@ from .wire import (
 NO_SOURCE = -1
 
 if TYPE_CHECKING:
-    from .control import Subscription
+    from .control import Control, Subscription
     from .delivery import Outbox
     from .relay import ClientStats, RelayFactory
 
 
+@implementer(IHandshakeListener)
 class RelayProtocol(Protocol):
     """
     One client of the relay; what it writes is published, and it receives
@@ -51,9 +55,24 @@ class RelayProtocol(Protocol):
     stats: ClientStats
     outbox: Outbox
     subscription: Subscription
+    may_publish = True
+    may_subscribe = True
+    #: The client's bytes_out when the heartbeat last looked at it.
+    heard = -1
+    audit_index = 0
     _closing = False
-    #: A subscription asked for by a control frame, applied by the scan.
-    _resubscribe: Subscription | None = None
+    #: What a control frame asked for, applied by the scan.
+    _control: Control | None = None
+
+    @property
+    def handshaking(self) -> bool:
+        """Whether the peer is not known yet: a TLS handshake is under way."""
+        return ISSLTransport.providedBy(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS peer is known now: settle what it may do."""
+        if not self._closing:
+            self.factory.identified(self, peer_of(self.transport))
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -126,7 +145,7 @@ class RelayProtocol(Protocol):
         unpack, max_payload = ROUTING.unpack_from, framer.max_payload_size
         routed = self._routedDomain
         # Frames of this domain are accepted by the scan alone.
-        unchecked = routed if self._check is None else None
+        unchecked = routed if self._check is None and self.may_publish else None
         source, last = self._source, self._last
         runs: list[bytes] = []
         frames = run_start = offset = 0
@@ -154,16 +173,14 @@ class RelayProtocol(Protocol):
                     if run_start < offset:
                         runs.append(buf[run_start:offset])
                     run_start = offset = frame_end
-                    if self._resubscribe is not None:
+                    if self._control is not None:
                         # A control frame: the frames before it go out under
                         # the subscription they arrived under.
                         if frames:
                             factory.broadcast(self, runs, frames)
                             runs, frames = [], 0
-                        factory.subscribe(self, self._resubscribe)
-                        self._resubscribe = None
-                        answer = relay_info_frame(factory.logic.domain, factory.logic.name)
-                        self.outbox.send([answer], 1, len(answer))
+                        self._applyControl(self._control)
+                        self._control = None
                     continue
                 frames += 1
                 if src == source and sequence == last + 1:
@@ -176,6 +193,8 @@ class RelayProtocol(Protocol):
         except FramingLost as error:
             lost = error
         self._source, self._last = source, last
+        if source != NO_SOURCE:
+            factory.sequences[source] = last
         if run_start < offset:
             runs.append(buf[run_start:offset])
         if frames:
@@ -194,8 +213,14 @@ class RelayProtocol(Protocol):
         try:
             if not routed:
                 header = unpack_header(buf, start)
-                if is_control(header) and self._control(buf, start, end, header):
+                if is_control(header) and self._takeControl(buf, start, end, header):
                     return False
+                if not self.may_publish:
+                    raise NotAllowedToPublish(
+                        f"{self.stats.peer} is not allowed to publish on the "
+                        f"{factory.logic.name} relay",
+                        header=bytes(buf[start : start + HEADER_SIZE]),
+                    )
                 if not factory.logic.should_forward(header):
                     raise NotForwarded(
                         f"frame of relay_domain {header.relay_domain} (source "
@@ -219,20 +244,21 @@ class RelayProtocol(Protocol):
         """
         sequences = self._sequences
         if source != NO_SOURCE:
-            sequences[source] = last
+            sequences[source] = self.factory.sequences[source] = last
         previous = sequences.get(src)
         if previous is None or sequence == previous + 1:
             return sequence
         self._sequenceAnomaly(src, sequence, previous)
         return previous if sequence == previous else sequence
 
-    def _control(self, buf: bytes, start: int, end: int, header: Header) -> bool:
+    def _takeControl(self, buf: bytes, start: int, end: int, header: Header) -> bool:
         """
-        Apply the control frame at C{buf[start:end]}; C{False} if the frame
-        is not one. Control frames always carry a valid checksum.
+        Take the control frame at C{buf[start:end]}, to be applied once the
+        frames before it are sent; C{False} if the frame is not one. Control
+        frames always carry a valid checksum.
         """
-        subscription = parse_control(buf, start, end)
-        if subscription is None:
+        control = parse_control(buf, start, end)
+        if control is None:
             return False
         actual = frame_checksum(buf, start, end)
         if actual != header.checksum:
@@ -240,16 +266,27 @@ class RelayProtocol(Protocol):
                 f"control frame checksum 0x{header.checksum:08x} does not match its "
                 f"CRC-32 0x{actual:08x}"
             )
-        self._resubscribe = subscription
+        self._control = control
         self.stats.control_frames += 1
         self.factory.totals.control_frames += 1
-        self.log.info(
-            "client {client_id} is now a {role}{details}",
-            client_id=self.stats.client_id,
-            role=subscription.role,
-            details=_describe(subscription),
-        )
         return True
+
+    def _applyControl(self, control: Control) -> None:
+        """A new subscription, answered with the relay's RelayInfo; a replay."""
+        factory = self.factory
+        subscription = control.subscription
+        if subscription is not None:
+            factory.subscribe(self, subscription)
+            self.log.info(
+                "client {client_id} is now a {role}{details}",
+                client_id=self.stats.client_id,
+                role=self.stats.role,
+                details=_describe(subscription),
+            )
+            answer = relay_info_frame(factory.logic.domain, factory.logic.name)
+            self.outbox.send([answer], 0, len(answer))
+        if control.recovery:
+            factory.recover(self, control.recovery)
 
     def _sequenceAnomaly(self, source: int, sequence: int, last: int) -> None:
         """Count a sequence of C{source} that does not follow its C{last}."""

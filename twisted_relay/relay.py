@@ -5,50 +5,41 @@ fan-out of accepted frames to every client but the sender.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import itertools
-import socket
-import struct
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .control import Subscription
+from .access import Access, Peer, peer_of
+from .control import (
+    BUSY,
+    NO_AUDIT_LOG,
+    Subscription,
+    heartbeat_frame,
+    recovery_response_frame,
+)
 from .delivery import DeliverySettings, Outbox, PublisherGate
 from .interfaces import IRelayLogic
 from .protocol import RelayProtocol
 from .ratelimit import RateLimiter
+from .replay import Replay
 from .validation import FramePolicy
 from .wire import HEADER_SIZE, FrameError, Header, unpack_header
 
-_PEERCRED = struct.Struct("3i")
+if TYPE_CHECKING:
+    from .writeahead import WriteAhead
 
 #: The subscription of a client that has not asked for anything else.
 EVERYTHING = Subscription()
-
-
-def describe_peer(transport: ITransport) -> str:
-    """
-    Who is on the other end: the process id, uid and gid of a Unix socket
-    peer (from SO_PEERCRED), or the address of a network peer.
-    """
-    handle = getattr(transport, "getHandle", lambda: None)()
-    if (
-        isinstance(handle, socket.socket)
-        and handle.family == socket.AF_UNIX
-        and hasattr(socket, "SO_PEERCRED")
-    ):
-        creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        pid, uid, gid = _PEERCRED.unpack(creds)
-        return f"pid {pid} uid {uid} gid {gid}"
-    peer = transport.getPeer()
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    return f"{host}:{port}" if host is not None else str(peer)
 
 
 @dataclass(slots=True)
@@ -58,7 +49,9 @@ class Counters:
     byte read, accepted or not; C{frames_out} frames handed to a client's
     transport; C{rejects} the refused frames by reason; C{frames_dropped} the
     frames the drop policy did not deliver; C{frames_lost} the frames still
-    queued for a client when its connection ended; the sequence counters what
+    queued for a client when its connection ended; C{frames_replayed} the
+    frames sent from the audit log (also in C{frames_out}); C{heartbeats}
+    the heartbeats sent to idle clients; the sequence counters what
     publishers' C{sequence} fields gave away (frames missing, repeated, going
     backwards).
     """
@@ -67,6 +60,8 @@ class Counters:
     bytes_in: int = 0
     frames_out: int = 0
     bytes_out: int = 0
+    frames_replayed: int = 0
+    heartbeats: int = 0
     frames_dropped: int = 0
     bytes_dropped: int = 0
     frames_lost: int = 0
@@ -110,6 +105,8 @@ class RelayFactory(ServerFactory):
         *,
         delivery: DeliverySettings | None = None,
         echo: bool = False,
+        access: Access | None = None,
+        heartbeat: float = 1.0,
         clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
@@ -118,7 +115,15 @@ class RelayFactory(ServerFactory):
         self.policy = policy
         self.delivery = delivery or DeliverySettings.for_logic(logic)
         self.echo = echo
+        self.access = access or Access()
+        #: Seconds of silence after which a client gets a heartbeat; 0: never.
+        self.heartbeat_interval = heartbeat
+        #: Puts accepted frames in the audit log first, when there is one.
+        self.writeahead: WriteAhead | None = None
+        #: The last sequence accepted per source.
+        self.sequences: dict[int, int] = {}
         self.clock = clock
+        self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
         #: Connected clients by id, in connection order.
         self.clients: dict[int, RelayProtocol] = {}
         self.totals = Counters()
@@ -128,19 +133,27 @@ class RelayFactory(ServerFactory):
         #: When a client was last dropped from, cut off or lost frames.
         self.last_trouble: float | None = None
         self._ids = itertools.count(1)
+        self._heartbeats = itertools.count(1)
         self._sampledLog = RateLimiter(clock)
         self._drained: Deferred[None] | None = None
 
     def register(self, client: RelayProtocol) -> ClientStats:
-        """Add a newly connected client; returns its counters."""
+        """
+        Add a newly connected client; returns its counters. A TLS client's
+        rights are settled once its handshake is done (L{identified}); until
+        then it may neither publish nor receive.
+        """
+        peer = peer_of(client.transport)
         stats = ClientStats(
             client_id=next(self._ids),
-            peer=describe_peer(client.transport),
+            peer=peer.description,
             connected_at=self.clock.seconds(),
         )
         client.stats = stats
         client.subscription = EVERYTHING
         client.outbox = Outbox(self, client)
+        #: The first audit record this client could have received live.
+        client.audit_index = self.writeahead.audit.records if self.writeahead else 0
         self.clients[stats.client_id] = client
         self.connections += 1
         self.gate.joined(client)
@@ -150,7 +163,28 @@ class RelayFactory(ServerFactory):
             peer=stats.peer,
             clients=len(self.clients),
         )
+        if client.handshaking:
+            client.may_publish = client.may_subscribe = False
+            client.subscription = _UNSETTLED
+        else:
+            self.identified(client, peer)
         return stats
+
+    def identified(self, client: RelayProtocol, peer: Peer) -> None:
+        """
+        Settle what C{client}, now known to be C{peer}, may do; a peer that
+        may do nothing is disconnected.
+        """
+        client.stats.peer = peer.description
+        client.may_publish = self.access.may_publish(peer)
+        client.may_subscribe = self.access.may_subscribe(peer)
+        if not (client.may_publish or client.may_subscribe):
+            client.outbox.cut(
+                "not allowed",
+                f"{peer.description} may neither publish nor subscribe",
+            )
+            return
+        self.subscribe(client, EVERYTHING)
 
     def unregister(self, client: RelayProtocol, reason: Failure) -> None:
         """Forget a client whose connection is gone."""
@@ -178,11 +212,60 @@ class RelayFactory(ServerFactory):
             self._drained.callback(None)
 
     def subscribe(self, client: RelayProtocol, subscription: Subscription) -> None:
-        """Replace what C{client} receives."""
+        """
+        Replace what C{client} receives (once its replay is over, if it is
+        replaying); a client not allowed to subscribe receives nothing.
+        """
+        if not client.may_subscribe:
+            subscription = replace(subscription, publish_only=True)
         if subscription == EVERYTHING:
             subscription = EVERYTHING
-        client.subscription = subscription
+        if client.outbox.replay is not None:
+            client.outbox.replay.subscription = subscription
+        else:
+            client.subscription = subscription
         client.stats.role = subscription.role
+
+    def recover(self, client: RelayProtocol, wanted: Mapping[int, int]) -> None:
+        """Replay to C{client} each source of C{wanted} from the sequence given."""
+        log = self.log
+        refusal = None
+        if self.writeahead is None:
+            refusal, detail = NO_AUDIT_LOG, "this relay keeps no audit log"
+        elif client.outbox.replay is not None:
+            refusal, detail = BUSY, "a replay is already running for it"
+        if refusal is not None:
+            log.warn(
+                "client {client_id} asked for a replay of {wanted}: {detail}",
+                client_id=client.stats.client_id,
+                wanted=dict(wanted),
+                detail=detail,
+            )
+            for source, first in sorted(wanted.items()):
+                answer = recovery_response_frame(self.logic.domain, source, first, refusal)
+                client.outbox.send([answer], 0, len(answer))
+            return
+        replay = Replay(self, client, self.writeahead.audit, dict(wanted))
+        log.info(
+            "client {client_id} asked for a replay of {wanted} (source: first sequence); "
+            "replaying from the audit log, live again after record {detached_at}",
+            client_id=client.stats.client_id,
+            wanted=dict(wanted),
+            detached_at=replay.detached_at,
+        )
+        client.outbox.startReplay(replay)
+
+    def replayed(self, client: RelayProtocol, replay: Replay) -> None:
+        """C{client}'s replay reached the end of the log: it is back on the live stream."""
+        client.outbox.replay = None
+        client.subscription = replay.subscription
+        self.log.info(
+            "client {client_id} caught up: {frames} frames replayed; live from record "
+            "{record}",
+            client_id=client.stats.client_id,
+            frames=replay.frames,
+            record=self.writeahead.audit.records,
+        )
 
     def received(self, sender: RelayProtocol, size: int) -> None:
         """Count bytes read from C{sender}, before framing."""
@@ -191,14 +274,23 @@ class RelayFactory(ServerFactory):
 
     def broadcast(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
         """
-        Send C{runs}, contiguous slices holding C{frames} accepted frames, to
-        every client but C{sender}, each through its outbox. A client with a
-        filtered subscription gets the frames it wants, picked one by one. A
-        client whose write fails is cut off; the others are not affected.
+        Accept C{runs}, contiguous slices holding C{frames} frames from
+        C{sender}: count them, log them in the audit log if there is one,
+        and fan them out once they are logged.
         """
-        size = sum(map(len, runs))
         sender.stats.frames_in += frames
         self.totals.frames_in += frames
+        if self.writeahead is None or self.writeahead.admit(sender, runs, frames):
+            self.fanOut(sender, runs, frames)
+
+    def fanOut(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
+        """
+        Send C{runs} to every client but C{sender}, each through its outbox.
+        A client with a filtered subscription gets the frames it wants,
+        picked one by one. A client whose write fails is cut off; the others
+        are not affected.
+        """
+        size = sum(map(len, runs))
         echo = self.echo
         picking: list[tuple[bytes, int, int, Header]] | None = None
         for client in tuple(self.clients.values()):
@@ -232,6 +324,35 @@ class RelayFactory(ServerFactory):
         stats.bytes_out += size
         totals.frames_out += frames
         totals.bytes_out += size
+
+    def replayedOut(self, client: RelayProtocol, frames: int, size: int) -> None:
+        """Count frames sent to C{client} from the audit log."""
+        self.delivered(client, frames, size)
+        client.stats.frames_replayed += frames
+        self.totals.frames_replayed += frames
+
+    def heartbeat(self) -> None:
+        """
+        Send a heartbeat to every client that was sent nothing since the
+        last call (publish-only clients excepted).
+        """
+        frame = None
+        for client in self.clients.values():
+            outbox = client.outbox
+            stats = client.stats
+            if outbox.replay is None and client.subscription.publish_only:
+                continue
+            if stats.bytes_out != client.heard:
+                client.heard = stats.bytes_out
+                continue
+            if frame is None:
+                frame = heartbeat_frame(
+                    self.logic.domain, next(self._heartbeats), self.heartbeat_interval, self.sequences
+                )
+            outbox.send([frame], 0, len(frame))
+            client.heard = stats.bytes_out
+            stats.heartbeats += 1
+            self.totals.heartbeats += 1
 
     def lost(self, client: RelayProtocol, frames: int, size: int) -> None:
         """Count frames still queued for C{client} when its connection ended."""
@@ -350,6 +471,10 @@ class RelayFactory(ServerFactory):
                 timeout=timeout,
             )
             client.transport.abortConnection()
+
+
+#: What a client receives until it is known who it is.
+_UNSETTLED = Subscription(publish_only=True)
 
 
 def _frames_in(runs: list[bytes]) -> Iterator[tuple[bytes, int, int, Header]]:

@@ -1,0 +1,196 @@
+"""
+Replay from the audit log: a client that missed frames asks for each source
+from the first sequence it wants (RecoveryRequest), and gets them from the
+log, then the live stream, with no gap and no duplicate at the splice.
+
+From the request on, the client is taken out of the live broadcast: the
+replay reads the log, which holds every frame forwarded since, until it
+reaches the end of the log, and puts the client back into the broadcast in
+that same reactor turn, so the next live frame is the next record. Nothing
+waits in memory for a replaying client, so a long replay holds no one back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Cooperator, TaskDone, TaskStopped
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .audit import AuditDamage, AuditLog, Position, Record
+from .control import REPLAYING, Subscription, recovery_response_frame
+from .wire import unpack_header
+
+if TYPE_CHECKING:
+    from .protocol import RelayProtocol
+    from .relay import RelayFactory
+
+#: The subscription of a client while it is replaying: no live frames.
+DETACHED = Subscription(publish_only=True)
+#: Records read between two turns of the reactor.
+_STEP = 512
+#: Bytes of replayed frames handed to the transport at once.
+_WRITE_SIZE = 64 * 1024
+
+
+class Replay:
+    """One client's replay, from its request to its return to the live stream."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        relay: RelayFactory,
+        client: RelayProtocol,
+        audit: AuditLog,
+        wanted: dict[int, int],
+    ) -> None:
+        self.relay = relay
+        self.client = client
+        self.audit = audit
+        self.wanted = dict(wanted)
+        #: What the client receives once it is back on the live stream.
+        self.subscription = client.subscription
+        #: The first record the live stream did not give the client.
+        self.detached_at = audit.records
+        self.frames = 0
+        self._resumed: Deferred[None] | None = None
+        self._task = None
+        client.subscription = DETACHED
+
+    def begin(self, cooperator: Cooperator) -> None:
+        """Start streaming: everything queued for the client before the request is written."""
+        self._task = cooperator.cooperate(self._steps())
+        self._task.whenDone().addErrback(self._failed)
+
+    def resume(self) -> None:
+        """The client's transport can take more."""
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.callback(None)
+
+    def stop(self) -> None:
+        """The client is gone."""
+        if self._task is not None:
+            try:
+                self._task.stop()
+            except TaskDone:
+                pass
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(TaskStopped):
+            return
+        if failure.check(AuditDamage):
+            detail = f"the audit log is damaged: {failure.value}"
+        else:
+            self.log.failure(
+                "replay for client {client_id} failed",
+                failure,
+                client_id=self.client.stats.client_id,
+            )
+            detail = f"internal error: {failure.getErrorMessage()}"
+        self.client.outbox.cut("replay failed", detail)
+
+    def _steps(self) -> Iterator[Deferred[None] | None]:
+        after = yield from self._starts()
+        domain = self.relay.logic.domain
+        answers = [
+            recovery_response_frame(domain, s, q, REPLAYING) for s, q in sorted(self.wanted.items())
+        ]
+        self.relay.delivered(self.client, 0, sum(map(len, answers)))
+        self.client.transport.writeSequence(answers)
+        first = min([self.detached_at, *(index + 1 for index in after.values())])
+        own = None if self.relay.echo else self.client.stats.client_id
+        connected_at = self.client.audit_index
+        subscription = self.subscription
+        batch: list[bytes] = []
+        size = count = 0
+        for record in self._records(first):
+            frame = record.frame
+            start = after.get(frame[6])
+            if start is None:
+                if record.index < self.detached_at:
+                    continue
+            elif record.index <= start:
+                continue
+            if record.client_id == own and record.index >= connected_at:
+                continue
+            if subscription.filtered and not subscription.wants(
+                frame, 0, len(frame), unpack_header(frame)
+            ):
+                continue
+            batch.append(frame)
+            size += len(frame)
+            count += 1
+            if size >= _WRITE_SIZE or count >= _STEP:
+                yield from self._write(batch, count)
+                batch, size, count = [], 0, 0
+        # The log ends here, in this reactor turn: back to the live stream.
+        if batch:
+            self._send(batch, count)
+        self.relay.replayed(self.client, self)
+
+    def _starts(self) -> Iterator[None]:
+        """
+        For each source wanted, the index of its last record with a sequence
+        below the first one wanted (-1 if there is none): the replay of that
+        source starts after it. The newest files are searched first.
+        """
+        wanted = dict(self.wanted)
+        after: dict[int, int] = {}
+        for audit_file in reversed(list(self.audit.files)):
+            if not wanted:
+                break
+            if audit_file.first_index >= self.detached_at:
+                continue
+            below: dict[int, int] = {}
+            for n, record in enumerate(audit_file.records()):
+                if record.index >= self.detached_at:
+                    break
+                source = record.frame[6]
+                if source in wanted and record.sequence < wanted[source]:
+                    below[source] = record.index
+                if n % _STEP == 0:
+                    yield None
+            for source, index in below.items():
+                after[source] = index
+                del wanted[source]
+        after.update(dict.fromkeys(wanted, -1))
+        return after
+
+    def _records(self, first: int) -> Iterator[Record]:
+        """The records from index C{first} to the end of the log, however long it grows."""
+        files = self.audit.files
+        current = max(
+            (n for n, f in enumerate(files) if f.first_index <= first), default=0
+        )
+        audit_file = files[current]
+        position = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
+        while True:
+            for record in audit_file.records(position):
+                if record.index >= first:
+                    yield record
+            if position.index >= self.audit.records:
+                return
+            if current + 1 < len(files) and position.index >= files[current + 1].first_index:
+                current += 1
+                audit_file = files[current]
+                position = Position(
+                    audit_file.header_size, audit_file.first_index, audit_file.seed
+                )
+
+    def _write(self, frames: list[bytes], count: int) -> Iterator[Deferred[None] | None]:
+        """Send C{frames}, then wait until the transport wants more."""
+        self._send(frames, count)
+        yield None
+        while not self.client.outbox.writable:
+            self._resumed = Deferred()
+            yield self._resumed
+
+    def _send(self, frames: list[bytes], count: int) -> None:
+        self.client.transport.writeSequence(frames)
+        self.frames += count
+        self.relay.replayedOut(self.client, count, sum(map(len, frames)))

@@ -1,0 +1,181 @@
+"""
+The relay's side of the audit log: no frame is forwarded before it is in
+the log (and, with C{--audit-fsync always}, on disk). When the log cannot be
+written the publishers are held back and the frames already read wait, in
+order, until it can; nothing is forwarded unlogged and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .audit import AuditLog
+
+if TYPE_CHECKING:
+    from .protocol import RelayProtocol
+    from .relay import RelayFactory
+
+
+@dataclass
+class _Held:
+    """Frames accepted while the log could not be written."""
+
+    sender: RelayProtocol
+    runs: list[bytes]
+    frames: int
+    received_ns: int
+    logged: bool = False
+
+
+class WriteAhead:
+    """
+    Logs accepted frames before the relay forwards them.
+
+    @ivar fsync_interval: seconds between syncs of the log to disk; C{None}
+        syncs before every forward (C{--audit-fsync always}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        relay: RelayFactory,
+        audit: AuditLog,
+        fsync_interval: float | None,
+        clock: IReactorTime,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.relay = relay
+        self.audit = audit
+        self.fsync_interval = fsync_interval
+        self.clock = clock
+        self.retry_interval = retry_interval
+        self.held: list[_Held] = []
+        #: Why the log cannot be written now, or None.
+        self.failure: str | None = None
+        self.failures = 0
+        self._failedAt = 0.0
+        self._retry: IDelayedCall | None = None
+        self._sync = LoopingCall(self._syncNow)
+        self._sync.clock = clock
+
+    def start(self) -> None:
+        """
+        Open the log (cutting off a torn last record, with a warning) and
+        take the last sequence per source from it.
+
+        @raise OSError, AuditDamage: the log cannot be used.
+        """
+        for warning in self.audit.open():
+            self.log.warn("audit log: {warning}", warning=warning)
+        self.relay.sequences.update(self.audit.sequences)
+        self.log.info(
+            "audit log {directory}: {records} records, chain head 0x{head:08x}, "
+            "fsync {fsync}",
+            directory=self.audit.directory,
+            records=self.audit.records,
+            head=self.audit.head,
+            fsync=self.fsync_description,
+        )
+        if self.fsync_interval is not None:
+            self._sync.start(self.fsync_interval, now=False)
+
+    @property
+    def fsync_description(self) -> str:
+        if self.fsync_interval is None:
+            return "always"
+        return f"every {self.fsync_interval * 1000:g} ms"
+
+    def stop(self) -> None:
+        """Sync and close the log; frames still held are reported as lost."""
+        if self._sync.running:
+            self._sync.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self.held:
+            self.log.error(
+                "stopping with {frames} frames never written to the audit log "
+                "({failure}); they were not forwarded",
+                frames=sum(h.frames for h in self.held),
+                failure=self.failure,
+            )
+        try:
+            self.audit.close()
+        except OSError as e:
+            self.log.error("audit log could not be synced at shutdown: {error}", error=e)
+        self.log.info(
+            "audit log closed: {records} records, chain head 0x{head:08x}",
+            records=self.audit.records,
+            head=self.audit.head,
+        )
+
+    def admit(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> bool:
+        """
+        Log C{runs}; C{True} if they may be forwarded now. Otherwise they are
+        held, and forwarded by the relay once they are logged.
+        """
+        held = _Held(sender, runs, frames, time.time_ns())
+        if self.held:
+            self.held.append(held)
+            return False
+        try:
+            self._log(held)
+        except OSError as e:
+            self.held.append(held)
+            self._failed(e)
+            return False
+        return True
+
+    def _log(self, held: _Held) -> None:
+        if not held.logged:
+            self.audit.append(held.sender.stats.client_id, held.runs, held.received_ns)
+            held.logged = True
+        if self.fsync_interval is None:
+            self.audit.sync()
+
+    def _failed(self, error: OSError) -> None:
+        first = self.failure is None
+        self.failure = f"audit log write failed: {error.strerror or error}"
+        self.failures += 1
+        if first:
+            self._failedAt = self.clock.seconds()
+            self.log.error(
+                "{failure}; publishers are held back and {frames} accepted frames "
+                "wait until the log can be written (retrying every {retry}s)",
+                failure=self.failure,
+                frames=sum(h.frames for h in self.held),
+                retry=self.retry_interval,
+            )
+            self.relay.gate.hold(self, self.failure)
+        self._retry = self.clock.callLater(self.retry_interval, self._retryHeld)
+
+    def _retryHeld(self) -> None:
+        try:
+            for held in self.held:
+                self._log(held)
+        except OSError as e:
+            self._failed(e)
+            return
+        held, self.held = self.held, []
+        self.log.info(
+            "audit log writable again after {outage:.3f}s: {frames} held frames "
+            "logged and forwarded",
+            outage=self.clock.seconds() - self._failedAt,
+            frames=sum(h.frames for h in held),
+        )
+        self.failure = None
+        for batch in held:
+            self.relay.fanOut(batch.sender, batch.runs, batch.frames)
+        self.relay.gate.unblock(self)
+
+    def _syncNow(self) -> None:
+        try:
+            self.audit.sync()
+        except OSError as e:
+            self.log.error("audit log sync failed: {error}", error=e)
