@@ -35,6 +35,11 @@ class RelayProcess:
 
     def __init__(self, workdir: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        if "execution" in args and not {"--no-audit", "--audit-dir"} & {
+            a.partition("=")[0] for a in args
+        }:
+            # Each test's execution relay audits into its own directory.
+            args = (*args, "--audit-dir", os.path.join(workdir, "audit"))
         self.args = [twistd(), "-n", "--pidfile=", "relay", "--stats-interval", "0", *args]
         self.log_path = os.path.join(workdir, f"relay-{id(self)}.log")
         # The relay runs this checkout's code, not a copy installed earlier.

@@ -1,7 +1,9 @@
 """
 Clients of the relay: a Twisted protocol for services, a reconnecting service
 around it, and a small blocking client for scripts. All of them cut the stream
-with the relay's own L{Framer}.
+with the relay's own L{Framer}, take the relay's heartbeats and recovery
+answers out of it, and treat three heartbeat intervals of silence as a dead
+relay.
 """
 
 from __future__ import annotations
@@ -14,16 +16,65 @@ from collections.abc import Iterable, Iterator
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from .control import control_frame, parse_relay_info
+from .control import (
+    control_frame,
+    parse_heartbeat,
+    parse_recovery_response,
+    parse_relay_info,
+    recovery_frame,
+)
 from .framing import Framer
-from .wire import HEADER_SIZE, FramingLost, Header
+from .wire import HEADER_SIZE, Domain, FramingLost, Header
 
 #: The largest frame any shipped domain carries (market data).
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+#: Heartbeat intervals of silence after which the relay is taken for dead.
+MISSED_HEARTBEATS = 3
+
+
+class RelayDead(ConnectionError):
+    """The relay sent nothing, not even a heartbeat, for three intervals."""
+
+
+class Incoming:
+    """
+    Sorts what the relay sends: heartbeats and recovery answers are taken
+    out of the stream, and so are the live frames of a source being
+    recovered that arrive before the relay's answer (the replay that follows
+    the answer carries them again, in order).
+    """
+
+    def __init__(self) -> None:
+        #: The relay's heartbeat interval, once a heartbeat came.
+        self.heartbeat_interval: float | None = None
+        #: The last sequence per source, from the latest heartbeat.
+        self.last_sequences: dict[int, int] = {}
+        #: First sequence wanted per source, until the relay answers.
+        self.recovering: dict[int, int] = {}
+        #: The relay's answers: (source, first sequence, status).
+        self.answers: list[tuple[int, int, int]] = []
+
+    def passes(self, header: Header, frame: bytes) -> bool:
+        """Whether C{frame} goes to the application."""
+        if header.relay_domain == Domain.SYSTEM:
+            beat = parse_heartbeat(header, frame)
+            if beat is not None:
+                self.heartbeat_interval, self.last_sequences = beat
+                return False
+            answer = parse_recovery_response(header, frame)
+            if answer is not None:
+                self.recovering.pop(answer[0], None)
+                self.answers.append(answer)
+                return False
+            return True
+        if self.recovering:
+            first = self.recovering.get(header.source)
+            return first is None or header.sequence < first
+        return True
 
 
 class Declaring:
@@ -31,6 +82,8 @@ class Declaring:
 
     def publish(self, frame: bytes) -> None:
         raise NotImplementedError
+
+    incoming: Incoming
 
     def declare(
         self,
@@ -42,6 +95,14 @@ class Declaring:
         """Tell the relay what this connection receives (see docs/delivery.md)."""
         self.publish(control_frame(publish_only=publish_only, sources=sources, tlv_types=tlv_types))
 
+    def recover(self, wanted: dict[int, int]) -> None:
+        """
+        Ask the relay to replay each source of C{wanted} from the sequence
+        given (see docs/execution.md); the frames follow in the stream.
+        """
+        self.incoming.recovering.update(wanted)
+        self.publish(recovery_frame(wanted))
+
 
 class RelayClientProtocol(Declaring, Protocol):
     """
@@ -51,17 +112,51 @@ class RelayClientProtocol(Declaring, Protocol):
 
     log = Logger()
     max_frame_size = DEFAULT_MAX_FRAME
+    clock: IReactorTime | None = None
+    _silence: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._framer = Framer(self.max_frame_size)
+        self.incoming = Incoming()
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
 
     def dataReceived(self, data: bytes) -> None:
+        incoming = self.incoming
         try:
             for buf, start, header in self._framer.frames(data):
-                self.frameReceived(header, buf[start : start + HEADER_SIZE + header.payload_size])
+                frame = buf[start : start + HEADER_SIZE + header.payload_size]
+                if incoming.passes(header, frame):
+                    self.frameReceived(header, frame)
         except FramingLost as error:
             self.log.error("relay stream unreadable, closing: {error}", error=str(error))
             self.transport.loseConnection()
+        self._heard()
+
+    def _heard(self) -> None:
+        """Something came: the relay is alive for three more heartbeat intervals."""
+        interval = self.incoming.heartbeat_interval
+        if not interval:
+            return
+        if self._silence is not None and self._silence.active():
+            self._silence.reset(interval * MISSED_HEARTBEATS)
+        else:
+            self._silence = self.clock.callLater(interval * MISSED_HEARTBEATS, self._dead)
+
+    def _dead(self) -> None:
+        self.log.warn(
+            "nothing from the relay for {seconds:g}s ({missed} heartbeat intervals): "
+            "taking it for dead and disconnecting",
+            seconds=self.incoming.heartbeat_interval * MISSED_HEARTBEATS,
+            missed=MISSED_HEARTBEATS,
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
 
     def frameReceived(self, header: Header, frame: bytes) -> None:
         """A whole frame arrived: C{frame} is its exact bytes."""
@@ -104,6 +199,7 @@ class BlockingClient(Declaring):
             self.socket.connect(path)
         self._framer = Framer(max_frame_size)
         self._ready: deque[tuple[Header, bytes]] = deque()
+        self.incoming = Incoming()
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -158,15 +254,20 @@ class BlockingClient(Declaring):
     def frames(self, timeout: float | None = None) -> Iterator[tuple[Header, bytes]]:
         """
         Yield C{(header, frame)} for each frame received, until the relay
-        closes the connection or nothing arrives for C{timeout} seconds.
+        closes the connection or no frame arrives for C{timeout} seconds.
         Stopping early loses nothing: the frames not yet taken stay for the
         next call.
+
+        @raise RelayDead: the relay went silent, heartbeats included.
         """
         while True:
             while self._ready:
                 yield self._ready.popleft()
-            if not self._read(timeout):
-                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._ready:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if (remaining is not None and remaining <= 0) or not self._read(remaining):
+                    return
 
     def receive(self, count: int, timeout: float) -> list[tuple[Header, bytes]]:
         """The next C{count} frames, or fewer if C{timeout} seconds pass first."""
@@ -182,16 +283,29 @@ class BlockingClient(Declaring):
         return received
 
     def _read(self, timeout: float | None) -> bool:
-        """Read once and frame what came; C{False} on timeout or close."""
-        self.socket.settimeout(timeout)
+        """
+        Read once and frame what came; C{False} on timeout or close.
+
+        @raise RelayDead: nothing came for three heartbeat intervals.
+        """
+        interval = self.incoming.heartbeat_interval
+        silence = interval * MISSED_HEARTBEATS if interval else None
+        watching = silence is not None and (timeout is None or timeout >= silence)
+        self.socket.settimeout(silence if watching else timeout)
         try:
             data = self.socket.recv(256 * 1024)
         except TimeoutError:
+            if watching:
+                raise RelayDead(
+                    f"nothing from the relay for {silence:g}s ({MISSED_HEARTBEATS} "
+                    f"heartbeat intervals)"
+                ) from None
             return False
         if not data:
             return False
-        self._ready.extend(
-            (header, buf[start : start + HEADER_SIZE + header.payload_size])
-            for buf, start, header in self._framer.frames(data)
-        )
+        passes = self.incoming.passes
+        for buf, start, header in self._framer.frames(data):
+            frame = buf[start : start + HEADER_SIZE + header.payload_size]
+            if passes(header, frame):
+                self._ready.append((header, frame))
         return True

@@ -44,6 +44,8 @@ class RelayDomain:
     delivery: str
     allowed_tlv_types: frozenset[int] = frozenset()
     aliases: tuple[str, ...] = field(default=())
+    audit: bool = False
+    restrict_publishers: bool = False
 
     def __post_init__(self) -> None:
         if self.delivery not in DELIVERY_POLICIES:
@@ -98,6 +100,8 @@ EXECUTION = RelayDomain(
     strict_tlv=True,
     allowed_tlv_types=_tlv_types(EXECUTION_TLVS, PORTFOLIO_RISK_TLVS, VENDOR_TLVS),
     delivery="block",
+    audit=True,
+    restrict_publishers=True,
 )
 
 BUILTIN_DOMAINS: tuple[RelayDomain, ...] = (MARKET, SIGNAL, EXECUTION)

@@ -30,6 +30,13 @@ class IRelayLogic(Interface):
     )
     allowed_tlv_types = Attribute("TLV types accepted when strict_tlv (frozenset of int).")
     delivery = Attribute("Slow-consumer policy name: one of DELIVERY_POLICIES.")
+    audit = Attribute(
+        "Whether the relay keeps a write-ahead audit log by default (bool)."
+    )
+    restrict_publishers = Attribute(
+        "Whether only the relay's own user and the --allow-publish entries may "
+        "publish by default, rather than anyone who can connect (bool)."
+    )
 
     def should_forward(header):
         """

@@ -4,6 +4,7 @@ C{twistd relay}: its command line and the services it runs.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -11,20 +12,29 @@ from typing import NamedTuple
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from .access import Access, AccessList
+from .audit import AuditDamage, AuditLog
 from .delivery import DeliverySettings
 from .domains import UnknownDomain, available_domains, find_domain
+from .interfaces import IRelayLogic
 from .relay import RelayFactory
 from .scan import NATIVE as NATIVE_SCAN
 from .status import status_site
 from .unixsocket import UnixSocketEndpoint
 from .validation import FramePolicy
+from .writeahead import WriteAhead
 
 
 def _onOff(flag: bool) -> str:
@@ -110,20 +120,60 @@ Examples:
             "Serve /health (JSON) and /metrics (Prometheus) on this endpoint, "
             "e.g. tcp:9100:interface=127.0.0.1 [default: off].",
         ],
+        [
+            "audit-dir",
+            None,
+            None,
+            "Write every accepted frame to an audit log in this directory before "
+            "forwarding it [default: /tmp/torq/audit/NAME for domains that audit "
+            "(execution), off for the others].",
+        ],
+        [
+            "audit-fsync",
+            None,
+            None,
+            "When the audit log reaches the disk: 'always' (before each forward) or "
+            "every INTERVAL_MS milliseconds [default: always for execution, 100 for "
+            "the others].",
+        ],
+        [
+            "audit-rotate",
+            None,
+            str(64 * 1024 * 1024),
+            "Bytes after which the audit log starts a new file.",
+        ],
+        [
+            "heartbeat",
+            None,
+            "1",
+            "Seconds of silence after which a subscriber is sent a heartbeat; 0 turns "
+            "them off.",
+        ],
     ]
     optFlags = [
         ["echo", None, "Also send each client the frames it publishes."],
         ["checksum", None, "Verify CRC-32 checksums [default: the domain's]."],
         ["no-checksum", None, "Do not verify CRC-32 checksums."],
+        ["no-audit", None, "Keep no audit log, even for a domain that audits by default."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["allow-publish"] = []
+        self["allow-subscribe"] = []
 
     def opt_listen(self, description: str) -> None:
         """Listen on this endpoint (any Twisted server endpoint string, e.g. unix:/tmp/torq/market_data.sock or tcp:7001:interface=127.0.0.1); repeatable [default: the domain's Unix socket]."""
         self["listen"].append(description)
+
+    def opt_allow_publish(self, entry: str) -> None:
+        """Who may publish: uid:NAME, gid:NAME (the group and its members), cn:NAME (TLS client certificate) or any; repeatable [default: anyone who can connect; on execution only the relay's own user and the entries given]."""
+        self["allow-publish"].append(entry)
+
+    def opt_allow_subscribe(self, entry: str) -> None:
+        """Who may subscribe, as --allow-publish; repeatable [default: anyone who can connect]."""
+        self["allow-subscribe"].append(entry)
 
     def postOptions(self) -> None:
         try:
@@ -160,10 +210,45 @@ Examples:
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         self["drain-timeout"] = _number(float, "drain-timeout", self["drain-timeout"])
+        self["heartbeat"] = _number(float, "heartbeat", self["heartbeat"])
+        self._auditOptions(logic)
+        try:
+            self["access"] = Access(
+                publish=(
+                    AccessList.own_uid_and(self["allow-publish"])
+                    if logic.restrict_publishers
+                    else AccessList(self["allow-publish"]) if self["allow-publish"] else None
+                ),
+                subscribe=(
+                    AccessList(self["allow-subscribe"]) if self["allow-subscribe"] else None
+                ),
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"--allow-publish/--allow-subscribe: {e}") from None
         if not self["listen"]:
             self["listen"] = [f"unix:{logic.socket_path}"]
         self["endpoints"] = [self._endpoint(d) for d in self["listen"]]
         self["http-endpoint"] = self._endpoint(self["http"]) if self["http"] else None
+
+    def _auditOptions(self, logic: IRelayLogic) -> None:
+        """The audit directory (None: no audit log), fsync interval and file size."""
+        if self["no-audit"] and self["audit-dir"]:
+            raise usage.UsageError("--audit-dir and --no-audit contradict each other")
+        if self["no-audit"] or not (self["audit-dir"] or logic.audit):
+            self["audit-dir"] = None
+        elif not self["audit-dir"]:
+            self["audit-dir"] = f"/tmp/torq/audit/{logic.name}"
+        fsync = self["audit-fsync"] or ("always" if logic.audit else "100")
+        if fsync == "always":
+            self["audit-fsync"] = None
+        else:
+            interval = _number(float, "audit-fsync", fsync)
+            if not interval:
+                raise usage.UsageError(
+                    f"--audit-fsync takes 'always' or a number of milliseconds > 0, not {fsync!r}"
+                )
+            self["audit-fsync"] = interval / 1000
+        self["audit-rotate"] = _number(int, "audit-rotate", self["audit-rotate"])
 
     def _endpoint(self, description: str) -> IStreamServerEndpoint:
         """The endpoint for one --listen value; Unix sockets get the safe one."""
@@ -225,6 +310,18 @@ class ListeningService(Service):
                 else self.description
             ),
         )
+        if not isinstance(self.endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+            return
+        host = self.port.getHost()
+        if not ipaddress.ip_address(host.host).is_loopback:
+            self.log.warn(
+                "{description} is plain TCP on {host}, reachable from other hosts with "
+                "neither encryption nor a way to tell who connects: listen on "
+                "interface=127.0.0.1, or use ssl: with client certificates "
+                "(docs/execution.md)",
+                description=self.description,
+                host=host.host,
+            )
 
     def stopService(self):
         super().stopService()
@@ -274,13 +371,34 @@ class RelayService(Service):
         self.drain_timeout = drain_timeout
         self._stats = LoopingCall(self._report)
         self._stats.clock = factory.clock
+        self._heartbeat = LoopingCall(factory.heartbeat)
+        self._heartbeat.clock = factory.clock
         self._last = self._snapshot()
 
     def privilegedStartService(self) -> None:
-        """Initialise the domain before any listener binds."""
+        """Initialise the domain and open the audit log before any listener binds."""
         factory = self.factory
         logic, policy = factory.logic, factory.policy
         logic.initialize()
+        if factory.writeahead is not None:
+            audit = factory.writeahead.audit
+            try:
+                factory.writeahead.start()
+            except AuditDamage as e:
+                raise SystemExit(
+                    f"twistd relay: the audit log is damaged ({e}); run 'twisted-relay "
+                    f"audit verify {audit.directory}' and move the damaged file away"
+                ) from None
+            except OSError as e:
+                raise SystemExit(
+                    f"twistd relay: cannot use the audit directory {audit.directory}: "
+                    f"{e.strerror or e}"
+                ) from None
+            if audit.directory.startswith("/tmp/"):
+                self.log.warn(
+                    "the audit log is under /tmp, which may not survive a reboot: give "
+                    "--audit-dir on persistent storage in production"
+                )
         super().privilegedStartService()
         self.log.info(
             "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, "
@@ -305,11 +423,17 @@ class RelayService(Service):
         if self.stats_interval:
             self._last = self._snapshot()
             self._stats.start(self.stats_interval, now=False)
+        if self.factory.heartbeat_interval:
+            self._heartbeat.start(self.factory.heartbeat_interval, now=False)
 
     def stopService(self) -> Deferred[None]:
-        """Drain the clients (bounded by the drain timeout), then clean up the domain."""
-        if self._stats.running:
-            self._stats.stop()
+        """
+        Drain the clients (bounded by the drain timeout), then close the
+        audit log and clean up the domain.
+        """
+        for loop in (self._stats, self._heartbeat):
+            if loop.running:
+                loop.stop()
         super().stopService()
         factory = self.factory
         self.log.info(
@@ -333,6 +457,8 @@ class RelayService(Service):
             pauses=gate.pauses,
             longest_pause=gate.longest_pause,
         )
+        if self.factory.writeahead is not None:
+            self.factory.writeahead.stop()
         self.factory.logic.cleanup()
 
     def _snapshot(self) -> _Snapshot:
@@ -389,8 +515,20 @@ class _Snapshot(NamedTuple):
 
 def makeService(options: Options) -> IService:
     factory = RelayFactory(
-        options["logic"], options["policy"], delivery=options["delivery"], echo=options["echo"]
+        options["logic"],
+        options["policy"],
+        delivery=options["delivery"],
+        echo=options["echo"],
+        access=options["access"],
+        heartbeat=options["heartbeat"],
     )
+    if options["audit-dir"] is not None:
+        factory.writeahead = WriteAhead(
+            factory,
+            AuditLog(options["audit-dir"], options["audit-rotate"]),
+            options["audit-fsync"],
+            factory.clock,
+        )
     top = RelayServices()
     RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
