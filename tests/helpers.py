@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -66,3 +69,10 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     """C{data} cut into chunks at the positions C{cuts} (taken modulo its length)."""
     points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+def temp_dir(testcase) -> str:
+    """A fresh directory outside the checkout, removed after C{testcase}."""
+    path = tempfile.mkdtemp(prefix="twisted-relay-test-")
+    testcase.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -152,7 +152,13 @@ class AuditFile:
                     frame = buf[at + _RECORD.size : end - UINT32.size]
                     problem = _frame_problem(frame)
                     if problem:
-                        raise AuditDamage(path, position.index, position.offset, problem)
+                        raise AuditDamage(
+                            path,
+                            position.index,
+                            position.offset,
+                            problem,
+                            torn=_zeros_to_end(buf, at, f),
+                        )
                     crc = zlib.crc32(buf[at : end - UINT32.size], position.crc)
                     if crc != UINT32.unpack_from(buf, end - UINT32.size)[0]:
                         raise AuditDamage(
@@ -160,7 +166,7 @@ class AuditFile:
                             position.index,
                             position.offset,
                             "checksum does not match: the record or one before it was altered",
-                            torn=not any(buf[at:]) and not f.read(1),
+                            torn=_zeros_to_end(buf, at, f),
                         )
                     yield Record(position.index, received, client, frame, path, position.offset)
                     position.advance(end - at, crc)
@@ -200,6 +206,16 @@ def _frame_problem(frame: bytes) -> str:
     if HEADER_SIZE + payload != len(frame):
         return f"its size {len(frame)} is not its frame's {HEADER_SIZE + payload}"
     return ""
+
+
+def _zeros_to_end(buf: bytes, at: int, f) -> bool:
+    """Whether C{buf[at:]} and the rest of the file C{f} are all zeros (a power loss)."""
+    if any(buf[at:]):
+        return False
+    while chunk := f.read(_READ_SIZE):
+        if any(chunk):
+            return False
+    return True
 
 
 def _torn_prefix(rest: bytes) -> bool:

@@ -204,29 +204,29 @@ class RelayProtocol(Protocol):
 
     def _admit(self, buf: bytes, start: int, end: int, routed: bool) -> bool:
         """
-        The closer look the scan could not take itself: control frames and
-        the domain's C{should_forward} (unless C{routed}: the scan already
-        knows the domain forwards it), then the policy's checks. A refused
-        frame is reported here.
+        The closer look the scan could not take itself: control frames, the
+        client's right to publish, the domain's C{should_forward} (unless
+        C{routed}: the scan already knows the domain forwards it), then the
+        policy's checks. A refused frame is reported here.
         """
         factory = self.factory
         try:
-            if not routed:
-                header = unpack_header(buf, start)
-                if is_control(header) and self._takeControl(buf, start, end, header):
+            header = None if routed else unpack_header(buf, start)
+            if header is not None and is_control(header):
+                if self._takeControl(buf, start, end, header):
                     return False
-                if not self.may_publish:
-                    raise NotAllowedToPublish(
-                        f"{self.stats.peer} is not allowed to publish on the "
-                        f"{factory.logic.name} relay",
-                        header=bytes(buf[start : start + HEADER_SIZE]),
-                    )
-                if not factory.logic.should_forward(header):
-                    raise NotForwarded(
-                        f"frame of relay_domain {header.relay_domain} (source "
-                        f"{header.source}, sequence {header.sequence}) is not "
-                        f"carried by the {factory.logic.name} relay"
-                    )
+            if not self.may_publish:
+                raise NotAllowedToPublish(
+                    f"{self.stats.peer} is not allowed to publish on the "
+                    f"{factory.logic.name} relay",
+                    header=bytes(buf[start : start + HEADER_SIZE]),
+                )
+            if header is not None and not factory.logic.should_forward(header):
+                raise NotForwarded(
+                    f"frame of relay_domain {header.relay_domain} (source "
+                    f"{header.source}, sequence {header.sequence}) is not "
+                    f"carried by the {factory.logic.name} relay"
+                )
             if self._check is not None:
                 self._check(buf, start, end)
         except FrameRejected as error:

@@ -5,12 +5,11 @@ fan-out of accepted frames to every client but the sender.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import itertools
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime

@@ -1,0 +1,204 @@
+"""
+Tests for L{twisted_relay.audit}: the record chain, rotation, the start-up
+check of the newest file's tail, and L{verify}.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_relay.audit import (
+    RECORD_OVERHEAD,
+    AuditDamage,
+    AuditFile,
+    AuditLog,
+    audit_files,
+    verify,
+)
+
+from .helpers import frames_for, temp_dir
+
+FRAMES = frames_for(3, 300, source=42)
+SIZE = len(FRAMES[0]) + RECORD_OVERHEAD
+
+
+def write_log(directory: str, frames: list[bytes], rotate: int = 4096, batch: int = 10) -> AuditLog:
+    """An audit log in C{directory} holding C{frames}, appended C{batch} at a time."""
+    log = AuditLog(directory, rotate_size=rotate)
+    log.open()
+    for n in range(0, len(frames), batch):
+        log.append(5, [b"".join(frames[n : n + batch])], 1_000 + n)
+    log.close()
+    return log
+
+
+def read_all(directory: str):
+    return [record for audit_file in audit_files(directory) for record in audit_file.records()]
+
+
+class AuditLogTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.join(temp_dir(self), "audit")
+
+    def test_recordsRoundTrip(self) -> None:
+        """Every frame comes back whole, in order, with its index, time and client."""
+        write_log(self.directory, FRAMES)
+        records = read_all(self.directory)
+        self.assertEqual([r.frame for r in records], FRAMES)
+        self.assertEqual([r.index for r in records], list(range(len(FRAMES))))
+        self.assertEqual(records[25].received_ns, 1_020)
+        self.assertEqual({r.client_id for r in records}, {5})
+        self.assertEqual([r.sequence for r in records[:3]], [1, 2, 3])
+
+    def test_chain(self) -> None:
+        """Each record's checksum covers it and starts from the previous record's."""
+        write_log(self.directory, FRAMES[:2], rotate=1 << 20)
+        audit_file = audit_files(self.directory)[0]
+        with open(audit_file.path, "rb") as f:
+            data = f.read()[audit_file.header_size :]
+        first, second = data[:SIZE], data[SIZE:]
+        crc1 = zlib.crc32(first[:-4])
+        self.assertEqual(first[-4:], crc1.to_bytes(4, "little"))
+        self.assertEqual(second[-4:], zlib.crc32(second[:-4], crc1).to_bytes(4, "little"))
+
+    def test_rotation(self) -> None:
+        """
+        Files start once the current one passes the rotation size, each named by
+        its first record and chained to the one before; mode 0640.
+        """
+        write_log(self.directory, FRAMES, rotate=4096)
+        files = audit_files(self.directory)
+        self.assertGreater(len(files), 3)
+        for before, after in zip(files, files[1:]):
+            records = list(before.records())
+            self.assertEqual(after.first_index, records[-1].index + 1)
+            self.assertEqual(after.sequences, {42: records[-1].sequence})
+            self.assertEqual(os.path.basename(after.path), f"{after.first_index:020d}.audit")
+        self.assertEqual(stat.S_IMODE(os.stat(files[-1].path).st_mode), 0o640)
+        report = verify(self.directory)
+        self.assertIsNone(report.damage)
+        self.assertEqual((report.files, report.records), (len(files), len(FRAMES)))
+
+    def test_reopenContinues(self) -> None:
+        """A reopened log carries on the index, the chain and the last sequences."""
+        first = write_log(self.directory, FRAMES[:100])
+        log = AuditLog(self.directory, rotate_size=4096)
+        self.assertEqual(log.open(), [])
+        self.assertEqual((log.records, log.head, log.sequences), (100, first.head, {42: 100}))
+        log.append(5, [b"".join(FRAMES[100:])], 0)
+        log.close()
+        self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES)
+        self.assertIsNone(verify(self.directory).damage)
+
+    def test_tornTailCut(self) -> None:
+        """A last record cut short is removed at open, with a warning naming it."""
+        write_log(self.directory, FRAMES[:50], rotate=1 << 20)
+        path = audit_files(self.directory)[-1].path
+        os.truncate(path, os.path.getsize(path) - 9)
+        self.assertIn("record 49", str(verify(self.directory).damage))
+        log = AuditLog(self.directory)
+        [warning] = log.open()
+        self.assertIn("cut off a torn last record", warning)
+        self.assertIn("record 49", warning)
+        self.assertEqual(log.records, 49)
+        log.close()
+        report = verify(self.directory)
+        self.assertIsNone(report.damage)
+        self.assertEqual(report.records, 49)
+
+    def test_zeroFilledTail(self) -> None:
+        """Zeros after the last record (a power loss) are a torn tail, cut at open."""
+        write_log(self.directory, FRAMES[:5], rotate=1 << 20)
+        path = audit_files(self.directory)[-1].path
+        with open(path, "ab") as f:
+            f.write(bytes(4096))
+        log = AuditLog(self.directory)
+        self.assertEqual(len(log.open()), 1)
+        self.assertEqual(log.records, 5)
+        log.close()
+
+    def test_tornHeaderRemoved(self) -> None:
+        """A newest file cut short in its header holds no record: removed at open."""
+        write_log(self.directory, FRAMES[:5], rotate=1 << 20)
+        torn = os.path.join(self.directory, f"{5:020d}.audit")
+        with open(torn, "wb") as f:
+            f.write(b"TRAUDIT1\x05")
+        log = AuditLog(self.directory)
+        [warning] = log.open()
+        self.assertIn("header was torn", warning)
+        self.assertEqual(log.records, 5)
+        log.close()
+
+    def test_editedRecordRefused(self) -> None:
+        """A changed byte in the newest file is damage, not a torn tail: never cut."""
+        write_log(self.directory, FRAMES[:50], rotate=1 << 20)
+        path = audit_files(self.directory)[-1].path
+        header = AuditFile.read(path).header_size
+        with open(path, "r+b") as f:
+            f.seek(header + 20 * SIZE + 40)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))
+        size = os.path.getsize(path)
+        error = self.assertRaises(AuditDamage, AuditLog(self.directory).open)
+        self.assertEqual((error.index, error.offset, error.torn), (20, header + 20 * SIZE, False))
+        self.assertEqual(os.path.getsize(path), size)
+
+    def test_verifyNamesEditedRecord(self) -> None:
+        """verify names the first record whose checksum fails, in the right file."""
+        write_log(self.directory, FRAMES, rotate=4096)
+        files = audit_files(self.directory)
+        target = files[2]
+        with open(target.path, "r+b") as f:
+            f.seek(target.header_size + 3 * SIZE + 35)
+            f.write(b"\xff")
+        damage = verify(self.directory).damage
+        self.assertEqual((damage.path, damage.index), (target.path, target.first_index + 3))
+
+    def test_verifyMissingFile(self) -> None:
+        """A removed middle file breaks the chain at the next file."""
+        write_log(self.directory, FRAMES, rotate=4096)
+        files = audit_files(self.directory)
+        os.unlink(files[1].path)
+        damage = verify(self.directory).damage
+        self.assertEqual(damage.path, files[2].path)
+        self.assertIn("does not continue", damage.problem)
+
+    def test_verifySequenceHoles(self) -> None:
+        """Holes in a source's sequences are reported (they are not damage)."""
+        write_log(self.directory, FRAMES[:10] + FRAMES[12:20])
+        report = verify(self.directory)
+        self.assertIsNone(report.damage)
+        self.assertEqual(report.sequence_holes, [(42, 10, 13)])
+
+    def test_failedAppendLeavesNothing(self) -> None:
+        """An append that fails leaves the log as it was and can be retried."""
+        log = AuditLog(self.directory, rotate_size=1 << 20)
+        log.open()
+        log.append(1, [FRAMES[0]], 0)
+        fd = log._fd
+        os.close(fd)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), fd)
+        self.assertRaises(OSError, log.append, 1, [FRAMES[1]], 0)
+        self.assertEqual(log.records, 1)
+        os.close(fd)
+        log._fd = -1
+        log.close()
+        log = AuditLog(self.directory)
+        log.open()
+        self.assertEqual(log.records, 1)
+        log.append(1, [FRAMES[1]], 0)
+        log.close()
+        self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES[:2])
+
+    def test_oneWriterPerDirectory(self) -> None:
+        """A second log on the same directory is refused while the first is open."""
+        log = AuditLog(self.directory)
+        log.open()
+        self.addCleanup(log.close)
+        error = self.assertRaises(OSError, AuditLog(self.directory).open)
+        self.assertIn("another relay writes", str(error))
