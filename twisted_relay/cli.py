@@ -1,6 +1,7 @@
 """
-The C{twisted-relay} command: watch a relay (tap), feed it (publish), and read
-its status endpoint (status), without writing socket code.
+The C{twisted-relay} command: watch a relay (tap), feed it (publish), read its
+status endpoint (status), and read, check and republish its audit log (replay,
+audit verify), without writing socket code.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
+from .audit import AuditDamage, LogReader, Record, audit_paths, verify
 from .client import BlockingClient
 from .domains import UnknownDomain, find_domain
 from .wire import (
@@ -23,6 +26,7 @@ from .wire import (
     Source,
     build_frame,
     tlv_spans,
+    unpack_header,
 )
 
 #: Names of the TLV types the tools print, from protocol-v2.md.
@@ -56,7 +60,18 @@ EXAMPLES = {
     "status": """examples:
   twisted-relay status                                # http://127.0.0.1:9100
   twisted-relay status http://10.0.0.5:9100""",
+    "replay": """examples:
+  twisted-relay replay /tmp/torq/audit/execution      # every audited frame, oldest first
+  twisted-relay replay DIR --json --source 42 --from-sequence 1000 --to-sequence 1999
+  twisted-relay replay DIR --since 2026-11-25T14:00:00 --until 2026-11-25T14:05:00
+  twisted-relay replay DIR --since 1795615200000000000 --to unix:/tmp/x/e.sock""",
+    "audit verify": """examples:
+  twisted-relay audit verify /tmp/torq/audit/execution""",
 }
+
+#: Frames sent to the relay per write by replay --to.
+REPLAY_BATCH = 256
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class Failed(Exception):
@@ -77,20 +92,23 @@ def _tlv_types(frame: bytes) -> list[int] | None:
         return None
 
 
+def frame_fields(header: Header, frame: bytes) -> dict[str, object]:
+    """The fields --json shows for a frame."""
+    return {
+        "timestamp_ns": header.timestamp,
+        "relay_domain": header.relay_domain,
+        "source": header.source,
+        "sequence": header.sequence,
+        "tlv_types": _tlv_types(frame),
+        "size": len(frame),
+    }
+
+
 def describe(header: Header, frame: bytes, as_json: bool) -> str:
     """One line for one frame."""
-    types = _tlv_types(frame)
     if as_json:
-        return json.dumps(
-            {
-                "timestamp_ns": header.timestamp,
-                "relay_domain": header.relay_domain,
-                "source": header.source,
-                "sequence": header.sequence,
-                "tlv_types": types,
-                "size": len(frame),
-            }
-        )
+        return json.dumps(frame_fields(header, frame))
+    types = _tlv_types(frame)
     stamp = time.strftime("%H:%M:%S", time.gmtime(header.timestamp / 1e9))
     micros = header.timestamp // 1000 % 1_000_000
     names = "?" if types is None else " ".join(
@@ -241,6 +259,122 @@ def status(args: argparse.Namespace) -> None:
         )
 
 
+def time_ns(text: str) -> int:
+    """
+    Nanoseconds since the epoch from an integer of them or an ISO-8601 time
+    (naive means UTC), for --since and --until.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither nanoseconds since the epoch nor an ISO-8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def log_paths(directory: str) -> list[str]:
+    """The audit files of C{directory}, oldest first; at least one."""
+    try:
+        paths = audit_paths(directory)
+    except OSError as e:
+        raise Failed(f"cannot read the audit directory {directory}: {e.strerror}") from None
+    if not paths:
+        raise Failed(f"no audit files in {directory}")
+    return paths
+
+
+def kept(records: Iterator[Record], args: argparse.Namespace) -> Iterator[Record]:
+    """The records that pass replay's filters."""
+    sources = set(args.source or ())
+    for record in records:
+        if (
+            (not sources or record.source in sources)
+            and (args.from_sequence is None or record.sequence >= args.from_sequence)
+            and (args.to_sequence is None or record.sequence <= args.to_sequence)
+            and (args.since is None or record.received_ns >= args.since)
+            and (args.until is None or record.received_ns <= args.until)
+        ):
+            yield record
+
+
+def replay(args: argparse.Namespace) -> None:
+    # The directory is checked now, before --to connects to a relay.
+    records = kept(iter(LogReader(log_paths(args.directory))), args)
+    if args.endpoint:
+        republish(records, args)
+        return
+    try:
+        for record in records:
+            header = unpack_header(record.frame)
+            if args.json:
+                line = json.dumps({
+                    "index": record.index, "received_ns": record.received_ns,
+                    "client_id": record.client_id, **frame_fields(header, record.frame),
+                    "frame": record.frame.hex(),
+                })
+            else:
+                line = f"#{record.index} client {record.client_id}  {describe(header, record.frame, False)}"
+            print(line)
+    except AuditDamage as damage:
+        sys.stdout.flush()  # the frames before the damage come before the error
+        raise Failed(f"the audit log is damaged: {damage}") from None
+
+
+def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
+    """Send the frames of C{records} to the relay at --to, byte for byte, in log order."""
+    with connect(args) as relay:
+        introduce(relay, args, publish_only=True)
+        sent = size = 0
+        batch: list[bytes] = []
+
+        def flush() -> None:
+            nonlocal sent, size, batch
+            data = b"".join(batch)
+            relay.publish(data)
+            sent, size, batch = sent + len(batch), size + len(data), []
+
+        try:
+            for record in records:
+                batch.append(record.frame)
+                if len(batch) == REPLAY_BATCH:
+                    flush()
+        except AuditDamage as damage:
+            flush()
+            raise Failed(
+                f"the audit log is damaged: {damage}; republished the {sent:,} frames before it"
+            ) from None
+        flush()
+    print(f"republished {sent:,} frames ({size:,} bytes) to {args.endpoint}")
+
+
+def audit_verify(args: argparse.Namespace) -> int:
+    """Check the whole log; exit status 1 if it is damaged, holes are only warned of."""
+    log_paths(args.directory)  # a missing or empty directory fails, not "ok: 0 files"
+    report = verify(args.directory)
+    if report.damage is not None:
+        print(f"damaged: {report.damage}")
+        print(f"{report.records:,} records verified before the damage")
+        if report.damage.torn:
+            print("it is a torn last record (a write cut short): the relay cuts it off when it starts")
+        return 1
+    print(
+        f"ok: {report.files:,} files, {report.records:,} records, "
+        f"chain head 0x{report.head:08x}"
+    )
+    if report.sequence_holes:
+        print(f"warning: {len(report.sequence_holes):,} sequence holes (not damage):")
+        for source, before, after in report.sequence_holes:
+            print(f"  source {source}: sequence jumps from {before} to {after}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="twisted-relay", description="Tools for Protocol V2 relays."
@@ -281,6 +415,41 @@ def parser() -> argparse.ArgumentParser:
     status_command.add_argument("url", nargs="?", default="http://127.0.0.1:9100")
     status_command.add_argument("--timeout", type=float, default=5.0)
     status_command.set_defaults(run=status)
+
+    replay_help = "Print the frames of an audit log, or republish them to a relay."
+    replay_command = commands.add_parser(
+        "replay", help=replay_help, description=replay_help,
+        epilog=EXAMPLES["replay"], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay_command.add_argument("directory", metavar="DIR", help="the audit directory")
+    replay_command.add_argument("--json", action="store_true", help="one JSON object per frame, frame bytes in hex")
+    replay_command.add_argument(
+        "--to", dest="endpoint", metavar="ENDPOINT",
+        help="republish the frames to the relay at unix:PATH, a socket path or tcp:HOST:PORT",
+    )
+    replay_command.add_argument(
+        "--domain", default="execution", help="domain of the --to relay [default: execution]"
+    )
+    replay_command.add_argument("--source", type=int, action="append", metavar="N", help="only this source; repeatable")
+    replay_command.add_argument("--from-sequence", type=int, metavar="N", help="only sequences from N on")
+    replay_command.add_argument("--to-sequence", type=int, metavar="N", help="only sequences up to N")
+    replay_command.add_argument(
+        "--since", type=time_ns, metavar="TIME",
+        help="only frames received from TIME on: nanoseconds since the epoch or ISO-8601 (naive: UTC)",
+    )
+    replay_command.add_argument("--until", type=time_ns, metavar="TIME", help="only frames received up to TIME")
+    replay_command.set_defaults(run=replay)
+
+    audit_help = "Work on an audit log."
+    audit_command = commands.add_parser("audit", help=audit_help, description=audit_help)
+    audit_commands = audit_command.add_subparsers(dest="audit_command", required=True)
+    verify_help = "Check every record and file of an audit log; exit status 1 if damaged."
+    verify_command = audit_commands.add_parser(
+        "verify", help=verify_help, description=verify_help,
+        epilog=EXAMPLES["audit verify"], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify_command.add_argument("directory", metavar="DIR", help="the audit directory")
+    verify_command.set_defaults(run=audit_verify)
     return top
 
 
@@ -289,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "domain"):
             args.logic = find_domain(args.domain)
-        args.run(args)
+        return args.run(args) or 0
     except (Failed, UnknownDomain) as e:
         print(f"twisted-relay: {e}", file=sys.stderr)
         return 1
@@ -297,7 +466,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
 
 
 if __name__ == "__main__":
