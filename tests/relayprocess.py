@@ -33,7 +33,9 @@ def twistd() -> str:
 class RelayProcess:
     """One relay process, started in C{workdir}, logging to a file there."""
 
-    def __init__(self, workdir: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: str, *args: str, env: dict[str, str] | None = None, preexec_fn=None
+    ) -> None:
         self.workdir = workdir
         if "execution" in args and not {"--no-audit", "--audit-dir"} & {
             a.partition("=")[0] for a in args
@@ -45,6 +47,7 @@ class RelayProcess:
         # The relay runs this checkout's code, not a copy installed earlier.
         self.env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
         self.process: subprocess.Popen | None = None
+        self.preexec_fn = preexec_fn
 
     def start(self) -> RelayProcess:
         self._log = open(self.log_path, "wb")
@@ -54,6 +57,7 @@ class RelayProcess:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         return self
 

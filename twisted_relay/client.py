@@ -57,6 +57,7 @@ class Incoming:
         self.recovering: dict[int, int] = {}
         #: The relay's answers: (source, first sequence, status).
         self.answers: list[tuple[int, int, int]] = []
+        self.heartbeats = 0
 
     def passes(self, header: Header, frame: bytes) -> bool:
         """Whether C{frame} goes to the application."""
@@ -64,6 +65,7 @@ class Incoming:
             beat = parse_heartbeat(header, frame)
             if beat is not None:
                 self.heartbeat_interval, self.last_sequences = beat
+                self.heartbeats += 1
                 return False
             answer = parse_recovery_response(header, frame)
             if answer is not None:
@@ -200,6 +202,8 @@ class BlockingClient(Declaring):
         self._framer = Framer(max_frame_size)
         self._ready: deque[tuple[Header, bytes]] = deque()
         self.incoming = Incoming()
+        #: False once the relay closed the connection.
+        self.connected = True
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -216,7 +220,8 @@ class BlockingClient(Declaring):
         return self._framer.buffered
 
     def publish(self, frame: bytes) -> None:
-        """Send one or more whole frames."""
+        """Send one or more whole frames, waiting as long as the relay holds publishers back."""
+        self.socket.settimeout(None)
         self.socket.sendall(frame)
 
     def introduce(
@@ -250,6 +255,22 @@ class BlockingClient(Declaring):
                 earlier.append((header, frame))
         finally:
             self._ready.extendleft(reversed(earlier))
+
+    def next_heartbeat(self, timeout: float) -> dict[int, int]:
+        """
+        The last sequence per source the relay has, from its next heartbeat:
+        where a publisher resumes after the relay restarted. Frames that
+        arrive meanwhile stay for L{frames}.
+
+        @raise TimeoutError: no heartbeat within C{timeout} seconds.
+        """
+        seen = self.incoming.heartbeats
+        deadline = time.monotonic() + timeout
+        while self.incoming.heartbeats == seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._read(remaining):
+                raise TimeoutError(f"no heartbeat from the relay within {timeout}s")
+        return dict(self.incoming.last_sequences)
 
     def frames(self, timeout: float | None = None) -> Iterator[tuple[Header, bytes]]:
         """
@@ -302,6 +323,7 @@ class BlockingClient(Declaring):
                 ) from None
             return False
         if not data:
+            self.connected = False
             return False
         passes = self.incoming.passes
         for buf, start, header in self._framer.frames(data):

@@ -31,6 +31,8 @@ _COUNTERS = (
     ("frames_dropped", "Frames not delivered to a lagging subscriber (drop policy)."),
     ("frames_lost", "Frames still queued for a subscriber when its connection ended."),
     ("control_frames", "Control frames applied."),
+    ("frames_replayed", "Frames sent to subscribers from the audit log (replays)."),
+    ("heartbeats", "Heartbeats sent to idle subscribers."),
     ("sequence_gaps", "Frames missing from publishers' sequences."),
     ("sequence_duplicates", "Repeated sequence numbers from publishers."),
     ("sequence_regressions", "Sequence numbers going backwards."),
@@ -62,6 +64,7 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
     degraded = gate.paused or (trouble is not None and now - trouble < DEGRADED_FOR)
     return {
         "status": "degraded" if degraded else "ok",
+        "audit": _audit(factory),
         "domain": factory.logic.name,
         "relay_domain": factory.logic.domain,
         "version": _version(),
@@ -87,6 +90,23 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
             "longest_pause_s": round(gate.longest_pause, 3),
             "publishers_paused_now": gate.paused,
         },
+    }
+
+
+def _audit(factory: RelayFactory) -> dict | None:
+    """The audit log's state, or None without one."""
+    writeahead = factory.writeahead
+    if writeahead is None:
+        return None
+    audit = writeahead.audit
+    return {
+        "directory": audit.directory,
+        "records": audit.records,
+        "chain_head": f"0x{audit.head:08x}",
+        "fsync": writeahead.fsync_description,
+        "failing": writeahead.failure,
+        "write_failures": writeahead.failures,
+        "held_frames": sum(held.frames for held in writeahead.held),
     }
 
 
@@ -137,6 +157,31 @@ class RelayCollector:
         )
         buffered.add_metric([domain], sum(c.outbox.queued for c in factory.clients.values()))
         yield buffered
+        audit = _audit(factory)
+        if audit is not None:
+            yield from _audit_metrics(domain, audit)
+
+
+def _audit_metrics(domain: str, audit: dict) -> Iterator[Metric]:
+    records = GaugeMetricFamily(
+        "torq_relay_audit_records", "Records in the audit log.", labels=["domain"]
+    )
+    records.add_metric([domain], audit["records"])
+    yield records
+    failures = CounterMetricFamily(
+        "torq_relay_audit_write_failures",
+        "Failed writes to the audit log (publishers held back meanwhile).",
+        labels=["domain"],
+    )
+    failures.add_metric([domain], audit["write_failures"])
+    yield failures
+    held = GaugeMetricFamily(
+        "torq_relay_audit_held_frames",
+        "Accepted frames waiting for the audit log to be writable.",
+        labels=["domain"],
+    )
+    held.add_metric([domain], audit["held_frames"])
+    yield held
 
 
 class HealthResource(Resource):
