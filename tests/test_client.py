@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.client import BlockingClient, RelayClientProtocol, relay_service
-from twisted_relay.control import parse_control
+from twisted_relay.client import BlockingClient, RelayClientProtocol, RelayDead, relay_service
+from twisted_relay.control import heartbeat_frame, parse_control
 from twisted_relay.wire import Domain
 
 from .helpers import frames_for, split
@@ -60,6 +63,59 @@ class ProtocolTests(SynchronousTestCase):
         """A stream that is not Protocol V2 closes the connection."""
         self.client.dataReceived(b"HTTP/1.1 200 OK\r\n")
         self.assertTrue(self.client.transport.disconnecting)
+
+
+class HeartbeatWatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.client = Recorder()
+        self.client.clock = self.clock = Clock()
+        self.client.makeConnection(StringTransport())
+        self.beat = heartbeat_frame(Domain.EXECUTION, 1, 0.5, {42: 7})
+
+    def test_heartbeatsTakenOut(self) -> None:
+        """Heartbeats are not frames for the application; their news is kept."""
+        self.client.dataReceived(self.beat)
+        self.assertEqual(self.client.frames, [])
+        self.assertEqual(self.client.incoming.last_sequences, {42: 7})
+
+    def test_threeMissedHeartbeats(self) -> None:
+        """Three intervals with nothing from the relay: it is dead, the connection goes."""
+        self.client.dataReceived(self.beat)
+        self.clock.advance(1.4)
+        self.client.dataReceived(frames_for(Domain.EXECUTION, 1)[0])
+        self.clock.advance(1.4)
+        self.assertFalse(self.client.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_noWatchWithoutHeartbeats(self) -> None:
+        """A relay that never sent a heartbeat (--heartbeat 0) is not timed."""
+        self.client.dataReceived(frames_for(Domain.EXECUTION, 1)[0])
+        self.clock.advance(3600)
+        self.assertFalse(self.client.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+def test_blocking_client_relay_dead() -> None:
+    """The blocking client raises RelayDead after three silent heartbeat intervals."""
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    path = os.path.join(workdir, "silent.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    try:
+        client = BlockingClient(path)
+        relay_end, _ = server.accept()
+        relay_end.sendall(heartbeat_frame(Domain.EXECUTION, 1, 0.1, {}))
+        started = time.monotonic()
+        with pytest.raises(RelayDead):
+            list(client.frames(timeout=5))
+        assert 0.3 <= time.monotonic() - started < 2
+        relay_end.close()
+        client.close()
+    finally:
+        server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
