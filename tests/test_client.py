@@ -21,7 +21,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.client import BlockingClient, RelayClientProtocol, RelayDead, relay_service
+from twisted_relay.client import (
+    BlockingClient,
+    RelayClientProtocol,
+    RelayDead,
+    relay_service,
+)
 from twisted_relay.control import heartbeat_frame, parse_control
 from twisted_relay.wire import Domain
 

@@ -174,7 +174,13 @@ class RelayFactory(ServerFactory):
         Settle what C{client}, now known to be C{peer}, may do; a peer that
         may do nothing is disconnected.
         """
-        client.stats.peer = peer.description
+        if peer.description != client.stats.peer:
+            self.log.info(
+                "client {client_id} identified: {peer}",
+                client_id=client.stats.client_id,
+                peer=peer.description,
+            )
+            client.stats.peer = peer.description
         client.may_publish = self.access.may_publish(peer)
         client.may_subscribe = self.access.may_subscribe(peer)
         if not (client.may_publish or client.may_subscribe):

@@ -32,6 +32,7 @@ from .interfaces import IRelayLogic
 from .relay import RelayFactory
 from .scan import NATIVE as NATIVE_SCAN
 from .status import status_site
+from .tls import client_certificate_endpoint, wants_client_certificates
 from .unixsocket import UnixSocketEndpoint
 from .validation import FramePolicy
 from .writeahead import WriteAhead
@@ -254,6 +255,11 @@ Examples:
         """The endpoint for one --listen value; Unix sockets get the safe one."""
         from twisted.internet import reactor
 
+        if wants_client_certificates(description):
+            try:
+                return client_certificate_endpoint(reactor, description)
+            except ValueError as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
         try:
             endpoint = serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
