@@ -46,22 +46,43 @@ class Case:
     subscribers: int
     count: int
     rate: int | None = None
+    #: The audit log: None for the domain's default, "off", or an --audit-fsync value.
+    audit: str | None = None
     result: dict = field(default_factory=dict)
+
+    @property
+    def audited(self) -> str:
+        """The audit log as the report shows it."""
+        if self.audit == "off":
+            return "off"
+        if self.audit is None and self.domain != "execution":
+            return "-"
+        fsync = self.audit or "always"
+        return "fsync always" if fsync == "always" else f"fsync {fsync} ms"
 
     @property
     def name(self) -> str:
         kind = f"latency@{self.rate}/s" if self.rate else "throughput"
-        return f"{self.relay} {self.domain} {self.size}B x{self.subscribers} {kind}"
+        audit = f" audit {self.audit}" if self.audit else ""
+        return f"{self.relay} {self.domain} {self.size}B x{self.subscribers}{audit} {kind}"
 
 
-def relay_command(case: Case, path: str) -> list[str]:
+def relay_command(case: Case, path: str, audit_dir: str) -> list[str]:
     if case.relay == "relay":
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        if case.audit == "off":
+            audit = ["--no-audit"]
+        elif case.audit is None and case.domain != "execution":
+            audit = []
+        else:
+            audit = ["--audit-dir", audit_dir, "--audit-fsync", case.audit or "always"]
         # Lossless for the measurement: every frame must arrive to be verified.
+        # No heartbeats: the subscribers verify a stream of published frames
+        # only (heartbeats go to idle clients alone, so they cost nothing here).
         return [
             twistd, "-n", "--pidfile=", "relay", "--domain", case.domain,
             "--listen", f"unix:{path}", "--slow-consumer", "block",
-            "--stall-timeout", "60", "--stats-interval", "0",
+            "--stall-timeout", "60", "--stats-interval", "0", "--heartbeat", "0", *audit,
         ]
     return [sys.executable, "-m", f"benchmarks.baselines.{case.relay}", f"unix:{path}"]
 
@@ -121,9 +142,10 @@ def peer(role: str, case: Case, path: str, *extra: str) -> subprocess.Popen:
 
 def run_case(case: Case, workdir: str) -> dict:
     path = os.path.join(workdir, f"{case.relay}.sock")
+    audit_dir = tempfile.mkdtemp(prefix="audit-", dir=workdir)
     log = open(os.path.join(workdir, f"{case.relay}.log"), "wb")
     relay = subprocess.Popen(
-        relay_command(case, path), cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        relay_command(case, path, audit_dir), cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": REPO},
     )
     processes = [relay]
@@ -151,6 +173,7 @@ def run_case(case: Case, workdir: str) -> dict:
                 process.kill()
             process.wait()
         log.close()
+        shutil.rmtree(audit_dir, ignore_errors=True)
     with open(os.path.join(workdir, f"{case.relay}.log"), errors="replace") as f:
         scan = re.search(r"scan (native|pure Python)", f.read())
     started = published["started_ns"]
@@ -206,6 +229,10 @@ def matrix(smoke: bool) -> list[Case]:
                 cases.append(Case(relay, "market", size, subscribers, count))
             for domain in ("market", "signal", "execution"):
                 cases.append(Case("relay", domain, size, subscribers, count))
+    # The execution relay's throughput under each audit log setting.
+    count = COUNTS[128] // scale
+    for audit in ("off", "10", "always"):
+        cases.append(Case("relay", "execution", 128, 4, count, audit=audit))
     rate, seconds = 100_000, (0.2 if smoke else 5)
     for relay in ("relay", "floor", "ceiling"):
         cases.append(Case(relay, "market", 64, 4, int(rate * seconds), rate=rate))
@@ -234,9 +261,9 @@ def report(cases: list[Case]) -> str:
         return "-"
 
     lines = [
-        "| relay | domain | frame | subs | msg/s per sub (min) | MB/s per sub | "
+        "| relay | domain | audit log | frame | subs | msg/s per sub (min) | MB/s per sub | "
         "x floor | x ceiling | relay CPU s | relay peak RSS MiB | verified |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case in cases:
         if case.rate:
@@ -244,12 +271,12 @@ def report(cases: list[Case]) -> str:
         r = case.result
         if not r.get("verified"):
             lines.append(
-                f"| {case.relay} | {case.domain} | {case.size} | {case.subscribers} | "
-                f"FAILED {r.get('error', '')} | | | | | | no |"
+                f"| {case.relay} | {case.domain} | {case.audited} | {case.size} | "
+                f"{case.subscribers} | FAILED {r.get('error', '')} | | | | | | no |"
             )
             continue
         lines.append(
-            f"| {case.relay} | {case.domain} | {case.size} | {case.subscribers} | "
+            f"| {case.relay} | {case.domain} | {case.audited} | {case.size} | {case.subscribers} | "
             f"{r['msg_per_s']:,.0f} | {r['mb_per_s']:.1f} | {ratio(case, 'floor')} | "
             f"{ratio(case, 'ceiling')} | {r['relay_cpu_s']:.2f} | "
             f"{r['relay_peak_rss_mib']:.0f} | yes |"
