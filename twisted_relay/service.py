@@ -410,7 +410,8 @@ class RelayService(Service):
             "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, "
             "checksum {checksum}, strict TLV {strict_tlv}, slow consumers: {delivery} "
             "(high-water {high_water} bytes, low-water {low_water}, stall timeout "
-            "{stall_timeout}s), echo {echo}, scan {scan}",
+            "{stall_timeout}s), echo {echo}, scan {scan}, audit log {audit}, heartbeat "
+            "{heartbeat}, may publish: {publishers}, may subscribe: {subscribers}",
             name=logic.name,
             domain=logic.domain,
             max_frame=policy.max_frame_size,
@@ -422,6 +423,15 @@ class RelayService(Service):
             stall_timeout=factory.delivery.stall_timeout,
             echo=_onOff(factory.echo),
             scan="native" if NATIVE_SCAN else "pure Python",
+            audit=(
+                f"{factory.writeahead.audit.directory} (fsync "
+                f"{factory.writeahead.fsync_description})"
+                if factory.writeahead is not None
+                else "off"
+            ),
+            heartbeat=f"{factory.heartbeat_interval:g}s" if factory.heartbeat_interval else "off",
+            publishers=factory.access.publish or "anyone",
+            subscribers=factory.access.subscribe or "anyone",
         )
 
     def startService(self) -> None:
