@@ -171,10 +171,32 @@ class ReplayTests(SynchronousTestCase):
         incoming = Incoming()
         incoming.recovering[42] = 5
         kept = [
-            f for f in frames_in(late.transport.value()) if incoming.passes(unpack_header(f), f)
+            pair[1]
+            for f in frames_in(late.transport.value())
+            for pair in incoming.deliver(unpack_header(f), f)
         ]
         self.assertEqual(kept, self.frames[:10])
         self.assertEqual(incoming.answers, [(42, 5, REPLAYING)])
+
+    def test_liveBeforeRefusalKept(self) -> None:
+        """
+        Without a replay to follow (no audit log), the frames held while waiting
+        for the answer are delivered with it, in order, before later ones.
+        """
+        relay = make_relay(Domain.EXECUTION)
+        publisher, late = connect(relay), connect(relay)
+        publisher.dataReceived(b"".join(self.frames[:3]))
+        late.dataReceived(recovery_frame({42: 2}))
+        publisher.dataReceived(b"".join(self.frames[3:5]))
+        incoming = Incoming()
+        incoming.recovering[42] = 2
+        kept = [
+            pair[1]
+            for f in frames_in(late.transport.value())
+            for pair in incoming.deliver(unpack_header(f), f)
+        ]
+        self.assertEqual(kept, self.frames[:5])
+        self.assertEqual(incoming.answers, [(42, 2, NO_AUDIT_LOG)])
 
     def test_ownFramesNotReplayed(self) -> None:
         """A client is not replayed what it published on this connection (no echo)."""

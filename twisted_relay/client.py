@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from .control import (
+    REPLAYING,
     control_frame,
     parse_heartbeat,
     parse_recovery_response,
@@ -40,12 +41,17 @@ class RelayDead(ConnectionError):
     """The relay sent nothing, not even a heartbeat, for three intervals."""
 
 
+#: What L{Incoming.deliver} returns for a frame the application does not get now.
+_NOTHING: tuple[tuple[Header, bytes], ...] = ()
+
+
 class Incoming:
     """
     Sorts what the relay sends: heartbeats and recovery answers are taken
-    out of the stream, and so are the live frames of a source being
-    recovered that arrive before the relay's answer (the replay that follows
-    the answer carries them again, in order).
+    out of the stream. Live frames of a source being recovered that arrive
+    before the relay's answer are held: if a replay follows the answer it
+    carries them again, in order, and they are dropped; otherwise they are
+    delivered when the answer comes.
     """
 
     def __init__(self) -> None:
@@ -58,25 +64,30 @@ class Incoming:
         #: The relay's answers: (source, first sequence, status).
         self.answers: list[tuple[int, int, int]] = []
         self.heartbeats = 0
+        self._held: dict[int, list[tuple[Header, bytes]]] = {}
 
-    def passes(self, header: Header, frame: bytes) -> bool:
-        """Whether C{frame} goes to the application."""
+    def deliver(self, header: Header, frame: bytes) -> tuple[tuple[Header, bytes], ...]:
+        """The C{(header, frame)} pairs the application gets now, in order."""
         if header.relay_domain == Domain.SYSTEM:
             beat = parse_heartbeat(header, frame)
             if beat is not None:
                 self.heartbeat_interval, self.last_sequences = beat
                 self.heartbeats += 1
-                return False
+                return _NOTHING
             answer = parse_recovery_response(header, frame)
             if answer is not None:
-                self.recovering.pop(answer[0], None)
+                source, _, status = answer
+                self.recovering.pop(source, None)
                 self.answers.append(answer)
-                return False
-            return True
+                held = self._held.pop(source, [])
+                return _NOTHING if status == REPLAYING else tuple(held)
+            return ((header, frame),)
         if self.recovering:
             first = self.recovering.get(header.source)
-            return first is None or header.sequence < first
-        return True
+            if first is not None and header.sequence >= first:
+                self._held.setdefault(header.source, []).append((header, frame))
+                return _NOTHING
+        return ((header, frame),)
 
 
 class Declaring:
@@ -130,8 +141,8 @@ class RelayClientProtocol(Declaring, Protocol):
         try:
             for buf, start, header in self._framer.frames(data):
                 frame = buf[start : start + HEADER_SIZE + header.payload_size]
-                if incoming.passes(header, frame):
-                    self.frameReceived(header, frame)
+                for delivered in incoming.deliver(header, frame):
+                    self.frameReceived(*delivered)
         except FramingLost as error:
             self.log.error("relay stream unreadable, closing: {error}", error=str(error))
             self.transport.loseConnection()
@@ -325,9 +336,7 @@ class BlockingClient(Declaring):
         if not data:
             self.connected = False
             return False
-        passes = self.incoming.passes
+        deliver, ready = self.incoming.deliver, self._ready
         for buf, start, header in self._framer.frames(data):
-            frame = buf[start : start + HEADER_SIZE + header.payload_size]
-            if passes(header, frame):
-                self._ready.append((header, frame))
+            ready.extend(deliver(header, buf[start : start + HEADER_SIZE + header.payload_size]))
         return True
