@@ -87,11 +87,15 @@ def test_replay_json(log_dir, capsys):
 
 
 def test_replay_lines(log_dir, capsys):
-    """Without --json, a frame is its record index, its client and the tap line."""
+    """Without --json, a frame is its record index, its receive time, its client and the tap line."""
     assert main(["replay", log_dir]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == COUNT
-    assert lines[7] == f"#7 client 2  {describe(unpack_header(FRAMES[7]), FRAMES[7], False)}"
+    received = datetime.fromtimestamp(RECORDS[7]["received_ns"] / 1e9, timezone.utc)
+    assert lines[7] == (
+        f"#7 received {received:%Y-%m-%dT%H:%M:%S.%fZ} client 2  "
+        f"{describe(unpack_header(FRAMES[7]), FRAMES[7], False)}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -18,6 +21,8 @@ from twisted_relay.cli import describe, synthetic
 from twisted_relay.domains import BUILTIN_DOMAINS
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import build_frame, unpack_header
+
+from .relayprocess import RelayProcess
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
 
@@ -112,3 +117,29 @@ def test_relay_of_another_domain(http_relay):
             f"twisted-relay: the relay at {path} is the market relay (domain 1), "
             f"not execution: use --domain market\n"
         )
+
+
+def test_publish_relay_gone():
+    """A relay that dies while publish sends: one line saying how far it got, exit 1."""
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    path = os.path.join(workdir, "m.sock")
+    relay = RelayProcess(workdir, "--domain", "market", "--listen", f"unix:{path}")
+    relay.start().wait_listening()
+    try:
+        publisher = subprocess.Popen(
+            [COMMAND, "publish", path, "--count", "100000000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)
+        relay.process.kill()
+        relay.wait_exit()
+        _, stderr = publisher.communicate(timeout=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert publisher.returncode == 1
+    assert re.fullmatch(
+        rf"twisted-relay: the relay at {path} closed the connection after [\d,]+ frames were sent\n",
+        stderr,
+    ), stderr

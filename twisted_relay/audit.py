@@ -339,6 +339,8 @@ class AuditLog:
             last record.
         @raise OSError: the directory cannot be used.
         """
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(errno.ENOTDIR, "it is not a directory")
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
         self._lock = os.open(self.directory, os.O_RDONLY)
         try:

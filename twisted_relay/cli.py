@@ -138,6 +138,17 @@ def connect(args: argparse.Namespace) -> BlockingClient:
         raise Failed(f"cannot connect to {endpoint}: {e}") from None
 
 
+def send(relay: BlockingClient, data: bytes, frames_before: int, args: argparse.Namespace) -> None:
+    """Publish C{data}; a relay that goes away is an error saying how far the command got."""
+    try:
+        relay.publish(data)
+    except (BrokenPipeError, ConnectionResetError):
+        raise Failed(
+            f"the relay at {args.endpoint or args.logic.socket_path} closed the connection "
+            f"after {frames_before:,} frames were sent"
+        ) from None
+
+
 def introduce(relay: BlockingClient, args: argparse.Namespace, **declaration) -> None:
     """Declare the connection's role and check that the relay is of --domain."""
     where = args.endpoint or args.logic.socket_path
@@ -208,7 +219,7 @@ def publish(args: argparse.Namespace) -> None:
             if len(batch) < 256 and sent < args.count and not args.rate:
                 continue
             data = b"".join(batch)
-            relay.publish(data)
+            send(relay, data, sent - len(batch), args)
             size += len(data)
             batch = []
             if args.rate:
@@ -249,6 +260,13 @@ def status(args: argparse.Namespace) -> None:
         f"pauses     {totals['publisher_pauses']}, {totals['publishers_paused_s']}s in all, "
         f"longest {totals['longest_pause_s']}s"
     )
+    audit = health.get("audit")
+    if audit is not None:
+        state = f"FAILING: {audit['failing']}" if audit["failing"] else "ok"
+        print(
+            f"audit log  {audit['directory']}: {audit['records']:,} records, chain head "
+            f"{audit['chain_head']}, fsync {audit['fsync']}, {state}"
+        )
     print()
     print(f"{'id':>4}  {'role':<20} {'peer':<26} {'in':>12} {'out':>12} {'dropped':>9} {'buffered':>10}")
     for client in health["clients"]:
@@ -320,7 +338,11 @@ def replay(args: argparse.Namespace) -> None:
                     "frame": record.frame.hex(),
                 })
             else:
-                line = f"#{record.index} client {record.client_id}  {describe(header, record.frame, False)}"
+                received = datetime.fromtimestamp(record.received_ns / 1e9, timezone.utc)
+                line = (
+                    f"#{record.index} received {received:%Y-%m-%dT%H:%M:%S.%fZ} client "
+                    f"{record.client_id}  {describe(header, record.frame, False)}"
+                )
             print(line)
     except AuditDamage as damage:
         sys.stdout.flush()  # the frames before the damage come before the error
@@ -337,7 +359,7 @@ def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
         def flush() -> None:
             nonlocal sent, size, batch
             data = b"".join(batch)
-            relay.publish(data)
+            send(relay, data, sent, args)
             sent, size, batch = sent + len(batch), size + len(data), []
 
         try:

@@ -55,6 +55,20 @@ def _number(kind: type, option: str, value: str | None):
     return number
 
 
+#: The smallest --audit-rotate: below it the log would start a file per write.
+MIN_AUDIT_FILE = 65536
+
+
+def _accessList(option: str, entries: list[str], own_uid: bool = False) -> AccessList | None:
+    """The list given by --option (None: anyone), with the relay's own user if C{own_uid}."""
+    try:
+        if own_uid:
+            return AccessList.own_uid_and(entries)
+        return AccessList(entries) if entries else None
+    except ValueError as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
+
+
 class Options(usage.Options):
     synopsis = "[--domain NAME] [--listen ENDPOINT]... [options]"
     longdesc = (
@@ -213,19 +227,12 @@ Examples:
         self["drain-timeout"] = _number(float, "drain-timeout", self["drain-timeout"])
         self["heartbeat"] = _number(float, "heartbeat", self["heartbeat"])
         self._auditOptions(logic)
-        try:
-            self["access"] = Access(
-                publish=(
-                    AccessList.own_uid_and(self["allow-publish"])
-                    if logic.restrict_publishers
-                    else AccessList(self["allow-publish"]) if self["allow-publish"] else None
-                ),
-                subscribe=(
-                    AccessList(self["allow-subscribe"]) if self["allow-subscribe"] else None
-                ),
-            )
-        except ValueError as e:
-            raise usage.UsageError(f"--allow-publish/--allow-subscribe: {e}") from None
+        self["access"] = Access(
+            publish=_accessList(
+                "allow-publish", self["allow-publish"], own_uid=logic.restrict_publishers
+            ),
+            subscribe=_accessList("allow-subscribe", self["allow-subscribe"]),
+        )
         if not self["listen"]:
             self["listen"] = [f"unix:{logic.socket_path}"]
         self["endpoints"] = [self._endpoint(d) for d in self["listen"]]
@@ -243,13 +250,21 @@ Examples:
         if fsync == "always":
             self["audit-fsync"] = None
         else:
-            interval = _number(float, "audit-fsync", fsync)
-            if not interval:
+            try:
+                interval = float(fsync)
+            except ValueError:
+                interval = 0
+            if not 0 < interval < math.inf:
                 raise usage.UsageError(
                     f"--audit-fsync takes 'always' or a number of milliseconds > 0, not {fsync!r}"
                 )
             self["audit-fsync"] = interval / 1000
         self["audit-rotate"] = _number(int, "audit-rotate", self["audit-rotate"])
+        if self["audit-rotate"] < MIN_AUDIT_FILE:
+            raise usage.UsageError(
+                f"--audit-rotate {self['audit-rotate']} is below the smallest audit file "
+                f"size, {MIN_AUDIT_FILE} bytes"
+            )
 
     def _endpoint(self, description: str) -> IStreamServerEndpoint:
         """The endpoint for one --listen value; Unix sockets get the safe one."""
