@@ -121,17 +121,30 @@ class AuditLogTests(SynchronousTestCase):
         self.assertEqual(log.records, 5)
         log.close()
 
-    def test_tornHeaderRemoved(self) -> None:
-        """A newest file cut short in its header holds no record: removed at open."""
+    def test_unfinishedFileRemoved(self) -> None:
+        """A new file whose header was still being written (a crash) is removed at open."""
         write_log(self.directory, FRAMES[:5], rotate=1 << 20)
-        torn = os.path.join(self.directory, f"{5:020d}.audit")
-        with open(torn, "wb") as f:
+        unfinished = os.path.join(self.directory, f"{5:020d}.audit.new")
+        with open(unfinished, "wb") as f:
             f.write(b"TRAUDIT1\x05")
         log = AuditLog(self.directory)
         [warning] = log.open()
-        self.assertIn("header was torn", warning)
+        self.assertIn("had not finished", warning)
+        self.assertFalse(os.path.exists(unfinished))
         self.assertEqual(log.records, 5)
         log.close()
+
+    def test_damagedHeaderRefused(self) -> None:
+        """A header that does not check out is damage: the file is left alone."""
+        write_log(self.directory, FRAMES[:5], rotate=1 << 20)
+        path = audit_files(self.directory)[-1].path
+        with open(path, "r+b") as f:
+            f.seek(28)  # the count of (source, sequence) pairs
+            f.write(b"\xff")
+        size = os.path.getsize(path)
+        error = self.assertRaises(AuditDamage, AuditLog(self.directory).open)
+        self.assertFalse(error.torn)
+        self.assertEqual(os.path.getsize(path), size)
 
     def test_editedRecordRefused(self) -> None:
         """A changed byte in the newest file is damage, not a torn tail: never cut."""
@@ -176,24 +189,27 @@ class AuditLogTests(SynchronousTestCase):
         self.assertEqual(report.sequence_holes, [(42, 10, 13)])
 
     def test_failedAppendLeavesNothing(self) -> None:
-        """An append that fails leaves the log as it was and can be retried."""
+        """
+        An append whose write fails (here: the log's descriptor made read-only)
+        changes neither the record count nor the chain, and can be retried.
+        """
         log = AuditLog(self.directory, rotate_size=1 << 20)
         log.open()
         log.append(1, [FRAMES[0]], 0)
+        head = log.head
         fd = log._fd
-        os.close(fd)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), fd)
+        saved = os.dup(fd)
+        readonly = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(readonly, fd)
         self.assertRaises(OSError, log.append, 1, [FRAMES[1]], 0)
-        self.assertEqual(log.records, 1)
-        os.close(fd)
-        log._fd = -1
-        log.close()
-        log = AuditLog(self.directory)
-        log.open()
-        self.assertEqual(log.records, 1)
+        self.assertEqual((log.records, log.head), (1, head))
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(readonly)
         log.append(1, [FRAMES[1]], 0)
         log.close()
         self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES[:2])
+        self.assertIsNone(verify(self.directory).damage)
 
     def test_oneWriterPerDirectory(self) -> None:
         """A second log on the same directory is refused while the first is open."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -17,6 +18,7 @@ from twisted_relay.audit import AuditLog, audit_files
 from twisted_relay.client import Incoming
 from twisted_relay.control import (
     NO_AUDIT_LOG,
+    NOT_SUBSCRIBED,
     REPLAYING,
     control_frame,
     parse_heartbeat,
@@ -221,6 +223,71 @@ class ReplayTests(SynchronousTestCase):
         run_cooperator(self.relay)
         self.publish(self.frames[10:12])
         self.assertEqual(published(late.transport.value()), self.frames[10:12])
+
+    def test_relayFramesQueuedDuringReplay(self) -> None:
+        """
+        The relay's own frames queued behind the start of a replay go out, and
+        live frames flow after it (nothing stays stuck in the queue).
+        """
+        self.publish(self.frames[:50])
+        late = connect(self.relay)
+        late.outbox.pauseProducing()
+        late.dataReceived(recovery_frame({42: 1}))
+        late.dataReceived(control_frame())  # its RelayInfo answer queues too
+        late.outbox.resumeProducing()
+        run_cooperator(self.relay)
+        self.publish(self.frames[50:60])
+        self.assertEqual(late.outbox.queue, deque())
+        self.assertEqual(published(late.transport.value()), self.frames[:60])
+
+    def test_subscriptionChangeDuringReplay(self) -> None:
+        """A subscription changed while replaying applies to the rest of the replay."""
+        self.publish([f for pair in zip(self.frames[:20], self.others[:20]) for f in pair])
+        late = connect(self.relay)
+        late.outbox.pauseProducing()
+        late.dataReceived(recovery_frame({42: 1, 43: 1}))
+        late.dataReceived(control_frame(sources=[43]))
+        late.outbox.resumeProducing()
+        run_cooperator(self.relay)
+        self.assertEqual(published(late.transport.value()), self.others[:20])
+
+    def test_damagedLogCutsTheReplay(self) -> None:
+        """A replay that meets a damaged record ends the connection, with the reason."""
+        for n in range(0, 200, 10):
+            self.publish(self.frames[n : n + 10])
+        oldest = audit_files(self.relay.writeahead.audit.directory)[0]
+        with open(oldest.path, "r+b") as f:
+            f.seek(oldest.header_size + 40)
+            f.write(b"\xff")
+        late = connect(self.relay)
+        late.dataReceived(recovery_frame({42: 1}))
+        run_cooperator(self.relay)
+        self.assertTrue(late.transport.disconnecting)
+        self.assertEqual(late.stats.close_reason, "replay failed")
+        self.assertEqual(self.relay.totals.cut_offs, {"replay failed": 1})
+
+    def test_oldFilesArchived(self) -> None:
+        """Files removed by retention while the relay runs are skipped, not fatal."""
+        for n in range(0, 200, 10):
+            self.publish(self.frames[n : n + 10])
+        files = audit_files(self.relay.writeahead.audit.directory)
+        os.unlink(files[0].path)
+        late = connect(self.relay)
+        late.dataReceived(recovery_frame({42: 1}))
+        run_cooperator(self.relay)
+        self.assertEqual(published(late.transport.value()), self.frames[files[1].first_index :])
+
+    def test_publishOnlyRefused(self) -> None:
+        """A connection that receives nothing cannot read the log through a replay."""
+        self.publish(self.frames[:10])
+        late = connect(self.relay)
+        late.dataReceived(control_frame(publish_only=True) + recovery_frame({42: 1}))
+        run_cooperator(self.relay)
+        answers = [
+            parse_recovery_response(unpack_header(f), f) for f in frames_in(late.transport.value())
+        ]
+        self.assertIn((42, 1, NOT_SUBSCRIBED), answers)
+        self.assertEqual(published(late.transport.value()), [])
 
     def test_noAuditLog(self) -> None:
         """A relay without an audit log says so and the client stays live."""

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from twisted_relay.audit import LogReader, audit_paths, verify
+from twisted_relay.audit import AuditDamage, LogReader, audit_paths, verify
 from twisted_relay.client import BlockingClient, RelayDead
 from twisted_relay.control import control_frame
 from twisted_relay.wire import build_frame
@@ -41,6 +41,17 @@ def orders(count: int, source: int = SOURCE) -> list[bytes]:
 
 def logged(directory: str) -> list[bytes]:
     return [record.frame for record in LogReader(audit_paths(directory))]
+
+
+def readable(directory: str) -> set[bytes]:
+    """The frames of the log up to its first damaged record (a torn tail after a kill)."""
+    frames: set[bytes] = set()
+    try:
+        for record in LogReader(audit_paths(directory)):
+            frames.add(record.frame)
+    except AuditDamage:
+        pass
+    return frames
 
 
 @pytest.fixture
@@ -161,6 +172,8 @@ def test_killNineAtRandom(workdir) -> None:
             time.sleep(rng.uniform(0.1, 0.6))
             relay.process.kill()
             relay.wait_exit()
+            # Everything any subscriber got from the dead relay is in its log.
+            assert set(subscriber.received) <= readable(audit)
             report = verify(audit)
             if report.damage is not None:
                 assert report.damage.torn, report.damage
@@ -261,6 +274,8 @@ def test_auditWriteFailure(workdir) -> None:
         in_log = logged(audit)
         assert 0 < len(received) == len(in_log) < len(frames)
         assert received == frames[: len(received)]
+        late = BlockingClient(path)
+        late.recover({SOURCE: 1})
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             health = json.load(response)
         assert health["status"] == "degraded"
@@ -272,6 +287,8 @@ def test_auditWriteFailure(workdir) -> None:
         received += [f for _, f in subscriber.receive(len(frames) - len(received), TIMEOUT)]
         feeding.join(TIMEOUT)
         assert received == frames
+        # a replay asked for during the outage: every frame once, in order
+        assert [f for _, f in late.receive(len(frames) + 1, timeout=2.0)] == frames
         assert "audit log writable again" in relay.log()
     finally:
         relay.stop()

@@ -31,12 +31,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .wire import HEADER_SIZE, MAGIC, PAYLOAD_SIZE_OFFSET, ROUTING, UINT32
+from .wire import HEADER_SIZE, MAGIC, PAYLOAD_SIZE_OFFSET, ROUTING, SOURCE_SEQUENCE, UINT32
 
 FILE_MAGIC = b"TRAUDIT1"
 SUFFIX = ".audit"
+#: Added to the name of a new file until its header is on disk.
+_UNFINISHED = ".new"
 _FILE_HEAD = struct.Struct("<8sQIQH")
-_SOURCE_SEQUENCE = struct.Struct("<BQ")
 _RECORD = struct.Struct("<IQI")
 RECORD_OVERHEAD = _RECORD.size + UINT32.size
 #: Bytes read from an audit file at a time.
@@ -100,26 +101,29 @@ class AuditFile:
         with open(path, "rb") as f:
             head = f.read(_FILE_HEAD.size)
             if len(head) < _FILE_HEAD.size:
-                raise AuditDamage(path, 0, 0, "file header is incomplete", torn=True)
+                raise AuditDamage(path, 0, 0, "file header is incomplete")
             magic, first, seed, created, count = _FILE_HEAD.unpack(head)
             if magic != FILE_MAGIC:
                 raise AuditDamage(path, 0, 0, f"not an audit file (magic {magic!r})")
-            pairs = f.read(count * _SOURCE_SEQUENCE.size + UINT32.size)
-        if len(pairs) < count * _SOURCE_SEQUENCE.size + UINT32.size:
-            raise AuditDamage(path, first, 0, "file header is incomplete", torn=True)
+            pairs = f.read(count * SOURCE_SEQUENCE.size + UINT32.size)
+        if len(pairs) < count * SOURCE_SEQUENCE.size + UINT32.size:
+            raise AuditDamage(path, first, 0, "file header is incomplete")
         (crc,) = UINT32.unpack_from(pairs, len(pairs) - UINT32.size)
         if zlib.crc32(pairs[: -UINT32.size], zlib.crc32(head)) != crc:
             raise AuditDamage(path, first, 0, "file header checksum does not match")
         sequences = dict(
-            _SOURCE_SEQUENCE.iter_unpack(pairs[: count * _SOURCE_SEQUENCE.size])
+            SOURCE_SEQUENCE.iter_unpack(pairs[: count * SOURCE_SEQUENCE.size])
         )
         return cls(path, first, seed, created, sequences, len(head) + len(pairs))
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
 
     @staticmethod
     def header(first_index: int, seed: int, sequences: dict[int, int]) -> bytes:
         body = _FILE_HEAD.pack(
             FILE_MAGIC, first_index, seed, time.time_ns(), len(sequences)
-        ) + b"".join(_SOURCE_SEQUENCE.pack(s, q) for s, q in sorted(sequences.items()))
+        ) + b"".join(SOURCE_SEQUENCE.pack(s, q) for s, q in sorted(sequences.items()))
         return body + UINT32.pack(zlib.crc32(body))
 
     def records(self, position: Position | None = None) -> Iterator[Record]:
@@ -329,6 +333,7 @@ class AuditLog:
         self._size = 0
         self._lock = -1
         self.dirty = False
+        self._unfinished = False
 
     def open(self) -> list[str]:
         """
@@ -352,20 +357,17 @@ class AuditLog:
                 errno.EBUSY, f"another relay writes to the audit directory {self.directory}"
             ) from None
         warnings: list[str] = []
+        for name in os.listdir(self.directory):
+            if name.endswith(_UNFINISHED):
+                # A file whose header was being written when the relay died:
+                # it never held a record.
+                os.unlink(os.path.join(self.directory, name))
+                warnings.append(f"removed {name}, a new file the relay had not finished")
         paths = audit_paths(self.directory)
-        while paths:
-            path = paths.pop()
-            try:
-                newest = AuditFile.read(path)
-            except AuditDamage as damage:
-                if not damage.torn:
-                    raise
-                warnings.append(f"removed {path}: its header was torn, it held no record")
-                os.unlink(path)
-                continue
-            self._resume(newest, warnings)
-            return warnings
-        self._start(0, 0, {})
+        if paths:
+            self._resume(AuditFile.read(paths[-1]), warnings)
+        else:
+            self._start(0, 0, {})
         return warnings
 
     def _resume(self, newest: AuditFile, warnings: list[str]) -> None:
@@ -390,27 +392,37 @@ class AuditLog:
         self._size = position.offset
 
     def _start(self, first_index: int, seed: int, sequences: dict[int, int]) -> None:
-        """Begin a new file: its records will follow C{first_index} and C{seed}."""
+        """
+        Begin a new file: its records will follow C{first_index} and C{seed}.
+        Its header is written and synced under another name first, so a file
+        of the log never has a partial header.
+        """
         path = os.path.join(self.directory, f"{first_index:020d}{SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+        unfinished = path + _UNFINISHED
+        fd = os.open(unfinished, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             os.fchmod(fd, 0o640)
             header = AuditFile.header(first_index, seed, sequences)
             _write_all(fd, header)
             os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(unfinished, path)
             directory = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(directory)
             finally:
                 os.close(directory)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except OSError:
-            os.close(fd)
-            os.unlink(path)
+            if os.path.exists(unfinished):
+                os.unlink(unfinished)
             raise
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._size = fd, len(header)
-        self.files.append(AuditFile(path, first_index, seed, 0, dict(sequences), len(header)))
+        self.files.append(AuditFile.read(path))
 
     def append(self, client_id: int, runs: list[bytes], received_ns: int) -> int:
         """
@@ -420,6 +432,10 @@ class AuditLog:
         @raise OSError: the write failed (disk full, I/O error); the file is
             as it was before.
         """
+        if self._unfinished:
+            # A failed append left bytes that could not be removed then.
+            os.ftruncate(self._fd, self._size)
+            self._unfinished = False
         if self._size >= self.rotate_size:
             os.fdatasync(self._fd)
             self._start(self.records, self.head, self.sequences)
@@ -456,11 +472,14 @@ class AuditLog:
         return count
 
     def _undo(self) -> None:
-        """Remove what a failed append wrote, so the file ends on a whole record."""
+        """
+        Remove what a failed append wrote, so the file ends on a whole record;
+        if that fails too, the next append removes it first, or fails.
+        """
         try:
             os.ftruncate(self._fd, self._size)
         except OSError:
-            pass
+            self._unfinished = True
 
     def sync(self) -> None:
         """Make everything appended so far durable."""

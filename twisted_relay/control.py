@@ -33,7 +33,15 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .wire import HEADER_SIZE, Domain, FrameRejected, Header, build_frame, tlv_spans
+from .wire import (
+    HEADER_SIZE,
+    SOURCE_SEQUENCE,
+    Domain,
+    FrameRejected,
+    Header,
+    build_frame,
+    tlv_spans,
+)
 
 RELAY_ROLE = 250
 SUBSCRIBE_SOURCES = 251
@@ -52,8 +60,10 @@ REPLAYING = 0
 NO_AUDIT_LOG = 1
 #: RecoveryResponse status: a replay is already running for this connection.
 BUSY = 2
+#: RecoveryResponse status: this connection receives nothing (publish-only,
+#: or not allowed to subscribe).
+NOT_SUBSCRIBED = 3
 
-_SOURCE_SEQUENCE = struct.Struct("<BQ")
 _INTERVAL_MS = struct.Struct("<I")
 _RECOVERY_RESPONSE = struct.Struct("<BQB")
 
@@ -130,12 +140,12 @@ def parse_control(buf: bytes, start: int, end: int) -> Control | None:
             return None
         value = bytes(buf[value_start:value_end])
         if tlv_type == RECOVERY_REQUEST:
-            if len(value) != _SOURCE_SEQUENCE.size:
+            if len(value) != SOURCE_SEQUENCE.size:
                 raise BadControlFrame(
                     f"RecoveryRequest value of {len(value)} bytes is not source u8 + "
                     f"sequence u64"
                 )
-            source, sequence = _SOURCE_SEQUENCE.unpack(value)
+            source, sequence = SOURCE_SEQUENCE.unpack(value)
             recovery[source] = sequence
         else:
             fields[tlv_type] = value
@@ -177,15 +187,17 @@ def control_frame(
         tlvs.append((SUBSCRIBE_SOURCES, bytes(sorted(set(sources)))))
     if tlv_types is not None:
         tlvs.append((SUBSCRIBE_TLV_TYPES, bytes(sorted(set(tlv_types)))))
-    for wanted, first in sorted((recover or {}).items()):
-        tlvs.append((RECOVERY_REQUEST, _SOURCE_SEQUENCE.pack(wanted, first)))
+    tlvs += _recovery_tlvs(recover or {})
     return build_frame(Domain.SYSTEM, source, sequence, tlvs)
 
 
 def recovery_frame(recover: Mapping[int, int]) -> bytes:
     """A control frame that only asks for a replay, keeping the subscription."""
-    tlvs = [(RECOVERY_REQUEST, _SOURCE_SEQUENCE.pack(s, q)) for s, q in sorted(recover.items())]
-    return build_frame(Domain.SYSTEM, 0, 0, tlvs)
+    return build_frame(Domain.SYSTEM, 0, 0, _recovery_tlvs(recover))
+
+
+def _recovery_tlvs(recover: Mapping[int, int]) -> list[tuple[int, bytes]]:
+    return [(RECOVERY_REQUEST, SOURCE_SEQUENCE.pack(s, q)) for s, q in sorted(recover.items())]
 
 
 def recovery_response_frame(domain: int, source: int, first: int, status: int) -> bytes:
@@ -199,7 +211,7 @@ def heartbeat_frame(
 ) -> bytes:
     """A relay's heartbeat: its interval and the last sequence forwarded per source."""
     value = _INTERVAL_MS.pack(round(interval * 1000)) + b"".join(
-        _SOURCE_SEQUENCE.pack(s, q) for s, q in sorted(sequences.items())
+        SOURCE_SEQUENCE.pack(s, q) for s, q in sorted(sequences.items())
     )
     return build_frame(Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), sequence, [(HEARTBEAT, value)])
 
@@ -220,10 +232,10 @@ def _system_tlv(header: Header, frame: bytes, tlv_type: int) -> bytes | None:
 def parse_heartbeat(header: Header, frame: bytes) -> tuple[float, dict[int, int]] | None:
     """C{(interval, {source: last sequence})} if C{frame} is a heartbeat, else C{None}."""
     value = _system_tlv(header, frame, HEARTBEAT)
-    if value is None or (len(value) - _INTERVAL_MS.size) % _SOURCE_SEQUENCE.size:
+    if value is None or (len(value) - _INTERVAL_MS.size) % SOURCE_SEQUENCE.size:
         return None
     (interval_ms,) = _INTERVAL_MS.unpack_from(value)
-    return interval_ms / 1000, dict(_SOURCE_SEQUENCE.iter_unpack(value[_INTERVAL_MS.size :]))
+    return interval_ms / 1000, dict(SOURCE_SEQUENCE.iter_unpack(value[_INTERVAL_MS.size :]))
 
 
 def parse_recovery_response(header: Header, frame: bytes) -> tuple[int, int, int] | None:

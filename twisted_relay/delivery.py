@@ -165,8 +165,10 @@ class Outbox:
         while queue and self.writable:
             item = queue.popleft()
             if item is _REPLAY:
+                # What follows in the queue is the relay's own frames (the
+                # client is off the live stream): they go out as before.
                 self.replay.begin(self.relay.cooperator)
-                break
+                continue
             runs, frames, size = item
             self.queued -= size
             self._write(runs, frames, size)

@@ -22,6 +22,7 @@ from .access import Access, Peer, peer_of
 from .control import (
     BUSY,
     NO_AUDIT_LOG,
+    NOT_SUBSCRIBED,
     Subscription,
     heartbeat_frame,
     recovery_response_frame,
@@ -239,6 +240,8 @@ class RelayFactory(ServerFactory):
             refusal, detail = NO_AUDIT_LOG, "this relay keeps no audit log"
         elif client.outbox.replay is not None:
             refusal, detail = BUSY, "a replay is already running for it"
+        elif client.subscription.publish_only:
+            refusal, detail = NOT_SUBSCRIBED, "it receives nothing (publish-only or not allowed)"
         if refusal is not None:
             log.warn(
                 "client {client_id} asked for a replay of {wanted}: {detail}",
@@ -250,7 +253,7 @@ class RelayFactory(ServerFactory):
                 answer = recovery_response_frame(self.logic.domain, source, first, refusal)
                 client.outbox.send([answer], 0, len(answer))
             return
-        replay = Replay(self, client, self.writeahead.audit, dict(wanted))
+        replay = Replay(self, client, self.writeahead, dict(wanted))
         log.info(
             "client {client_id} asked for a replay of {wanted} (source: first sequence); "
             "replaying from the audit log, live again after record {detached_at}",
@@ -269,7 +272,7 @@ class RelayFactory(ServerFactory):
             "{record}",
             client_id=client.stats.client_id,
             frames=replay.frames,
-            record=self.writeahead.audit.records,
+            record=self.writeahead.forwarded,
         )
 
     def received(self, sender: RelayProtocol, size: int) -> None:
@@ -342,10 +345,9 @@ class RelayFactory(ServerFactory):
         last call (publish-only clients excepted).
         """
         frame = None
-        for client in self.clients.values():
-            outbox = client.outbox
+        for client in tuple(self.clients.values()):
             stats = client.stats
-            if outbox.replay is None and client.subscription.publish_only:
+            if client.outbox.replay is None and client.subscription.publish_only:
                 continue
             if stats.bytes_out != client.heard:
                 client.heard = stats.bytes_out
@@ -354,7 +356,7 @@ class RelayFactory(ServerFactory):
                 frame = heartbeat_frame(
                     self.logic.domain, next(self._heartbeats), self.heartbeat_interval, self.sequences
                 )
-            outbox.send([frame], 0, len(frame))
+            self._deliver(client, [frame], 0, len(frame))
             client.heard = stats.bytes_out
             stats.heartbeats += 1
             self.totals.heartbeats += 1

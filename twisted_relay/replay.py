@@ -5,9 +5,11 @@ log, then the live stream, with no gap and no duplicate at the splice.
 
 From the request on, the client is taken out of the live broadcast: the
 replay reads the log, which holds every frame forwarded since, until it
-reaches the end of the log, and puts the client back into the broadcast in
-that same reactor turn, so the next live frame is the next record. Nothing
-waits in memory for a replaying client, so a long replay holds no one back.
+reaches the last forwarded record, and puts the client back into the
+broadcast in that same reactor turn, so the next live frame is the next
+record. Records logged but not forwarded yet (held while the log could not
+be synced) are left to the live stream. Nothing waits in memory for a
+replaying client, so a long replay holds no one back.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Cooperator, TaskDone, TaskStopped
+from twisted.internet.task import Cooperator, TaskDone, TaskFailed, TaskStopped
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .audit import AuditDamage, AuditLog, Position, Record
+from .audit import AuditDamage, AuditFile, Position, Record
 from .control import REPLAYING, Subscription, recovery_response_frame
 from .wire import unpack_header
 
 if TYPE_CHECKING:
     from .protocol import RelayProtocol
     from .relay import RelayFactory
+    from .writeahead import WriteAhead
 
 #: The subscription of a client while it is replaying: no live frames.
 DETACHED = Subscription(publish_only=True)
@@ -45,17 +48,17 @@ class Replay:
         self,
         relay: RelayFactory,
         client: RelayProtocol,
-        audit: AuditLog,
+        writeahead: WriteAhead,
         wanted: dict[int, int],
     ) -> None:
         self.relay = relay
         self.client = client
-        self.audit = audit
+        self.writeahead = writeahead
         self.wanted = dict(wanted)
-        #: What the client receives once it is back on the live stream.
+        #: What the client receives; it has it again once back on the live stream.
         self.subscription = client.subscription
         #: The first record the live stream did not give the client.
-        self.detached_at = audit.records
+        self.detached_at = writeahead.forwarded
         self.frames = 0
         self._resumed: Deferred[None] | None = None
         self._task = None
@@ -77,7 +80,7 @@ class Replay:
         if self._task is not None:
             try:
                 self._task.stop()
-            except TaskDone:
+            except (TaskDone, TaskFailed, TaskStopped):
                 pass
 
     def _failed(self, failure: Failure) -> None:
@@ -105,7 +108,6 @@ class Replay:
         first = min([self.detached_at, *(index + 1 for index in after.values())])
         own = None if self.relay.echo else self.client.stats.client_id
         connected_at = self.client.audit_index
-        subscription = self.subscription
         batch: list[bytes] = []
         size = count = 0
         for record in self._records(first):
@@ -118,8 +120,10 @@ class Replay:
                 continue
             if record.client_id == own and record.index >= connected_at:
                 continue
-            if subscription.filtered and not subscription.wants(
-                frame, 0, len(frame), unpack_header(frame)
+            subscription = self.subscription
+            if subscription.publish_only or (
+                subscription.filtered
+                and not subscription.wants(frame, 0, len(frame), unpack_header(frame))
             ):
                 continue
             batch.append(frame)
@@ -128,10 +132,14 @@ class Replay:
             if size >= _WRITE_SIZE or count >= _STEP:
                 yield from self._write(batch, count)
                 batch, size, count = [], 0, 0
-        # The log ends here, in this reactor turn: back to the live stream.
+        # The forwarded records end here, in this reactor turn: back to live.
         if batch:
             self._send(batch, count)
         self.relay.replayed(self.client, self)
+
+    def _files(self) -> list[AuditFile]:
+        """The files of the log still there (old ones may be archived away)."""
+        return [f for f in self.writeahead.audit.files if f.exists()]
 
     def _starts(self) -> Iterator[None]:
         """
@@ -141,7 +149,7 @@ class Replay:
         """
         wanted = dict(self.wanted)
         after: dict[int, int] = {}
-        for audit_file in reversed(list(self.audit.files)):
+        for audit_file in reversed(self._files()):
             if not wanted:
                 break
             if audit_file.first_index >= self.detached_at:
@@ -162,24 +170,36 @@ class Replay:
         return after
 
     def _records(self, first: int) -> Iterator[Record]:
-        """The records from index C{first} to the end of the log, however long it grows."""
-        files = self.audit.files
-        current = max(
-            (n for n, f in enumerate(files) if f.first_index <= first), default=0
-        )
+        """
+        The records from index C{first} (or the oldest file still there) to
+        the last forwarded one, however far the log grows meanwhile.
+        """
+        files = self._files()
+        if not files:
+            return
+        current = max((n for n, f in enumerate(files) if f.first_index <= first), default=0)
         audit_file = files[current]
         position = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
         while True:
+            before = position.index
             for record in audit_file.records(position):
+                if record.index >= self.writeahead.forwarded:
+                    return
                 if record.index >= first:
                     yield record
-            if position.index >= self.audit.records:
+            if position.index >= self.writeahead.forwarded:
                 return
-            if current + 1 < len(files) and position.index >= files[current + 1].first_index:
-                current += 1
-                audit_file = files[current]
-                position = Position(
-                    audit_file.header_size, audit_file.first_index, audit_file.seed
+            files = self.writeahead.audit.files
+            later = [f for f in files if f.first_index > audit_file.first_index]
+            if later and position.index >= later[0].first_index:
+                audit_file = later[0]
+                position = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
+            elif position.index == before:
+                raise AuditDamage(
+                    audit_file.path,
+                    position.index,
+                    position.offset,
+                    f"the log ends here, before the {self.writeahead.forwarded} records forwarded",
                 )
 
     def _write(self, frames: list[bytes], count: int) -> Iterator[Deferred[None] | None]:

@@ -25,6 +25,9 @@ ROUTING = struct.Struct("<IBBBxQ8xI")
 PAYLOAD_SIZE_OFFSET = 24
 #: A little-endian u32 field (payload_size, checksum), read in place.
 UINT32 = struct.Struct("<I")
+#: A source type and one of its sequence numbers, as system frames and the
+#: audit log carry them.
+SOURCE_SEQUENCE = struct.Struct("<BQ")
 CHECKSUM_OFFSET = 28
 #: Bytes of the header covered by the checksum (everything before it).
 CHECKED_HEADER_SIZE = 28

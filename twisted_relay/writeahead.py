@@ -101,9 +101,9 @@ class WriteAhead:
         if self.held:
             self.log.error(
                 "stopping with {frames} frames never written to the audit log "
-                "({failure}); they were not forwarded",
+                "({reason}); they were not forwarded",
                 frames=sum(h.frames for h in self.held),
-                failure=self.failure,
+                reason=self.failure,
             )
         try:
             self.audit.close()
@@ -115,13 +115,18 @@ class WriteAhead:
             head=self.audit.head,
         )
 
+    @property
+    def forwarded(self) -> int:
+        """The records of the log that were forwarded: all but those still held."""
+        return self.audit.records - sum(h.frames for h in self.held if h.logged)
+
     def admit(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> bool:
         """
         Log C{runs}; C{True} if they may be forwarded now. Otherwise they are
         held, and forwarded by the relay once they are logged.
         """
         held = _Held(sender, runs, frames, time.time_ns())
-        if self.held:
+        if self.failure is not None:
             self.held.append(held)
             return False
         try:
@@ -146,9 +151,9 @@ class WriteAhead:
         if first:
             self._failedAt = self.clock.seconds()
             self.log.error(
-                "{failure}; publishers are held back and {frames} accepted frames "
+                "{reason}; publishers are held back and {frames} accepted frames "
                 "wait until the log can be written (retrying every {retry}s)",
-                failure=self.failure,
+                reason=self.failure,
                 frames=sum(h.frames for h in self.held),
                 retry=self.retry_interval,
             )
@@ -157,6 +162,7 @@ class WriteAhead:
 
     def _retryHeld(self) -> None:
         try:
+            self.audit.sync()
             for held in self.held:
                 self._log(held)
         except OSError as e:
@@ -175,7 +181,10 @@ class WriteAhead:
         self.relay.gate.unblock(self)
 
     def _syncNow(self) -> None:
+        """The interval's sync; one that fails holds the publishers like a failed write."""
+        if self.failure is not None:
+            return
         try:
             self.audit.sync()
         except OSError as e:
-            self.log.error("audit log sync failed: {error}", error=e)
+            self._failed(e)
