@@ -31,7 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .wire import HEADER_SIZE, MAGIC, PAYLOAD_SIZE_OFFSET, ROUTING, SOURCE_SEQUENCE, UINT32
+from .wire import (
+    HEADER_SIZE,
+    MAGIC,
+    PAYLOAD_SIZE_OFFSET,
+    ROUTING,
+    SOURCE_SEQUENCE,
+    UINT32,
+)
 
 FILE_MAGIC = b"TRAUDIT1"
 SUFFIX = ".audit"
