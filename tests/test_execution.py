@@ -50,6 +50,13 @@ def published(data: bytes) -> list[bytes]:
     return [f for f in frames_in(data) if f[4] != Domain.SYSTEM]
 
 
+def delivered(incoming: Incoming, data: bytes) -> list[bytes]:
+    """The frames of C{data} a client of the package hands its application."""
+    return [
+        pair[1] for f in frames_in(data) for pair in incoming.deliver(unpack_header(f), f)
+    ]
+
+
 def audited_relay(testcase: SynchronousTestCase, rotate: int = 64 * 1024, **kw):
     """An execution relay on a fake clock with an audit log in a temporary directory."""
     relay = make_relay(Domain.EXECUTION, **kw)
@@ -172,12 +179,7 @@ class ReplayTests(SynchronousTestCase):
         run_cooperator(self.relay)
         incoming = Incoming()
         incoming.recovering[42] = 5
-        kept = [
-            pair[1]
-            for f in frames_in(late.transport.value())
-            for pair in incoming.deliver(unpack_header(f), f)
-        ]
-        self.assertEqual(kept, self.frames[:10])
+        self.assertEqual(delivered(incoming, late.transport.value()), self.frames[:10])
         self.assertEqual(incoming.answers, [(42, 5, REPLAYING)])
 
     def test_liveBeforeRefusalKept(self) -> None:
@@ -192,12 +194,7 @@ class ReplayTests(SynchronousTestCase):
         publisher.dataReceived(b"".join(self.frames[3:5]))
         incoming = Incoming()
         incoming.recovering[42] = 2
-        kept = [
-            pair[1]
-            for f in frames_in(late.transport.value())
-            for pair in incoming.deliver(unpack_header(f), f)
-        ]
-        self.assertEqual(kept, self.frames[:5])
+        self.assertEqual(delivered(incoming, late.transport.value()), self.frames[:5])
         self.assertEqual(incoming.answers, [(42, 2, NO_AUDIT_LOG)])
 
     def test_ownFramesNotReplayed(self) -> None:

@@ -106,3 +106,22 @@ async def test_status_of_a_real_relay(http_relay):
         assert response.code == 200
         values = samples(await response.text())
         assert values[("torq_relay_frames_out_total", (("domain", "signal"),))] == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_in_status(http_relay):
+    """An execution relay reports its audit log in /health and /metrics."""
+    path, url = http_relay("execution")
+    from twisted_relay.client import BlockingClient
+
+    with BlockingClient(path) as subscriber, BlockingClient(path) as publisher:
+        publisher.publish(b"".join(frames_for(Domain.EXECUTION, 7)))
+        assert len(subscriber.receive(7, timeout=10)) == 7
+        health = json.loads(await (await treq.get(f"{url}/health")).text())
+        audit = health["audit"]
+        assert (audit["records"], audit["fsync"], audit["failing"]) == (7, "always", None)
+        values = samples(await (await treq.get(f"{url}/metrics")).text())
+        execution = (("domain", "execution"),)
+        assert values[("torq_relay_audit_records", execution)] == 7
+        assert values[("torq_relay_audit_write_failures_total", execution)] == 0
+        assert values[("torq_relay_audit_held_frames", execution)] == 0

@@ -162,26 +162,29 @@ class RelayCollector:
             yield from _audit_metrics(domain, audit)
 
 
-def _audit_metrics(domain: str, audit: dict) -> Iterator[Metric]:
-    records = GaugeMetricFamily(
-        "torq_relay_audit_records", "Records in the audit log.", labels=["domain"]
-    )
-    records.add_metric([domain], audit["records"])
-    yield records
-    failures = CounterMetricFamily(
+#: The audit log's metrics: kind, name, help, key in L{_audit}.
+_AUDIT_METRICS = (
+    (GaugeMetricFamily, "torq_relay_audit_records", "Records in the audit log.", "records"),
+    (
+        CounterMetricFamily,
         "torq_relay_audit_write_failures",
         "Failed writes to the audit log (publishers held back meanwhile).",
-        labels=["domain"],
-    )
-    failures.add_metric([domain], audit["write_failures"])
-    yield failures
-    held = GaugeMetricFamily(
+        "write_failures",
+    ),
+    (
+        GaugeMetricFamily,
         "torq_relay_audit_held_frames",
         "Accepted frames waiting for the audit log to be writable.",
-        labels=["domain"],
-    )
-    held.add_metric([domain], audit["held_frames"])
-    yield held
+        "held_frames",
+    ),
+)
+
+
+def _audit_metrics(domain: str, audit: dict) -> Iterator[Metric]:
+    for kind, name, text, key in _AUDIT_METRICS:
+        metric = kind(name, text, labels=["domain"])
+        metric.add_metric([domain], audit[key])
+        yield metric
 
 
 class HealthResource(Resource):
