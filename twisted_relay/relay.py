@@ -36,6 +36,7 @@ from .validation import FramePolicy
 from .wire import HEADER_SIZE, FrameError, Header, unpack_header
 
 if TYPE_CHECKING:
+    from .bridge import NatsBridge
     from .writeahead import WriteAhead
 
 #: The subscription of a client that has not asked for anything else.
@@ -120,6 +121,8 @@ class RelayFactory(ServerFactory):
         self.heartbeat_interval = heartbeat
         #: Puts accepted frames in the audit log first, when there is one.
         self.writeahead: WriteAhead | None = None
+        #: Carries the broadcast to and from other hosts (--nats), when there is one.
+        self.bridge: NatsBridge | None = None
         #: The last sequence accepted per source.
         self.sequences: dict[int, int] = {}
         self.clock = clock
@@ -293,11 +296,15 @@ class RelayFactory(ServerFactory):
 
     def fanOut(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
         """
-        Send C{runs} to every client but C{sender}, each through its outbox.
-        A client with a filtered subscription gets the frames it wants,
+        Send C{runs} to every client but C{sender}, each through its outbox,
+        and to the NATS bridge unless they came from it. A client with a
+        filtered subscription gets the frames it wants,
         picked one by one. A client whose write fails is cut off; the others
         are not affected.
         """
+        bridge = self.bridge
+        if bridge is not None and sender is not bridge.peer:
+            bridge.publish(runs, frames)
         size = sum(map(len, runs))
         echo = self.echo
         picking: list[tuple[bytes, int, int, Header]] | None = None

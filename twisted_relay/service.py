@@ -8,6 +8,8 @@ import ipaddress
 import math
 import os
 import re
+import socket
+import sys
 from typing import NamedTuple
 
 from twisted.application.service import IService, MultiService, Service
@@ -164,6 +166,25 @@ Examples:
             "Seconds of silence after which a subscriber is sent a heartbeat; 0 turns "
             "them off.",
         ],
+        [
+            "nats",
+            None,
+            None,
+            "Share the broadcast with the relays of other hosts through these NATS "
+            "servers (nats://HOST:PORT, comma-separated) [default: off].",
+        ],
+        [
+            "relay-id",
+            None,
+            socket.gethostname(),
+            "This relay's origin token in NATS subjects (torq.DOMAIN.ID).",
+        ],
+        [
+            "nats-high-water",
+            None,
+            str(8 * 1024 * 1024),
+            "Bytes of frames waiting for NATS before whole chunks are dropped.",
+        ],
     ]
     optFlags = [
         ["echo", None, "Also send each client the frames it publishes."],
@@ -191,6 +212,8 @@ Examples:
         self["allow-subscribe"].append(entry)
 
     def postOptions(self) -> None:
+        if self["nats"]:
+            self._natsOptions()
         try:
             self["logic"] = logic = find_domain(self["domain"])
         except UnknownDomain as e:
@@ -237,6 +260,30 @@ Examples:
             self["listen"] = [f"unix:{logic.socket_path}"]
         self["endpoints"] = [self._endpoint(d) for d in self["listen"]]
         self["http-endpoint"] = self._endpoint(self["http"]) if self["http"] else None
+
+    def _natsOptions(self) -> None:
+        """
+        The NATS servers and the bridge's settings. nats-py runs on asyncio,
+        so the relay runs on Twisted's asyncio reactor, installed here unless
+        another one was chosen (twistd -r).
+        """
+        self["nats"] = [url.strip() for url in self["nats"].split(",") if url.strip()]
+        if "twisted.internet.reactor" not in sys.modules:
+            from twisted.internet import asyncioreactor
+
+            asyncioreactor.install()
+        from twisted.internet import reactor
+
+        if type(reactor).__name__ != "AsyncioSelectorReactor":
+            raise usage.UsageError(
+                "--nats needs the asyncio reactor: leave out twistd's -r, or give -r asyncio"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self["relay-id"]):
+            raise usage.UsageError(
+                f"--relay-id {self['relay-id']!r}: use letters, digits, '-' and '_' only "
+                f"(it is a NATS subject token)"
+            )
+        self["nats-high-water"] = _number(int, "nats-high-water", self["nats-high-water"])
 
     def _auditOptions(self, logic: IRelayLogic) -> None:
         """The audit directory (None: no audit log), fsync interval and file size."""
@@ -564,6 +611,12 @@ def makeService(options: Options) -> IService:
     RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         ListeningService(description, endpoint, factory).setServiceParent(top)
+    if options["nats"]:
+        from .bridge import NatsBridge
+
+        NatsBridge(
+            factory, options["nats"], options["relay-id"], options["nats-high-water"]
+        ).setServiceParent(top)
     if options["http-endpoint"] is not None:
         site = status_site(factory, options["listen"])
         ListeningService(options["http"], options["http-endpoint"], site).setServiceParent(top)
