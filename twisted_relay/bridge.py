@@ -105,6 +105,8 @@ class NatsBridge(Service):
             servers=self.servers,
             name=f"twisted_relay {self.relay.logic.name} {self.origin}",
             no_echo=True,
+            # The first server listed is this host's; the others are failover.
+            dont_randomize=True,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -65,6 +66,7 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
     return {
         "status": "degraded" if degraded else "ok",
         "audit": _audit(factory),
+        "nats": _bridge(factory),
         "domain": factory.logic.name,
         "relay_domain": factory.logic.domain,
         "version": _version(),
@@ -90,6 +92,19 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
             "longest_pause_s": round(gate.longest_pause, 3),
             "publishers_paused_now": gate.paused,
         },
+    }
+
+
+def _bridge(factory: RelayFactory) -> dict | None:
+    """The NATS bridge's state, or None without one."""
+    bridge = factory.bridge
+    if bridge is None:
+        return None
+    return {
+        "origin": bridge.origin,
+        "subject": bridge.subject,
+        "queued_bytes": bridge.queued,
+        **asdict(bridge.counters),
     }
 
 
@@ -159,7 +174,10 @@ class RelayCollector:
         yield buffered
         audit = _audit(factory)
         if audit is not None:
-            yield from _audit_metrics(domain, audit)
+            yield from _metrics(domain, audit, _AUDIT_METRICS)
+        bridge = _bridge(factory)
+        if bridge is not None:
+            yield from _metrics(domain, bridge, _BRIDGE_METRICS)
 
 
 #: The audit log's metrics: kind, name, help, key in L{_audit}.
@@ -180,10 +198,49 @@ _AUDIT_METRICS = (
 )
 
 
-def _audit_metrics(domain: str, audit: dict) -> Iterator[Metric]:
-    for kind, name, text, key in _AUDIT_METRICS:
+#: The NATS bridge's metrics, as L{_AUDIT_METRICS}, from L{_bridge}.
+_BRIDGE_METRICS = (
+    (CounterMetricFamily, "torq_relay_nats_frames_out", "Frames published to NATS.", "frames_out"),
+    (CounterMetricFamily, "torq_relay_nats_chunks_out", "NATS messages published.", "chunks_out"),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_frames_in",
+        "Frames received from other relays through NATS.",
+        "frames_in",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_frames_dropped",
+        "Frames not published to NATS: the bridge's queue was at its high-water mark.",
+        "frames_dropped",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_slow_consumer",
+        "NATS slow-consumer events: messages from NATS the client dropped.",
+        "slow_consumer",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_malformed",
+        "Messages from NATS that were not whole frames.",
+        "malformed",
+    ),
+    (CounterMetricFamily, "torq_relay_nats_reconnects", "Reconnections to NATS.", "reconnects"),
+    (GaugeMetricFamily, "torq_relay_nats_connected", "1 while connected to NATS.", "connected"),
+    (
+        GaugeMetricFamily,
+        "torq_relay_nats_queued_bytes",
+        "Bytes waiting to be published to NATS.",
+        "queued_bytes",
+    ),
+)
+
+
+def _metrics(domain: str, values: dict, table) -> Iterator[Metric]:
+    for kind, name, text, key in table:
         metric = kind(name, text, labels=["domain"])
-        metric.add_metric([domain], audit[key])
+        metric.add_metric([domain], values[key])
         yield metric
 
 

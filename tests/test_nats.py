@@ -1,0 +1,152 @@
+"""
+The NATS bridge against a real 3-node NATS cluster on loopback and real
+relay processes: relay A uses node 1, relay B node 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from twisted_relay.client import BlockingClient
+from twisted_relay.wire import build_frame
+
+from .natscluster import NatsCluster, free_ports
+from .relayprocess import RelayProcess
+
+TIMEOUT = 30.0
+PROBE_SOURCE = 99
+
+
+@pytest.fixture
+def cluster():
+    workdir = tempfile.mkdtemp(prefix="tr-nats-", dir="/tmp")
+    started = NatsCluster(workdir).start()
+    yield started
+    started.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def relays(cluster):
+    """Start relays of a domain bridged to the cluster: name -> (socket, status URL)."""
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    running: list[RelayProcess] = []
+
+    def start(name: str, node: int, domain: str, *args: str) -> tuple[str, str, RelayProcess]:
+        path = os.path.join(workdir, f"{name}.sock")
+        (port,) = free_ports(1)
+        urls = [cluster.nodes[node].url] + [n.url for i, n in enumerate(cluster.nodes) if i != node]
+        relay = RelayProcess(
+            workdir, "--domain", domain, "--listen", f"unix:{path}",
+            "--http", f"tcp:{port}:interface=127.0.0.1",
+            "--nats", ",".join(urls), "--relay-id", name, *args,
+        )
+        running.append(relay)
+        relay.start().wait_listening(2)
+        deadline = time.monotonic() + TIMEOUT
+        while "NATS bridge connected" not in relay.log():
+            assert time.monotonic() < deadline, relay.log()
+            time.sleep(0.05)
+        return path, f"http://127.0.0.1:{port}", relay
+
+    yield start
+    for relay in running:
+        relay.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def market(count: int, source: int = 1, size: int = 40) -> list[bytes]:
+    return [build_frame(1, source, seq, [(1, bytes([seq % 251]) * size)]) for seq in range(1, count + 1)]
+
+
+def wait_for_interest(publisher: BlockingClient, subscribers: list[BlockingClient]) -> None:
+    """
+    Publish probe frames until every subscriber got one: a subscription made
+    through one node reaches the others asynchronously.
+    """
+    deadline = time.monotonic() + TIMEOUT
+    sequence = 0
+    waiting = list(subscribers)
+    while waiting:
+        assert time.monotonic() < deadline, "no interest across the cluster"
+        sequence += 1
+        publisher.publish(market(sequence, source=PROBE_SOURCE)[-1])
+        waiting = [s for s in waiting if not s.receive(1, timeout=0.2)]
+    for subscriber in subscribers:
+        while subscriber.receive(1, timeout=0.3):
+            pass
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        return json.load(response)
+
+
+def test_frames_cross_hosts(relays) -> None:
+    """
+    Frames published on relay A reach relay B's subscribers byte-identical,
+    in order; A's own subscriber gets each once (nothing comes back).
+    """
+    path_a, url_a, _ = relays("hostA", 0, "market")
+    path_b, url_b, _ = relays("hostB", 2, "market")
+    frames = market(50_000)
+    with BlockingClient(path_a) as publisher, BlockingClient(path_b) as far, BlockingClient(
+        path_a
+    ) as near:
+        publisher.introduce(publish_only=True)
+        far.introduce()
+        near.introduce()
+        wait_for_interest(publisher, [far, near])
+        for start in range(0, len(frames), 500):
+            publisher.publish(b"".join(frames[start : start + 500]))
+        got_far = [f for _, f in far.receive(len(frames), TIMEOUT)]
+        got_near = [f for _, f in near.receive(len(frames), TIMEOUT)]
+        assert got_far == frames
+        assert got_near == frames
+        assert near.receive(1, timeout=0.5) == []
+    bridge_a, bridge_b = health(url_a)["nats"], health(url_b)["nats"]
+    assert bridge_a["frames_in"] == 0 and bridge_a["echoes"] == 0
+    assert bridge_b["frames_in"] >= len(frames) and bridge_b["frames_out"] == 0
+    assert bridge_a["frames_out"] == bridge_b["frames_in"]
+    assert bridge_a["chunks_out"] < bridge_a["frames_out"] / 10  # runs, not frames
+
+
+def test_drops_when_nats_stalls(relays, cluster) -> None:
+    """
+    With its NATS node stopped, the market relay's bridge drops whole chunks
+    over its high-water mark and counts them; local subscribers lose nothing.
+    """
+    path_a, url_a, relay_a = relays("hostA", 0, "market", "--nats-high-water", "65536")
+    frames = market(200_000)
+    node = cluster.nodes[0]
+    with BlockingClient(path_a) as publisher, BlockingClient(path_a) as near:
+        publisher.introduce(publish_only=True)
+        near.introduce()
+        got_near: list[bytes] = []
+        reading = threading.Thread(
+            target=lambda: got_near.extend(f for _, f in near.receive(len(frames), TIMEOUT))
+        )
+        os.kill(node.process.pid, signal.SIGSTOP)
+        try:
+            reading.start()
+            for start in range(0, len(frames), 500):
+                publisher.publish(b"".join(frames[start : start + 500]))
+                time.sleep(0.005)  # a pace the local subscriber keeps up with
+            reading.join(TIMEOUT)
+            bridge = health(url_a)["nats"]
+        finally:
+            os.kill(node.process.pid, signal.SIGCONT)
+        assert got_near == frames
+    assert bridge["frames_dropped"] > 0
+    assert bridge["frames_out"] + bridge["frames_dropped"] <= len(frames)
+    assert re.search(r"NATS bridge: dropped \d+ frames", relay_a.log())
