@@ -8,6 +8,17 @@ same write-ahead log and delivery policies. No loops: the connection is
 C{no_echo}, each message's origin token is checked on receipt, and what came
 in from NATS is never published again.
 
+Lossless domains (slow-consumer policy C{block}: execution) go through
+JetStream: a file-backed stream on C{torq.<domain>.>}, each message with a
+C{Nats-Msg-Id} made of its origin and the first and last sequence of each
+source it carries; a message is published again, with the same id, until
+the stream acknowledges it (the stream drops the duplicates), one at a time
+so the stream keeps the relay's order; and while too much waits to be
+acknowledged the relay's publishers are held back rather than anything
+dropped. Each receiving relay reads with its own durable consumer, in stream
+order, and delivers each stream sequence once. Other domains use core NATS:
+over the bridge's high-water mark whole chunks are dropped and counted.
+
 It needs Twisted's asyncio reactor (nats-py runs on asyncio); this module is
 imported only when C{--nats} is given.
 """
@@ -15,12 +26,16 @@ imported only when C{--nats} is given.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import nats
+from nats.errors import Error as NatsError
 from nats.errors import SlowConsumerError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -31,8 +46,17 @@ from .wire import HEADER_SIZE, MAGIC, ROUTING
 if TYPE_CHECKING:
     from .relay import ClientStats, RelayFactory
 
-#: Bytes of outbound chunks the bridge keeps before it drops whole chunks.
+#: Bytes of outbound chunks the bridge keeps before it drops whole chunks
+#: (core NATS) or holds the publishers back (JetStream).
 DEFAULT_HIGH_WATER = 8 * 1024 * 1024
+#: The largest JetStream message the bridge makes from queued chunks.
+_MAX_MESSAGE = 1024 * 1024
+#: Seconds to wait for the stream's acknowledgement before publishing again.
+_ACK_TIMEOUT = 2.0
+#: Longest wait between two attempts: retrying goes on for as long as it takes.
+_MAX_BACKOFF = 2.0
+#: Seconds a stopping bridge gives its connection to drain.
+_CLOSE_TIMEOUT = 3.0
 
 
 @dataclass
@@ -47,6 +71,8 @@ class BridgeCounters:
     frames_dropped: int = 0
     echoes: int = 0
     malformed: int = 0
+    retries: int = 0
+    duplicates: int = 0
     slow_consumer: int = 0
     reconnects: int = 0
     connected: bool = False
@@ -73,11 +99,17 @@ class NatsBridge(Service):
         servers: list[str],
         origin: str,
         high_water: int = DEFAULT_HIGH_WATER,
+        replicas: int = 0,
     ) -> None:
         self.relay = relay
         self.servers = servers
         self.origin = origin
         self.high_water = high_water
+        #: JetStream replicas; 0 picks 3 when 3 or more servers are known, else 1.
+        self.replicas = replicas
+        #: Lossless domains go through JetStream.
+        self.durable = relay.logic.delivery == "block"
+        self.stream = f"TORQ_{relay.logic.name.upper()}"
         self.subject = f"torq.{relay.logic.name}.{origin}"
         self.peer = _Peer()
         self.counters = BridgeCounters(servers=servers)
@@ -85,7 +117,12 @@ class NatsBridge(Service):
         self.queued = 0
         self._nc = None
         self._wakeup = asyncio.Event()
-        self._pump: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._holding = False
+        #: The last stream sequence delivered locally (JetStream).
+        self._delivered = 0
+        self._boot = time.time_ns()
+        self._messages = 0
         self._sampled = RateLimiter(relay.clock)
         relay.bridge = self
 
@@ -116,25 +153,68 @@ class NatsBridge(Service):
             reconnected_cb=self._reconnected,
         )
         self.counters.connected = True
-        await self._nc.subscribe(
-            f"torq.{self.relay.logic.name}.*", cb=self._received, pending_bytes_limit=64 * 1024 * 1024
-        )
-        await self._nc.flush()
-        self._pump = asyncio.ensure_future(self._send())
+        if self.durable:
+            await self._joinStream()
+        else:
+            await self._nc.subscribe(
+                f"torq.{self.relay.logic.name}.*",
+                cb=self._received,
+                pending_bytes_limit=64 * 1024 * 1024,
+            )
+            await self._nc.flush()
+            self._tasks.append(asyncio.ensure_future(self._send()))
         self.log.info(
             "NATS bridge connected to {server} as origin {origin}: publishing to "
-            "{subject}, receiving torq.{domain}.*",
+            "{subject}, receiving torq.{domain}.* ({mode})",
             server=self._nc.connected_url.netloc if self._nc.connected_url else "?",
             origin=self.origin,
             subject=self.subject,
             domain=self.relay.logic.name,
+            mode=f"JetStream stream {self.stream}" if self.durable else "core NATS",
         )
 
+    async def _joinStream(self) -> None:
+        """Create (or find) the domain's stream and this relay's durable consumer."""
+        self._js = self._nc.jetstream()
+        replicas = self.replicas or (3 if len(self._nc.servers) >= 3 else 1)
+        subjects = [f"torq.{self.relay.logic.name}.>"]
+        try:
+            await self._js.add_stream(
+                name=self.stream, subjects=subjects, storage=StorageType.FILE, num_replicas=replicas
+            )
+        except NatsError as e:
+            info = await self._js.stream_info(self.stream)
+            self.log.warn(
+                "NATS bridge: using the existing stream {stream} ({replicas} replicas): {error}",
+                stream=self.stream,
+                replicas=info.config.num_replicas,
+                error=str(e),
+            )
+        self._consumer = await self._js.pull_subscribe(
+            f"torq.{self.relay.logic.name}.*",
+            durable=f"relay-{self.origin}",
+            stream=self.stream,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.NEW, ack_wait=_ACK_TIMEOUT * 2, max_ack_pending=65536
+            ),
+        )
+        self._tasks.append(asyncio.ensure_future(self._sendDurably()))
+        self._tasks.append(asyncio.ensure_future(self._receiveDurably()))
+
     async def _close(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self.queue:
+            self.log.warn(
+                "NATS bridge stopping with {frames} frames not published{how}",
+                frames=sum(frames for _, frames in self.queue),
+                how=" (not acknowledged by the stream)" if self.durable else "",
+            )
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+            try:
+                await asyncio.wait_for(self._nc.drain(), _CLOSE_TIMEOUT)
+            except (NatsError, asyncio.TimeoutError):
+                await self._nc.close()
 
     def publish(self, runs: list[bytes], frames: int) -> None:
         """
@@ -142,6 +222,14 @@ class NatsBridge(Service):
         high-water mark the chunk is dropped whole and counted.
         """
         data = runs[0] if len(runs) == 1 else b"".join(runs)
+        if self.durable:
+            self._enqueue(data, frames)
+            if self.queued > self.high_water and not self._holding:
+                self._holding = True
+                self.relay.gate.hold(
+                    self, f"{self.queued} bytes wait for the JetStream stream to acknowledge them"
+                )
+            return
         if self.queued + len(data) > self.high_water:
             counters = self.counters
             counters.chunks_dropped += 1
@@ -156,9 +244,94 @@ class NatsBridge(Service):
                     frames_dropped=counters.frames_dropped,
                 )
             return
+        self._enqueue(data, frames)
+
+    def _enqueue(self, data: bytes, frames: int) -> None:
         self.queue.append((data, frames))
         self.queued += len(data)
         self._wakeup.set()
+
+    def _sent(self, chunks: int) -> None:
+        """The first C{chunks} queued chunks are published (or acknowledged)."""
+        for _ in range(chunks):
+            data, frames = self.queue.popleft()
+            self.queued -= len(data)
+            self.counters.chunks_out += 1
+            self.counters.frames_out += frames
+        if self._holding and self.queued <= self.high_water // 4:
+            self._holding = False
+            self.relay.gate.unblock(self)
+
+    async def _sendDurably(self) -> None:
+        """
+        Publish the queued chunks to the stream in order, several to a
+        message, each message again (same id) until it is acknowledged.
+        """
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self.queue:
+                chunks, size = 0, 0
+                for data, _ in self.queue:
+                    if chunks and size + len(data) > _MAX_MESSAGE:
+                        break
+                    chunks, size = chunks + 1, size + len(data)
+                message = b"".join(data for data, _ in list(self.queue)[:chunks])
+                await self._publishDurably(message)
+                self._sent(chunks)
+
+    async def _publishDurably(self, message: bytes) -> None:
+        # The bridge's start time and message count keep ids unique when a
+        # publisher's sequences start again.
+        self._messages += 1
+        headers = {
+            "Nats-Msg-Id": _message_id(f"{self.origin}:{self._boot}:{self._messages}", message)
+        }
+        delay = 0.1
+        while True:
+            try:
+                ack = await self._js.publish(
+                    self.subject, message, timeout=_ACK_TIMEOUT, headers=headers
+                )
+            except (NatsError, asyncio.TimeoutError) as e:
+                self.counters.retries += 1
+                held = self._sampled.allow("retry")
+                if held is not None:
+                    self.log.warn(
+                        "NATS bridge: the stream did not acknowledge a message ({error}); "
+                        "publishing it again in {delay:.1f}s",
+                        error=repr(e),
+                        delay=delay,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            if ack.duplicate:
+                self.counters.duplicates += 1
+            return
+
+    async def _receiveDurably(self) -> None:
+        """Deliver the stream's messages from other relays, in stream order, once each."""
+        while True:
+            try:
+                messages = await self._consumer.fetch(256, timeout=1)
+            except (NatsTimeout, asyncio.TimeoutError):
+                continue
+            except NatsError as e:
+                self.log.warn("NATS bridge: fetching from the stream failed: {error}", error=repr(e))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                sequence = msg.metadata.sequence.stream
+                if sequence <= self._delivered:
+                    self.counters.duplicates += 1
+                elif self._delivered and sequence != self._delivered + 1:
+                    # One before it is still to come (redelivered): wait for it.
+                    continue
+                else:
+                    self._delivered = sequence
+                    self._deliver(msg)
+                await msg.ack()
 
     async def _send(self) -> None:
         """Hand the queued chunks to nats-py, which pushes back while its buffer is full."""
@@ -166,14 +339,13 @@ class NatsBridge(Service):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.queue:
-                data, frames = self.queue[0]
-                await self._nc.publish(self.subject, data)
-                self.queue.popleft()
-                self.queued -= len(data)
-                self.counters.chunks_out += 1
-                self.counters.frames_out += frames
+                await self._nc.publish(self.subject, self.queue[0][0])
+                self._sent(1)
 
     async def _received(self, msg) -> None:
+        self._deliver(msg)
+
+    def _deliver(self, msg) -> None:
         """Frames from another relay: checked, then broadcast like a local publisher's."""
         origin = msg.subject.rpartition(".")[2]
         if origin == self.origin:
@@ -219,6 +391,21 @@ class NatsBridge(Service):
             "NATS bridge reconnected to {server}",
             server=self._nc.connected_url.netloc if self._nc.connected_url else "?",
         )
+
+
+def _message_id(origin: str, data: bytes) -> str:
+    """
+    C{origin}, then the first and last sequence of each source in C{data}:
+    the same for every attempt at one message, so the stream keeps one copy.
+    """
+    spans: dict[int, list[int]] = {}
+    unpack, offset, end = ROUTING.unpack_from, 0, len(data)
+    while offset < end:
+        _, _, _, source, sequence, size = unpack(data, offset)
+        span = spans.setdefault(source, [sequence, sequence])
+        span[1] = sequence
+        offset += HEADER_SIZE + size
+    return origin + "".join(f":{s}:{a}-{b}" for s, (a, b) in sorted(spans.items()))
 
 
 def _count_frames(data: bytes, sequences: dict[int, int]) -> int | None:

@@ -183,7 +183,15 @@ Examples:
             "nats-high-water",
             None,
             str(8 * 1024 * 1024),
-            "Bytes of frames waiting for NATS before whole chunks are dropped.",
+            "Bytes of frames waiting for NATS before whole chunks are dropped (core "
+            "NATS) or the publishers are held back (JetStream, lossless domains).",
+        ],
+        [
+            "nats-replicas",
+            None,
+            "0",
+            "Replicas of a lossless domain's JetStream stream; 0: 3 when 3 or more "
+            "NATS servers are known, else 1.",
         ],
     ]
     optFlags = [
@@ -284,6 +292,7 @@ Examples:
                 f"(it is a NATS subject token)"
             )
         self["nats-high-water"] = _number(int, "nats-high-water", self["nats-high-water"])
+        self["nats-replicas"] = _number(int, "nats-replicas", self["nats-replicas"])
 
     def _auditOptions(self, logic: IRelayLogic) -> None:
         """The audit directory (None: no audit log), fsync interval and file size."""
@@ -615,7 +624,11 @@ def makeService(options: Options) -> IService:
         from .bridge import NatsBridge
 
         NatsBridge(
-            factory, options["nats"], options["relay-id"], options["nats-high-water"]
+            factory,
+            options["nats"],
+            options["relay-id"],
+            options["nats-high-water"],
+            options["nats-replicas"],
         ).setServiceParent(top)
     if options["http-endpoint"] is not None:
         site = status_site(factory, options["listen"])
