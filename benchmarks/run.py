@@ -7,7 +7,7 @@ as a number.
 
     python -m benchmarks.run                 # the full matrix (several minutes)
     python -m benchmarks.run --smoke         # seconds: checks the harness works
-    python -m benchmarks.run --only market:64:4 --only latency
+    python -m benchmarks.run --only market:64:4 --only latency --only bridge
 
 Results are printed as a Markdown table and, with --json FILE, saved.
 """
@@ -140,41 +140,92 @@ def peer(role: str, case: Case, path: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def run_case(case: Case, workdir: str) -> dict:
-    path = os.path.join(workdir, f"{case.relay}.sock")
-    audit_dir = tempfile.mkdtemp(prefix="audit-", dir=workdir)
-    log = open(os.path.join(workdir, f"{case.relay}.log"), "wb")
+def start_relay(command: list[str], path: str, workdir: str, name: str) -> subprocess.Popen:
+    log = open(os.path.join(workdir, f"{name}.log"), "wb")
     relay = subprocess.Popen(
-        relay_command(case, path, audit_dir), cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": REPO},
     )
-    processes = [relay]
+    log.close()
+    wait_connectable(path, relay)
+    return relay
+
+
+def wait_for_route_interest(node, subject: str) -> None:
+    """Until C{node} has learnt, over its routes, of a subscription to C{subject}."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        routes = node.monitoring("/routez?subs=1")["routes"]
+        if any(subject in (route.get("subscriptions_list") or ()) for route in routes):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"no interest in {subject} reached {node.name} within 30s")
+
+
+def start_relays(case: Case, workdir: str, cluster) -> tuple[str, str, list[subprocess.Popen]]:
+    """
+    The relay processes of C{case}: the publisher's socket, the subscribers'
+    socket, and the processes. A bridge case runs two relays bridged through
+    NATS nodes 1 and 3 (as if on two hosts): the publisher on the first, the
+    subscribers on the second.
+    """
+    audit_dir = tempfile.mkdtemp(prefix="audit-", dir=workdir)
+    if case.relay != "bridge":
+        path = os.path.join(workdir, f"{case.relay}.sock")
+        return path, path, [start_relay(relay_command(case, path, audit_dir), path, workdir, case.relay)]
+    processes, paths = [], []
+    for name, node in (("benchA", 0), ("benchB", 2)):
+        path = os.path.join(workdir, f"{name}.sock")
+        urls = [cluster.nodes[node].url] + [n.url for n in cluster.nodes if n is not cluster.nodes[node]]
+        command = relay_command(Case("relay", case.domain, case.size, 0, 0), path, audit_dir) + [
+            "--nats", ",".join(urls), "--relay-id", name, "--nats-high-water", str(1 << 30),
+        ]
+        processes.append(start_relay(command, path, workdir, name))
+        paths.append(path)
+    wait_for_route_interest(cluster.nodes[0], f"torq.{case.domain}.*")
+    return paths[0], paths[1], processes
+
+
+def run_case(case: Case, workdir: str) -> dict:
+    cluster = None
+    if case.relay == "bridge":
+        from tests.natscluster import NatsCluster
+
+        cluster = NatsCluster(tempfile.mkdtemp(prefix="nats-", dir=workdir)).start()
+    processes: list[subprocess.Popen] = []
     try:
-        wait_connectable(path, relay)
+        publish_path, subscribe_path, relays = start_relays(case, workdir, cluster)
+        processes += relays
         extra = ["--latency"] if case.rate else []
-        subscribers = [peer("subscribe", case, path, *extra) for _ in range(case.subscribers)]
+        subscribers = [peer("subscribe", case, subscribe_path, *extra) for _ in range(case.subscribers)]
         processes += subscribers
         for subscriber in subscribers:
             read_json(subscriber)
-        publisher = peer("publish", case, path, *(["--rate", str(case.rate)] if case.rate else []))
+        publisher = peer(
+            "publish", case, publish_path, *(["--rate", str(case.rate)] if case.rate else [])
+        )
         processes.append(publisher)
         read_json(publisher)
         time.sleep(0.2)  # let the relay accept every connection before data flows
-        cpu_before = cpu_seconds(relay.pid)
+        cpu_before = sum(cpu_seconds(relay.pid) for relay in relays)
         publisher.stdin.write(b"go\n")
         publisher.stdin.flush()
         published = read_json(publisher)
         received = [read_json(subscriber) for subscriber in subscribers]
-        cpu = cpu_seconds(relay.pid) - cpu_before
-        rss = peak_rss_mib(relay.pid)
+        cpu = sum(cpu_seconds(relay.pid) for relay in relays) - cpu_before
+        rss = max(peak_rss_mib(relay.pid) for relay in relays)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
             process.wait()
-        log.close()
-        shutil.rmtree(audit_dir, ignore_errors=True)
-    with open(os.path.join(workdir, f"{case.relay}.log"), errors="replace") as f:
+        if cluster is not None:
+            cluster.stop()
+        for name in os.listdir(workdir):
+            if name.startswith(("audit-", "nats-")):
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    log_name = "benchA" if case.relay == "bridge" else case.relay
+    with open(os.path.join(workdir, f"{log_name}.log"), errors="replace") as f:
         scan = re.search(r"scan (native|pure Python)", f.read())
     started = published["started_ns"]
     verified = all(
@@ -233,6 +284,8 @@ def matrix(smoke: bool) -> list[Case]:
     count = COUNTS[128] // scale
     for audit in ("off", "10", "always"):
         cases.append(Case("relay", "execution", 128, 4, count, audit=audit))
+    # Host to host: two relays bridged through a 3-node NATS cluster.
+    cases.append(Case("bridge", "market", 128, 1, count))
     rate, seconds = 100_000, (0.2 if smoke else 5)
     for relay in ("relay", "floor", "ceiling"):
         cases.append(Case(relay, "market", 64, 4, int(rate * seconds), rate=rate))
@@ -244,6 +297,8 @@ def selected(case: Case, only: list[str]) -> bool:
         return True
     for spec in only:
         if spec == "latency" and case.rate:
+            return True
+        if spec == "bridge" and case.relay == "bridge":
             return True
         parts = spec.split(":")
         if not case.rate and parts == [case.domain, str(case.size), str(case.subscribers)][: len(parts)]:

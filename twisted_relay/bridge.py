@@ -57,6 +57,10 @@ _ACK_TIMEOUT = 2.0
 _MAX_BACKOFF = 2.0
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
+#: Seconds a receiving relay waits for a missing stream message to be redelivered.
+_GAP_PATIENCE = 30.0
+#: How long the stream keeps messages.
+STREAM_MAX_AGE = 24 * 3600.0
 
 
 @dataclass
@@ -73,6 +77,7 @@ class BridgeCounters:
     malformed: int = 0
     retries: int = 0
     duplicates: int = 0
+    stream_gaps: int = 0
     slow_consumer: int = 0
     reconnects: int = 0
     connected: bool = False
@@ -123,6 +128,7 @@ class NatsBridge(Service):
         self._delivered = 0
         self._boot = time.time_ns()
         self._messages = 0
+        self._gapSince: float | None = None
         self._sampled = RateLimiter(relay.clock)
         relay.bridge = self
 
@@ -180,7 +186,11 @@ class NatsBridge(Service):
         subjects = [f"torq.{self.relay.logic.name}.>"]
         try:
             await self._js.add_stream(
-                name=self.stream, subjects=subjects, storage=StorageType.FILE, num_replicas=replicas
+                name=self.stream,
+                subjects=subjects,
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_age=STREAM_MAX_AGE,
             )
         except NatsError as e:
             info = await self._js.stream_info(self.stream)
@@ -325,13 +335,37 @@ class NatsBridge(Service):
                 sequence = msg.metadata.sequence.stream
                 if sequence <= self._delivered:
                     self.counters.duplicates += 1
-                elif self._delivered and sequence != self._delivered + 1:
-                    # One before it is still to come (redelivered): wait for it.
+                elif self._delivered and sequence != self._delivered + 1 and self._waitForGap(
+                    sequence
+                ):
                     continue
                 else:
                     self._delivered = sequence
+                    self._gapSince = None
                     self._deliver(msg)
                 await msg.ack()
+
+    def _waitForGap(self, sequence: int) -> bool:
+        """
+        Whether to leave C{sequence} for later: an earlier message is still to
+        be redelivered. A gap that lasts (messages removed from the stream by
+        its limits) is given up on, logged and counted.
+        """
+        now = time.monotonic()
+        if self._gapSince is None:
+            self._gapSince = now
+        if now - self._gapSince < _GAP_PATIENCE:
+            return True
+        self.counters.stream_gaps += sequence - self._delivered - 1
+        self.log.error(
+            "NATS bridge: stream {stream} messages {first}-{last} never arrived (removed by "
+            "the stream's limits?); going on from {sequence}",
+            stream=self.stream,
+            first=self._delivered + 1,
+            last=sequence - 1,
+            sequence=sequence,
+        )
+        return False
 
     async def _send(self) -> None:
         """Hand the queued chunks to nats-py, which pushes back while its buffer is full."""

@@ -227,6 +227,24 @@ _BRIDGE_METRICS = (
         "malformed",
     ),
     (CounterMetricFamily, "torq_relay_nats_reconnects", "Reconnections to NATS.", "reconnects"),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_retries",
+        "JetStream messages published again for want of an acknowledgement.",
+        "retries",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_duplicates",
+        "Copies the stream or this relay's consumer left out (JetStream).",
+        "duplicates",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_stream_gaps",
+        "Stream messages given up on: removed before this relay read them.",
+        "stream_gaps",
+    ),
     (GaugeMetricFamily, "torq_relay_nats_connected", "1 while connected to NATS.", "connected"),
     (
         GaugeMetricFamily,
