@@ -284,11 +284,15 @@ def matrix(smoke: bool) -> list[Case]:
     count = COUNTS[128] // scale
     for audit in ("off", "10", "always"):
         cases.append(Case("relay", "execution", 128, 4, count, audit=audit))
-    # Host to host: two relays bridged through a 3-node NATS cluster.
-    cases.append(Case("bridge", "market", 128, 1, count))
     rate, seconds = 100_000, (0.2 if smoke else 5)
-    for relay in ("relay", "floor", "ceiling"):
+    # "bridge": host to host, two relays bridged through a 3-node NATS cluster.
+    for relay in ("relay", "floor", "ceiling", "bridge"):
         cases.append(Case(relay, "market", 64, 4, int(rate * seconds), rate=rate))
+    if not smoke:
+        # Core NATS is at most once: unpaced, a relay starved of CPU is cut off
+        # by its NATS server as a slow consumer. These rates are verified.
+        for rate in (1_000_000, 2_000_000):
+            cases.append(Case("bridge", "market", 128, 1, 2 * rate, rate=rate))
     return cases
 
 
@@ -296,9 +300,9 @@ def selected(case: Case, only: list[str]) -> bool:
     if not only:
         return True
     for spec in only:
-        if spec == "latency" and case.rate:
-            return True
         if spec == "bridge" and case.relay == "bridge":
+            return True
+        if spec == "latency" and case.rate and case.relay != "bridge":
             return True
         parts = spec.split(":")
         if not case.rate and parts == [case.domain, str(case.size), str(case.subscribers)][: len(parts)]:
@@ -346,7 +350,10 @@ def report(cases: list[Case]) -> str:
         for case in latency:
             r = case.result
             if not r.get("verified"):
-                lines.append(f"| {case.relay} | {case.domain} | 64 | 4 | {case.rate:,} | FAILED | | | | no |")
+                lines.append(
+                    f"| {case.relay} | {case.domain} | {case.size} | {case.subscribers} | "
+                    f"{case.rate:,} | FAILED | | | | no |"
+                )
                 continue
             lat = r["latency_us"]
             lines.append(

@@ -23,7 +23,7 @@ def test_smoke_run_verifies_every_case():
     )
     assert run.returncode == 0, run.stdout + run.stderr
     # 5 throughput cases (floor, ceiling, 3 domains), 3 with the execution
-    # audit log off / fsync 10 ms / fsync always, 1 through two relays bridged
-    # by a NATS cluster, and 3 latency cases
+    # audit log off / fsync 10 ms / fsync always, and 4 latency cases (one
+    # through two relays bridged by a NATS cluster)
     assert run.stdout.count("| yes |") == 12
     assert "FAILED" not in run.stdout

@@ -1,0 +1,118 @@
+"""
+What a NATS node failure costs the execution stream between two hosts: two
+execution relays bridged through a 3-node NATS cluster (relay A on node 1,
+relay B on node 3), orders published on A at a steady rate, node 1 killed
+with SIGKILL part-way. Every order is verified at B's subscriber (count,
+order, bytes); the report gives the longest time B's subscriber went without
+an order, and what A's bridge did meanwhile.
+
+    python -m benchmarks.failover [--rate 5000] [--count 40000] [--kill-at 2.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from tests.natscluster import NatsCluster, free_ports
+from tests.relayprocess import RelayProcess
+from twisted_relay.client import BlockingClient
+from twisted_relay.wire import build_frame
+
+
+def start(workdir: str, cluster: NatsCluster, name: str, node: int) -> tuple[str, str, RelayProcess]:
+    path = os.path.join(workdir, f"{name}.sock")
+    (port,) = free_ports(1)
+    urls = [cluster.nodes[node].url] + [n.url for i, n in enumerate(cluster.nodes) if i != node]
+    relay = RelayProcess(
+        workdir, "--domain", "execution", "--listen", f"unix:{path}",
+        "--audit-dir", os.path.join(workdir, f"{name}-audit"),
+        "--http", f"tcp:{port}:interface=127.0.0.1",
+        "--nats", ",".join(urls), "--relay-id", name,
+    ).start().wait_listening(2)
+    deadline = time.monotonic() + 30
+    while "NATS bridge connected" not in relay.log():
+        if time.monotonic() > deadline:
+            raise RuntimeError(relay.log())
+        time.sleep(0.05)
+    return path, f"http://127.0.0.1:{port}", relay
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.failover", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=5000, help="orders per second")
+    parser.add_argument("--count", type=int, default=40_000)
+    parser.add_argument("--kill-at", type=float, default=2.0, help="seconds into the run")
+    args = parser.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="trf-", dir="/tmp")
+    cluster = NatsCluster(workdir).start()
+    relays = []
+    try:
+        path_a, url_a, relay_a = start(workdir, cluster, "hostA", 0)
+        path_b, _, relay_b = start(workdir, cluster, "hostB", 2)
+        relays = [relay_a, relay_b]
+        orders = [
+            build_frame(3, 42, seq, [(40, seq.to_bytes(8, "little") * 4)])
+            for seq in range(1, args.count + 1)
+        ]
+        arrivals: list[tuple[float, bytes]] = []
+        with BlockingClient(path_a) as publisher, BlockingClient(path_b) as far:
+            publisher.introduce(publish_only=True)
+            far.introduce()
+
+            def receive() -> None:
+                while len(arrivals) < args.count:
+                    got = far.receive(args.count - len(arrivals), timeout=60)
+                    if not got:
+                        return
+                    now = time.monotonic()
+                    arrivals.extend((now, frame) for _, frame in got)
+
+            reading = threading.Thread(target=receive)
+            reading.start()
+            started = time.monotonic()
+            killed_at = None
+            batch = max(1, int(args.rate / 200))
+            for n in range(0, args.count, batch):
+                if killed_at is None and time.monotonic() - started >= args.kill_at:
+                    cluster.nodes[0].kill()
+                    killed_at = time.monotonic()
+                publisher.publish(b"".join(orders[n : n + batch]))
+                ahead = started + (n + batch) / args.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            reading.join(120)
+        with urllib.request.urlopen(f"{url_a}/health", timeout=10) as response:
+            bridge = json.load(response)["nats"]
+    finally:
+        for relay in relays:
+            relay.stop()
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    times = [t for t, _ in arrivals]
+    stall = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    report = {
+        "orders": args.count,
+        "rate": args.rate,
+        "verified": [frame for _, frame in arrivals] == orders,
+        "received": len(arrivals),
+        "longest_stall_s": round(stall, 3),
+        "kill_to_last_order_s": round(times[-1] - killed_at, 3) if killed_at and times else None,
+        "publisher_retries": bridge["retries"],
+        "stream_duplicates_dropped": bridge["duplicates"],
+        "reconnects": bridge["reconnects"],
+    }
+    print(json.dumps(report))
+    return 0 if report["verified"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
