@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .ratelimit import RateLimiter
-from .wire import HEADER_SIZE, MAGIC, ROUTING
+from .wire import HEADER_SIZE, MAGIC, ROUTING, FrameError
 
 if TYPE_CHECKING:
     from .relay import ClientStats, RelayFactory
@@ -386,20 +386,47 @@ class NatsBridge(Service):
             self.counters.echoes += 1
             return
         data = msg.data
-        frames = _count_frames(data, self.relay.sequences)
-        if frames is None:
+        problem = self._check(data)
+        if problem:
             self.counters.malformed += 1
             self.log.error(
-                "NATS bridge: a message from {origin} on {subject} is not whole frames; "
-                "dropped ({size} bytes)",
+                "NATS bridge: dropped a message of {size} bytes from {origin} on {subject}: "
+                "{problem}",
                 origin=origin,
                 subject=msg.subject,
                 size=len(data),
+                problem=problem,
             )
             return
+        frames, spans = _sources(data)
+        for source, (_, last) in spans.items():
+            self.relay.sequences[source] = last
         self.counters.chunks_in += 1
         self.counters.frames_in += frames
         self.relay.broadcast(self.peer, [data], frames)
+
+    def _check(self, data: bytes) -> str:
+        """
+        Why C{data} is not frames this relay would accept from a local client,
+        or '': another relay checked them, but NATS is open to more than relays.
+        """
+        relay = self.relay
+        domain, max_payload = relay.logic.domain, relay.policy.max_frame_size - HEADER_SIZE
+        check = relay.policy.check if relay.policy.inspects_frames else None
+        unpack, offset, end = ROUTING.unpack_from, 0, len(data)
+        while offset + HEADER_SIZE <= end:
+            magic, frame_domain, _, _, _, size = unpack(data, offset)
+            if magic != MAGIC or size > max_payload or offset + HEADER_SIZE + size > end:
+                return f"no whole frame at byte {offset}"
+            if frame_domain != domain:
+                return f"a frame of relay_domain {frame_domain} at byte {offset}"
+            if check is not None:
+                try:
+                    check(data, offset, offset + HEADER_SIZE + size)
+                except FrameError as e:
+                    return f"{e} at byte {offset}"
+            offset += HEADER_SIZE + size
+        return "" if offset == end and end else f"{end - offset} bytes after the last frame"
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):
@@ -432,31 +459,17 @@ def _message_id(origin: str, data: bytes) -> str:
     C{origin}, then the first and last sequence of each source in C{data}:
     the same for every attempt at one message, so the stream keeps one copy.
     """
-    spans: dict[int, list[int]] = {}
-    unpack, offset, end = ROUTING.unpack_from, 0, len(data)
-    while offset < end:
-        _, _, _, source, sequence, size = unpack(data, offset)
-        span = spans.setdefault(source, [sequence, sequence])
-        span[1] = sequence
-        offset += HEADER_SIZE + size
+    _, spans = _sources(data)
     return origin + "".join(f":{s}:{a}-{b}" for s, (a, b) in sorted(spans.items()))
 
 
-def _count_frames(data: bytes, sequences: dict[int, int]) -> int | None:
-    """
-    The number of whole frames C{data} is made of, or None if it is not
-    that; the last sequence of each source goes into C{sequences}.
-    """
+def _sources(data: bytes) -> tuple[int, dict[int, tuple[int, int]]]:
+    """The number of frames in C{data} (whole frames) and each source's first and last sequence."""
+    spans: dict[int, tuple[int, int]] = {}
     unpack, offset, count, end = ROUTING.unpack_from, 0, 0, len(data)
-    last: dict[int, int] = {}
-    while offset + HEADER_SIZE <= end:
-        magic, _, _, source, sequence, size = unpack(data, offset)
-        if magic != MAGIC:
-            return None
-        last[source] = sequence
+    while offset < end:
+        _, _, _, source, sequence, size = unpack(data, offset)
+        spans[source] = (spans.get(source, (sequence,))[0], sequence)
         offset += HEADER_SIZE + size
         count += 1
-    if offset != end or not count:
-        return None
-    sequences.update(last)
-    return count
+    return count, spans

@@ -1,0 +1,54 @@
+"""
+Tests for L{twisted_relay.bridge} that need no NATS server: what the bridge
+accepts from NATS, and its message ids. The bridge against a real cluster is
+in test_nats.py.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_relay.bridge import NatsBridge, _message_id, _sources
+from twisted_relay.wire import Domain
+
+from .helpers import frames_for, make_relay
+
+
+class InboundTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.relay = make_relay(Domain.EXECUTION)
+        self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.frames = frames_for(Domain.EXECUTION, 3)
+
+    def test_wholeCheckedFrames(self) -> None:
+        """Whole frames of the relay's domain that pass its checks are accepted."""
+        self.assertEqual(self.bridge._check(b"".join(self.frames)), "")
+
+    def test_refused(self) -> None:
+        """Anything a local client could not publish is refused, with the reason."""
+        corrupt = bytearray(self.frames[1])
+        corrupt[-1] ^= 1
+        cases = {
+            "checksum": self.frames[0] + bytes(corrupt),
+            "relay_domain 1": b"".join(frames_for(Domain.MARKET_DATA, 1)),
+            "no whole frame": self.frames[0] + self.frames[1][:40],
+            "no whole frame at byte 0": b"garbage" * 10,
+        }
+        for expected, data in cases.items():
+            self.assertIn(expected, self.bridge._check(data))
+        self.assertNotEqual(self.bridge._check(b""), "")
+
+    def test_published_to_bridge_only_once(self) -> None:
+        """Frames from the bridge are broadcast locally but not published again."""
+        self.relay.fanOut(self.bridge.peer, [b"".join(self.frames)], 3)
+        self.assertEqual(self.bridge.queued, 0)
+        self.relay.fanOut(object(), [b"".join(self.frames)], 3)
+        self.assertEqual(self.bridge.queued, len(b"".join(self.frames)))
+
+
+class MessageIdTests(SynchronousTestCase):
+    def test_spans(self) -> None:
+        """A message id names the origin and each source's first and last sequence."""
+        data = b"".join(frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7))
+        self.assertEqual(_sources(data), (6, {42: (2, 5), 7: (1, 2)}))
+        self.assertEqual(_message_id("hostA:1:9", data), "hostA:1:9:7:1-2:42:2-5")
