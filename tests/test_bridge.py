@@ -6,12 +6,16 @@ in test_nats.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.bridge import NatsBridge, _message_id, _sources
 from twisted_relay.wire import Domain
 
 from .helpers import frames_for, make_relay
+from .relayprocess import REPO
 
 
 class InboundTests(SynchronousTestCase):
@@ -52,3 +56,42 @@ class MessageIdTests(SynchronousTestCase):
         data = b"".join(frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7))
         self.assertEqual(_sources(data), (6, {42: (2, 5), 7: (1, 2)}))
         self.assertEqual(_message_id("hostA:1:9", data), "hostA:1:9:7:1-2:42:2-5")
+
+
+REACTOR_PROBE = """
+import sys
+from twisted_relay.service import Options
+options = Options()
+options.parseOptions(sys.argv[1:])
+from twisted.internet import reactor
+print(type(reactor).__name__, "nats" in sys.modules)
+"""
+
+
+def _probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", REACTOR_PROBE, "--listen", "tcp:0:interface=127.0.0.1", *args],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+
+
+def test_no_nats_no_asyncio() -> None:
+    """Without --nats the relay keeps the default reactor and imports nothing of NATS."""
+    result = _probe("--domain", "market")
+    assert result.stdout.split() == ["EPollReactor", "False"], result.stderr
+
+
+def test_nats_installs_asyncio() -> None:
+    """With --nats the relay runs on the asyncio reactor, which nats-py needs."""
+    result = _probe("--domain", "market", "--nats", "nats://127.0.0.1:4222")
+    assert result.stdout.split() == ["AsyncioSelectorReactor", "False"], result.stderr
+
+
+def test_nats_refuses_another_reactor() -> None:
+    """A reactor chosen beforehand that is not asyncio is refused with a clear reason."""
+    probe = "from twisted.internet import epollreactor; epollreactor.install()\n" + REACTOR_PROBE
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "--nats", "nats://127.0.0.1:4222"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert "--nats needs the asyncio reactor" in result.stderr
