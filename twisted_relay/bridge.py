@@ -168,7 +168,7 @@ class NatsBridge(Service):
                 pending_bytes_limit=64 * 1024 * 1024,
             )
             await self._nc.flush()
-            self._tasks.append(asyncio.ensure_future(self._send()))
+            self._spawn(self._send(), "publishing")
         self.log.info(
             "NATS bridge connected to {server} as origin {origin}: publishing to "
             "{subject}, receiving torq.{domain}.* ({mode})",
@@ -208,8 +208,22 @@ class NatsBridge(Service):
                 deliver_policy=DeliverPolicy.NEW, ack_wait=_ACK_TIMEOUT * 2, max_ack_pending=65536
             ),
         )
-        self._tasks.append(asyncio.ensure_future(self._sendDurably()))
-        self._tasks.append(asyncio.ensure_future(self._receiveDurably()))
+        self._spawn(self._sendDurably(), "publishing to the stream")
+        self._spawn(self._receiveDurably(), "reading the stream")
+
+    def _spawn(self, work, what: str) -> None:
+        """Run C{work} for the bridge's lifetime; if it ever fails, say so loudly."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.counters.connected = False
+                self.log.failure("NATS bridge stopped {what}: restart the relay", what=what)
+
+        self._tasks.append(asyncio.ensure_future(guarded()))
 
     async def _close(self) -> None:
         for task in self._tasks:
@@ -241,20 +255,24 @@ class NatsBridge(Service):
                 )
             return
         if self.queued + len(data) > self.high_water:
-            counters = self.counters
-            counters.chunks_dropped += 1
-            counters.frames_dropped += frames
-            held = self._sampled.allow("dropped")
-            if held is not None:
-                self.log.warn(
-                    "NATS bridge: dropped {frames} frames, its outbound queue is at the "
-                    "high-water mark of {high_water} bytes ({frames_dropped} dropped so far)",
-                    frames=frames,
-                    high_water=self.high_water,
-                    frames_dropped=counters.frames_dropped,
-                )
+            self._dropped(
+                frames, f"its outbound queue is at the high-water mark of {self.high_water} bytes"
+            )
             return
         self._enqueue(data, frames)
+
+    def _dropped(self, frames: int, why: str) -> None:
+        counters = self.counters
+        counters.chunks_dropped += 1
+        counters.frames_dropped += frames
+        held = self._sampled.allow("dropped")
+        if held is not None:
+            self.log.warn(
+                "NATS bridge: dropped {frames} frames, {why} ({frames_dropped} dropped so far)",
+                frames=frames,
+                why=why,
+                frames_dropped=counters.frames_dropped,
+            )
 
     def _enqueue(self, data: bytes, frames: int) -> None:
         self.queue.append((data, frames))
@@ -373,7 +391,16 @@ class NatsBridge(Service):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.queue:
-                await self._nc.publish(self.subject, self.queue[0][0])
+                data, frames = self.queue[0]
+                try:
+                    await self._nc.publish(self.subject, data)
+                except NatsError as e:
+                    # At most once: what NATS cannot take now (reconnecting with
+                    # its buffer full, say) is dropped whole and counted.
+                    self.queue.popleft()
+                    self.queued -= len(data)
+                    self._dropped(frames, repr(e))
+                    continue
                 self._sent(1)
 
     async def _received(self, msg) -> None:
