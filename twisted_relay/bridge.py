@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .ratelimit import RateLimiter
-from .wire import HEADER_SIZE, MAGIC, ROUTING, FrameError
+from .wire import HEADER_SIZE, MAGIC, ROUTING, VERSION, FrameError
 
 if TYPE_CHECKING:
     from .relay import ClientStats, RelayFactory
@@ -49,16 +49,14 @@ if TYPE_CHECKING:
 #: Bytes of outbound chunks the bridge keeps before it drops whole chunks
 #: (core NATS) or holds the publishers back (JetStream).
 DEFAULT_HIGH_WATER = 8 * 1024 * 1024
-#: The largest JetStream message the bridge makes from queued chunks.
-_MAX_MESSAGE = 1024 * 1024
+#: Bytes of a message's room kept for its headers within the server's max_payload.
+_HEADER_ROOM = 4096
 #: Seconds to wait for the stream's acknowledgement before publishing again.
 _ACK_TIMEOUT = 2.0
 #: Longest wait between two attempts: retrying goes on for as long as it takes.
 _MAX_BACKOFF = 2.0
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
-#: Seconds a receiving relay waits for a missing stream message to be redelivered.
-_GAP_PATIENCE = 30.0
 #: How long the stream keeps messages.
 STREAM_MAX_AGE = 24 * 3600.0
 
@@ -128,20 +126,38 @@ class NatsBridge(Service):
         self._delivered = 0
         self._boot = time.time_ns()
         self._messages = 0
-        self._gapSince: float | None = None
+        self._limit = 1024 * 1024 - _HEADER_ROOM
+        self._gapCheckedAt = 0.0
+        #: Whether a connection was set up, so that its closing means joining again.
+        self._joined = False
         self._sampled = RateLimiter(relay.clock)
         relay.bridge = self
 
     def startService(self) -> None:
         super().startService()
-        self._started = Deferred.fromFuture(asyncio.ensure_future(self._connect()))
-        self._started.addErrback(
-            lambda failure: self.log.failure("NATS bridge did not start", failure)
-        )
+        self._spawn(self._join(), "joining NATS")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromFuture(asyncio.ensure_future(self._close()))
+
+    async def _join(self) -> None:
+        """Connect, and set up subscription or stream; until it works, however long."""
+        delay = 0.5
+        while True:
+            try:
+                await self._connect()
+                return
+            except (NatsError, OSError, asyncio.TimeoutError) as e:
+                self.log.warn(
+                    "NATS bridge: cannot join NATS yet ({error}); trying again in {delay:.1f}s",
+                    error=repr(e),
+                    delay=delay,
+                )
+                if self._nc is not None and not self._nc.is_closed:
+                    await self._nc.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _connect(self) -> None:
         self._nc = await nats.connect(
@@ -157,7 +173,10 @@ class NatsBridge(Service):
             error_cb=self._error,
             disconnected_cb=self._disconnected,
             reconnected_cb=self._reconnected,
+            closed_cb=self._closed,
         )
+        # Room for the message's headers within the server's limit.
+        self._limit = self._nc.max_payload - _HEADER_ROOM
         self.counters.connected = True
         if self.durable:
             await self._joinStream()
@@ -169,6 +188,7 @@ class NatsBridge(Service):
             )
             await self._nc.flush()
             self._spawn(self._send(), "publishing")
+        self._joined = True
         self.log.info(
             "NATS bridge connected to {server} as origin {origin}: publishing to "
             "{subject}, receiving torq.{domain}.* ({mode})",
@@ -183,7 +203,7 @@ class NatsBridge(Service):
         """Create (or find) the domain's stream and this relay's durable consumer."""
         self._js = self._nc.jetstream()
         replicas = self.replicas or (3 if len(self._nc.servers) >= 3 else 1)
-        subjects = [f"torq.{self.relay.logic.name}.>"]
+        subjects = [f"torq.{self.relay.logic.name}.*"]
         try:
             await self._js.add_stream(
                 name=self.stream,
@@ -208,6 +228,9 @@ class NatsBridge(Service):
                 deliver_policy=DeliverPolicy.NEW, ack_wait=_ACK_TIMEOUT * 2, max_ack_pending=65536
             ),
         )
+        # Where this relay's consumer got to before (a restart): every stream
+        # message up to it was delivered here and acknowledged, in order.
+        self._delivered = (await self._consumer.consumer_info()).ack_floor.stream_seq
         self._spawn(self._sendDurably(), "publishing to the stream")
         self._spawn(self._receiveDurably(), "reading the stream")
 
@@ -226,6 +249,9 @@ class NatsBridge(Service):
         self._tasks.append(asyncio.ensure_future(guarded()))
 
     async def _close(self) -> None:
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        while self.queue and self.counters.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
         if self.queue:
@@ -246,6 +272,17 @@ class NatsBridge(Service):
         high-water mark the chunk is dropped whole and counted.
         """
         data = runs[0] if len(runs) == 1 else b"".join(runs)
+        if len(data) > self._limit:
+            for piece, count in _pieces(data, self._limit):
+                if len(piece) > self._limit:
+                    self._dropped(
+                        count,
+                        f"a frame of {len(piece)} bytes is over the NATS server's max_payload "
+                        f"(raise it to at least the domain's max frame + {_HEADER_ROOM} bytes)",
+                    )
+                else:
+                    self.publish([piece], count)
+            return
         if self.durable:
             self._enqueue(data, frames)
             if self.queued > self.high_water and not self._holding:
@@ -301,7 +338,7 @@ class NatsBridge(Service):
             while self.queue:
                 chunks, size = 0, 0
                 for data, _ in self.queue:
-                    if chunks and size + len(data) > _MAX_MESSAGE:
+                    if chunks and size + len(data) > self._limit:
                         break
                     chunks, size = chunks + 1, size + len(data)
                 message = b"".join(data for data, _ in list(self.queue)[:chunks])
@@ -341,49 +378,60 @@ class NatsBridge(Service):
     async def _receiveDurably(self) -> None:
         """Deliver the stream's messages from other relays, in stream order, once each."""
         while True:
+            if self.relay.gate.paused:
+                # Local subscribers or the audit log hold the relay back: the
+                # stream keeps the messages meanwhile.
+                await asyncio.sleep(0.05)
+                continue
             try:
                 messages = await self._consumer.fetch(256, timeout=1)
             except (NatsTimeout, asyncio.TimeoutError):
                 continue
             except NatsError as e:
-                self.log.warn("NATS bridge: fetching from the stream failed: {error}", error=repr(e))
+                self.log.warn(
+                    "NATS bridge: fetching from the stream failed: {error}", error=repr(e)
+                )
                 await asyncio.sleep(0.5)
                 continue
             for msg in messages:
                 sequence = msg.metadata.sequence.stream
                 if sequence <= self._delivered:
                     self.counters.duplicates += 1
-                elif self._delivered and sequence != self._delivered + 1 and self._waitForGap(
-                    sequence
-                ):
+                elif sequence != self._delivered + 1 and not await self._skipGap(sequence):
+                    # An earlier message is still to be redelivered: this one
+                    # comes again after it.
                     continue
                 else:
                     self._delivered = sequence
-                    self._gapSince = None
                     self._deliver(msg)
-                await msg.ack()
+                try:
+                    await msg.ack()
+                except NatsError:
+                    pass  # it will be redelivered, and left out as a duplicate
 
-    def _waitForGap(self, sequence: int) -> bool:
+    async def _skipGap(self, sequence: int) -> bool:
         """
-        Whether to leave C{sequence} for later: an earlier message is still to
-        be redelivered. A gap that lasts (messages removed from the stream by
-        its limits) is given up on, logged and counted.
+        Whether the stream messages before C{sequence} that were not delivered
+        here are gone (removed by the stream's limits while this relay was
+        away): then they are counted and logged, and C{sequence} is next.
         """
         now = time.monotonic()
-        if self._gapSince is None:
-            self._gapSince = now
-        if now - self._gapSince < _GAP_PATIENCE:
-            return True
-        self.counters.stream_gaps += sequence - self._delivered - 1
+        if now - self._gapCheckedAt < 1.0:
+            return False
+        self._gapCheckedAt = now
+        first = (await self._js.stream_info(self.stream)).state.first_seq
+        if first <= self._delivered + 1:
+            return False
+        self.counters.stream_gaps += first - self._delivered - 1
         self.log.error(
-            "NATS bridge: stream {stream} messages {first}-{last} never arrived (removed by "
-            "the stream's limits?); going on from {sequence}",
+            "NATS bridge: stream {stream} messages {low}-{high} expired before this relay "
+            "read them",
             stream=self.stream,
-            first=self._delivered + 1,
-            last=sequence - 1,
-            sequence=sequence,
+            low=self._delivered + 1,
+            high=first - 1,
         )
-        return False
+        self._delivered = first - 1
+        return sequence == first
 
     async def _send(self) -> None:
         """Hand the queued chunks to nats-py, which pushes back while its buffer is full."""
@@ -442,8 +490,13 @@ class NatsBridge(Service):
         check = relay.policy.check if relay.policy.inspects_frames else None
         unpack, offset, end = ROUTING.unpack_from, 0, len(data)
         while offset + HEADER_SIZE <= end:
-            magic, frame_domain, _, _, _, size = unpack(data, offset)
-            if magic != MAGIC or size > max_payload or offset + HEADER_SIZE + size > end:
+            magic, frame_domain, version, _, _, size = unpack(data, offset)
+            if (
+                magic != MAGIC
+                or version != VERSION
+                or size > max_payload
+                or offset + HEADER_SIZE + size > end
+            ):
                 return f"no whole frame at byte {offset}"
             if frame_domain != domain:
                 return f"a frame of relay_domain {frame_domain} at byte {offset}"
@@ -468,6 +521,17 @@ class NatsBridge(Service):
             return
         self.log.warn("NATS bridge: {error}", error=repr(error))
 
+    async def _closed(self) -> None:
+        """The connection is closed for good (not by a stop): start again."""
+        self.counters.connected = False
+        if self.running and self._joined:
+            self._joined = False
+            self.log.error("NATS bridge: the connection was closed; joining NATS again")
+            for task in self._tasks:
+                task.cancel()
+            self._tasks = []
+            self._spawn(self._join(), "joining NATS")
+
     async def _disconnected(self) -> None:
         self.counters.connected = False
         self.log.warn("NATS bridge disconnected; reconnecting")
@@ -479,6 +543,24 @@ class NatsBridge(Service):
             "NATS bridge reconnected to {server}",
             server=self._nc.connected_url.netloc if self._nc.connected_url else "?",
         )
+
+
+def _pieces(data: bytes, limit: int):
+    """
+    C{data}, runs of whole frames, cut at frame boundaries into C{(piece,
+    frames)} of at most C{limit} bytes (a frame larger than that alone).
+    """
+    start = offset = count = 0
+    end = len(data)
+    while offset < end:
+        size = HEADER_SIZE + ROUTING.unpack_from(data, offset)[5]
+        if count and offset + size - start > limit:
+            yield data[start:offset], count
+            start, count = offset, 0
+        offset += size
+        count += 1
+    if count:
+        yield data[start:end], count
 
 
 def _message_id(origin: str, data: bytes) -> str:

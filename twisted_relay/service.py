@@ -176,8 +176,9 @@ Examples:
         [
             "relay-id",
             None,
-            socket.gethostname(),
-            "This relay's origin token in NATS subjects (torq.DOMAIN.ID).",
+            re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()),
+            "This relay's origin token in NATS subjects (torq.DOMAIN.ID), unique per relay "
+            "[default: the host name, dots as dashes].",
         ],
         [
             "nats-high-water",
