@@ -114,6 +114,8 @@ class NatsBridge(Service):
         self.durable = relay.logic.delivery == "block"
         self.stream = f"TORQ_{relay.logic.name.upper()}"
         self.subject = f"torq.{relay.logic.name}.{origin}"
+        #: What the bridge receives (and, for a lossless domain, what its stream holds).
+        self.receiving = f"torq.{relay.logic.name}.>"
         self.peer = _Peer()
         self.counters = BridgeCounters(servers=servers)
         self.queue: deque[tuple[bytes, int]] = deque()
@@ -182,7 +184,7 @@ class NatsBridge(Service):
             await self._joinStream()
         else:
             await self._nc.subscribe(
-                f"torq.{self.relay.logic.name}.*",
+                self.receiving,
                 cb=self._received,
                 pending_bytes_limit=64 * 1024 * 1024,
             )
@@ -191,11 +193,11 @@ class NatsBridge(Service):
         self._joined = True
         self.log.info(
             "NATS bridge connected to {server} as origin {origin}: publishing to "
-            "{subject}, receiving torq.{domain}.* ({mode})",
+            "{subject}, receiving {receiving} ({mode})",
             server=self._nc.connected_url.netloc if self._nc.connected_url else "?",
             origin=self.origin,
             subject=self.subject,
-            domain=self.relay.logic.name,
+            receiving=self.receiving,
             mode=f"JetStream stream {self.stream}" if self.durable else "core NATS",
         )
 
@@ -203,7 +205,7 @@ class NatsBridge(Service):
         """Create (or find) the domain's stream and this relay's durable consumer."""
         self._js = self._nc.jetstream()
         replicas = self.replicas or (3 if len(self._nc.servers) >= 3 else 1)
-        subjects = [f"torq.{self.relay.logic.name}.*"]
+        subjects = [self.receiving]
         try:
             await self._js.add_stream(
                 name=self.stream,
@@ -221,7 +223,7 @@ class NatsBridge(Service):
                 error=str(e),
             )
         self._consumer = await self._js.pull_subscribe(
-            f"torq.{self.relay.logic.name}.*",
+            self.receiving,
             durable=f"relay-{self.origin}",
             stream=self.stream,
             config=ConsumerConfig(
@@ -456,7 +458,8 @@ class NatsBridge(Service):
 
     def _deliver(self, msg) -> None:
         """Frames from another relay: checked, then broadcast like a local publisher's."""
-        origin = msg.subject.rpartition(".")[2]
+        # torq.<domain>.<origin>: anything after the origin is not the relays'.
+        origin = msg.subject.split(".")[2]
         if origin == self.origin:
             self.counters.echoes += 1
             return
