@@ -182,7 +182,7 @@ def start_relays(case: Case, workdir: str, cluster) -> tuple[str, str, list[subp
         ]
         processes.append(start_relay(command, path, workdir, name))
         paths.append(path)
-    wait_for_route_interest(cluster.nodes[0], f"torq.{case.domain}.*")
+    wait_for_route_interest(cluster.nodes[0], f"torq.{case.domain}.>")
     return paths[0], paths[1], processes
 
 
