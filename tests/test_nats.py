@@ -231,3 +231,18 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
     assert bridge_a["retries"] > 0 and bridge_a["frames_dropped"] == 0
     audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
     assert audited_from_nats(audit) == frames
+
+
+def test_duplicate_relay_id(relays) -> None:
+    """Two relays with one --relay-id ignore each other's frames: that is logged."""
+    path_a, _, _ = relays("first", 0, "market", "--relay-id", "same")
+    _, url_b, relay_b = relays("second", 2, "market", "--relay-id", "same")
+    frames = market(100)
+    with BlockingClient(path_a) as publisher:
+        publisher.introduce(publish_only=True)
+        deadline = time.monotonic() + TIMEOUT
+        while "another relay publishes as same" not in relay_b.log():
+            assert time.monotonic() < deadline, relay_b.log()
+            publisher.publish(b"".join(frames))
+            time.sleep(0.1)
+    assert health(url_b)["nats"]["frames_in"] == 0

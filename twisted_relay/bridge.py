@@ -76,6 +76,7 @@ class BridgeCounters:
     retries: int = 0
     duplicates: int = 0
     stream_gaps: int = 0
+    failures: int = 0
     slow_consumer: int = 0
     reconnects: int = 0
     connected: bool = False
@@ -130,6 +131,7 @@ class NatsBridge(Service):
         self._messages = 0
         self._limit = 1024 * 1024 - _HEADER_ROOM
         self._gapCheckedAt = 0.0
+        self._fetchFailing = False
         #: Whether a connection was set up, so that its closing means joining again.
         self._joined = False
         self._sampled = RateLimiter(relay.clock)
@@ -137,7 +139,7 @@ class NatsBridge(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._spawn(self._join(), "joining NATS")
+        self._spawn(self._join, "joining NATS")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -189,7 +191,7 @@ class NatsBridge(Service):
                 pending_bytes_limit=64 * 1024 * 1024,
             )
             await self._nc.flush()
-            self._spawn(self._send(), "publishing")
+            self._spawn(self._send, "publishing")
         self._joined = True
         self.log.info(
             "NATS bridge connected to {server} as origin {origin}: publishing to "
@@ -233,20 +235,26 @@ class NatsBridge(Service):
         # Where this relay's consumer got to before (a restart): every stream
         # message up to it was delivered here and acknowledged, in order.
         self._delivered = (await self._consumer.consumer_info()).ack_floor.stream_seq
-        self._spawn(self._sendDurably(), "publishing to the stream")
-        self._spawn(self._receiveDurably(), "reading the stream")
+        self._spawn(self._sendDurably, "publishing to the stream")
+        self._spawn(self._receiveDurably, "reading the stream")
 
     def _spawn(self, work, what: str) -> None:
-        """Run C{work} for the bridge's lifetime; if it ever fails, say so loudly."""
+        """
+        Run C{work()} for the bridge's lifetime; if it fails, log the failure
+        and run it again, so no part of the bridge stops silently.
+        """
 
         async def guarded() -> None:
-            try:
-                await work
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.counters.connected = False
-                self.log.failure("NATS bridge stopped {what}: restart the relay", what=what)
+            while True:
+                try:
+                    await work()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.counters.failures += 1
+                    self.log.failure("NATS bridge: {what} failed; starting it again", what=what)
+                    await asyncio.sleep(1.0)
 
         self._tasks.append(asyncio.ensure_future(guarded()))
 
@@ -256,6 +264,7 @@ class NatsBridge(Service):
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.queue:
             self.log.warn(
                 "NATS bridge stopping with {frames} frames not published{how}",
@@ -319,11 +328,11 @@ class NatsBridge(Service):
         self._wakeup.set()
 
     def _sent(self, chunks: int) -> None:
-        """The first C{chunks} queued chunks are published (or acknowledged)."""
+        """The first C{chunks} queued chunks went out as one message (acknowledged: JetStream)."""
+        self.counters.chunks_out += 1
         for _ in range(chunks):
             data, frames = self.queue.popleft()
             self.queued -= len(data)
-            self.counters.chunks_out += 1
             self.counters.frames_out += frames
         if self._holding and self.queued <= self.high_water // 4:
             self._holding = False
@@ -390,11 +399,17 @@ class NatsBridge(Service):
             except (NatsTimeout, asyncio.TimeoutError):
                 continue
             except NatsError as e:
-                self.log.warn(
-                    "NATS bridge: fetching from the stream failed: {error}", error=repr(e)
-                )
+                if self._sampled.allow("fetch") is not None:
+                    self.log.warn(
+                        "NATS bridge: reading the stream failed ({error}); trying again",
+                        error=repr(e),
+                    )
+                self._fetchFailing = True
                 await asyncio.sleep(0.5)
                 continue
+            if self._fetchFailing:
+                self._fetchFailing = False
+                self.log.info("NATS bridge: reading the stream again")
             for msg in messages:
                 sequence = msg.metadata.sequence.stream
                 if sequence <= self._delivered:
@@ -421,7 +436,10 @@ class NatsBridge(Service):
         if now - self._gapCheckedAt < 1.0:
             return False
         self._gapCheckedAt = now
-        first = (await self._js.stream_info(self.stream)).state.first_seq
+        try:
+            first = (await self._js.stream_info(self.stream)).state.first_seq
+        except (NatsError, asyncio.TimeoutError):
+            return False  # the stream is electing a leader, say: wait
         if first <= self._delivered + 1:
             return False
         self.counters.stream_gaps += first - self._delivered - 1
@@ -462,7 +480,17 @@ class NatsBridge(Service):
         origin = msg.subject.split(".")[2]
         if origin == self.origin:
             self.counters.echoes += 1
+            own = self.durable and (msg.headers or {}).get("Nats-Msg-Id", "").startswith(
+                f"{self.origin}:{self._boot}:"
+            )
+            if not own and self._sampled.allow("relay id") is not None:
+                self.log.error(
+                    "NATS bridge: another relay publishes as {origin}: its frames are "
+                    "ignored here; give each relay its own --relay-id",
+                    origin=origin,
+                )
             return
+        self.relay.received(self.peer, len(msg.data))
         data = msg.data
         problem = self._check(data)
         if problem:
@@ -522,7 +550,13 @@ class NatsBridge(Service):
                     count=self.counters.slow_consumer,
                 )
             return
-        self.log.warn("NATS bridge: {error}", error=repr(error))
+        held = self._sampled.allow("error")
+        if held is not None:
+            self.log.warn(
+                "NATS bridge: {error}{held_back}",
+                error=repr(error),
+                held_back=f" ({held} more since the last report)" if held else "",
+            )
 
     async def _closed(self) -> None:
         """The connection is closed for good (not by a stop): start again."""
@@ -533,11 +567,12 @@ class NatsBridge(Service):
             for task in self._tasks:
                 task.cancel()
             self._tasks = []
-            self._spawn(self._join(), "joining NATS")
+            self._spawn(self._join, "joining NATS")
 
     async def _disconnected(self) -> None:
         self.counters.connected = False
-        self.log.warn("NATS bridge disconnected; reconnecting")
+        if self.running:
+            self.log.warn("NATS bridge disconnected; reconnecting")
 
     async def _reconnected(self) -> None:
         self.counters.connected = True

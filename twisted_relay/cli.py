@@ -260,6 +260,14 @@ def status(args: argparse.Namespace) -> None:
         f"pauses     {totals['publisher_pauses']}, {totals['publishers_paused_s']}s in all, "
         f"longest {totals['longest_pause_s']}s"
     )
+    bridge = health.get("nats")
+    if bridge is not None:
+        print(
+            f"nats       {'connected' if bridge['connected'] else 'NOT CONNECTED'} as "
+            f"{bridge['origin']}: {bridge['frames_out']:,} frames out, "
+            f"{bridge['frames_in']:,} in, {bridge['frames_dropped']:,} dropped, "
+            f"{bridge['queued_bytes']:,} bytes queued"
+        )
     audit = health.get("audit")
     if audit is not None:
         state = f"FAILING: {audit['failing']}" if audit["failing"] else "ok"

@@ -177,8 +177,8 @@ Examples:
             "relay-id",
             None,
             re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()),
-            "This relay's origin token in NATS subjects (torq.DOMAIN.ID), unique per relay "
-            "[default: the host name, dots as dashes].",
+            "This relay's origin token in NATS subjects (torq.DOMAIN.ID), unique per relay; "
+            "the default is the host name, dots as dashes.",
         ],
         [
             "nats-high-water",

@@ -62,7 +62,11 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
     now = factory.clock.seconds()
     gate = factory.gate
     trouble = factory.last_trouble
-    degraded = gate.paused or (trouble is not None and now - trouble < DEGRADED_FOR)
+    degraded = (
+        gate.paused
+        or (trouble is not None and now - trouble < DEGRADED_FOR)
+        or (factory.bridge is not None and not factory.bridge.counters.connected)
+    )
     return {
         "status": "degraded" if degraded else "ok",
         "audit": _audit(factory),
@@ -225,6 +229,25 @@ _BRIDGE_METRICS = (
         "torq_relay_nats_malformed",
         "Messages from NATS that were not whole frames.",
         "malformed",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_chunks_dropped",
+        "Runs of frames not published to NATS (see frames_dropped).",
+        "chunks_dropped",
+    ),
+    (CounterMetricFamily, "torq_relay_nats_chunks_in", "NATS messages received.", "chunks_in"),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_echoes",
+        "Messages of this relay's own origin, left out.",
+        "echoes",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_nats_failures",
+        "Failures of a bridge task, logged and restarted.",
+        "failures",
     ),
     (CounterMetricFamily, "torq_relay_nats_reconnects", "Reconnections to NATS.", "reconnects"),
     (
