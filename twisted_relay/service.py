@@ -277,6 +277,12 @@ Examples:
         another one was chosen (twistd -r).
         """
         self["nats"] = [url.strip() for url in self["nats"].split(",") if url.strip()]
+        try:
+            import nats  # noqa: F401
+        except ImportError:
+            raise usage.UsageError(
+                "--nats needs the NATS client: pip install 'twisted_relay[nats]'"
+            ) from None
         if "twisted.internet.reactor" not in sys.modules:
             from twisted.internet import asyncioreactor
 
