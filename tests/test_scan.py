@@ -1,6 +1,7 @@
 """
-Tests for L{twisted_relay.scan}: the pure-Python and the native inner loop
-give the same answers, on valid streams and on damaged ones.
+Tests for the native per-frame loops: L{twisted_relay.scan}'s scan and the
+audit log's record builder give the same answers as their pure-Python
+versions, on valid streams and on damaged ones.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_relay.audit import audit_records_python
 from twisted_relay.scan import scan_run_python
 from twisted_relay.wire import build_frame
 
@@ -111,3 +113,29 @@ class ScanTests(SynchronousTestCase):
         data = bytes(data)
         start = min(start, len(data))
         self.both(data, start, len(data), max_payload, 1, source, last)
+
+
+class AuditRecordsTests(SynchronousTestCase):
+    """The audit log's record builder: native and pure Python agree."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        runs=st.lists(frame_specs, max_size=4),
+        received=st.integers(0, 2**64 - 1),
+        client=st.integers(0, 2**32 - 1),
+        crc=st.integers(0, 2**32 - 1),
+        sequence=st.sampled_from([1, 2**64 - 200]),
+    )
+    def test_sameRecords(self, runs, received, client, crc, sequence) -> None:
+        """Any runs of frames give the same records, chain, count and sequences."""
+        data = [stream(specs, first=sequence) for specs in runs]
+        self.assertEqual(
+            NATIVE.audit_records(data, received, client, crc),
+            audit_records_python(data, received, client, crc),
+        )
+
+    def test_notWholeFrames(self) -> None:
+        """A run that does not hold whole frames is refused, not read past."""
+        frame = build_frame(3, 42, 1, b"x" * 10)
+        for broken in (frame[:-1], frame + frame[:20]):
+            self.assertRaises(ValueError, NATIVE.audit_records, [broken], 0, 0, 0)

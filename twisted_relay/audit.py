@@ -446,26 +446,7 @@ class AuditLog:
         if self._size >= self.rotate_size:
             os.fdatasync(self._fd)
             self._start(self.records, self.head, self.sequences)
-        pack, crc32, size_at = _RECORD.pack, zlib.crc32, UINT32.unpack_from
-        routing, pack_crc = ROUTING.unpack_from, UINT32.pack
-        crc = self.head
-        sequences: dict[int, int] = {}
-        parts: list[bytes | memoryview] = []
-        count = 0
-        for run in runs:
-            view = memoryview(run)
-            offset, length = 0, len(run)
-            while offset < length:
-                end = offset + HEADER_SIZE + size_at(run, offset + PAYLOAD_SIZE_OFFSET)[0]
-                head = pack(end - offset, received_ns, client_id)
-                frame = view[offset:end]
-                crc = crc32(frame, crc32(head, crc))
-                parts += (head, frame, pack_crc(crc))
-                _, _, _, source, sequence, _ = routing(run, offset)
-                sequences[source] = sequence
-                offset = end
-                count += 1
-        data = b"".join(parts)
+        data, crc, count, sequences = audit_records(runs, received_ns, client_id, self.head)
         try:
             _write_all(self._fd, data)
         except OSError:
@@ -504,6 +485,40 @@ class AuditLog:
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
+
+
+def audit_records_python(
+    runs: list[bytes], received_ns: int, client_id: int, crc: int
+) -> tuple[bytes, int, int, dict[int, int]]:
+    """
+    The records of the frames of C{runs} (runs of whole frames), chained
+    from C{crc}: C{(records, last checksum, count, {source: last sequence})}.
+    """
+    pack, crc32, size_at = _RECORD.pack, zlib.crc32, UINT32.unpack_from
+    routing, pack_crc = ROUTING.unpack_from, UINT32.pack
+    sequences: dict[int, int] = {}
+    parts: list[bytes | memoryview] = []
+    count = 0
+    for run in runs:
+        view = memoryview(run)
+        offset, length = 0, len(run)
+        while offset < length:
+            end = offset + HEADER_SIZE + size_at(run, offset + PAYLOAD_SIZE_OFFSET)[0]
+            head = pack(end - offset, received_ns, client_id)
+            frame = view[offset:end]
+            crc = crc32(frame, crc32(head, crc))
+            parts += (head, frame, pack_crc(crc))
+            _, _, _, source, sequence, _ = routing(run, offset)
+            sequences[source] = sequence
+            offset = end
+            count += 1
+    return b"".join(parts), crc, count, sequences
+
+
+try:
+    from ._cscan import audit_records
+except ImportError:
+    audit_records = audit_records_python
 
 
 def _write_all(fd: int, data: bytes) -> None:
