@@ -147,7 +147,12 @@ def start_relay(command: list[str], path: str, workdir: str, name: str) -> subpr
         env={**os.environ, "PYTHONPATH": REPO},
     )
     log.close()
-    wait_connectable(path, relay)
+    try:
+        wait_connectable(path, relay)
+    except BaseException:
+        relay.kill()
+        relay.wait()
+        raise
     return relay
 
 
@@ -174,15 +179,23 @@ def start_relays(case: Case, workdir: str, cluster) -> tuple[str, str, list[subp
         path = os.path.join(workdir, f"{case.relay}.sock")
         return path, path, [start_relay(relay_command(case, path, audit_dir), path, workdir, case.relay)]
     processes, paths = [], []
-    for name, node in (("benchA", 0), ("benchB", 2)):
-        path = os.path.join(workdir, f"{name}.sock")
-        urls = [cluster.nodes[node].url] + [n.url for n in cluster.nodes if n is not cluster.nodes[node]]
-        command = relay_command(Case("relay", case.domain, case.size, 0, 0), path, audit_dir) + [
-            "--nats", ",".join(urls), "--relay-id", name, "--nats-high-water", str(1 << 30),
-        ]
-        processes.append(start_relay(command, path, workdir, name))
-        paths.append(path)
-    wait_for_route_interest(cluster.nodes[0], f"torq.{case.domain}.>")
+    try:
+        for name, node in (("benchA", 0), ("benchB", 2)):
+            path = os.path.join(workdir, f"{name}.sock")
+            urls = [cluster.nodes[node].url] + [
+                n.url for n in cluster.nodes if n is not cluster.nodes[node]
+            ]
+            command = relay_command(Case("relay", case.domain, case.size, 0, 0), path, audit_dir)
+            command += ["--nats", ",".join(urls), "--relay-id", name]
+            command += ["--nats-high-water", str(1 << 30)]
+            processes.append(start_relay(command, path, workdir, name))
+            paths.append(path)
+        wait_for_route_interest(cluster.nodes[0], f"torq.{case.domain}.>")
+    except BaseException:
+        for process in processes:
+            process.kill()
+            process.wait()
+        raise
     return paths[0], paths[1], processes
 
 

@@ -63,9 +63,15 @@ def relays(cluster):
         return path, f"http://127.0.0.1:{port}", relay
 
     yield start
-    for relay in running:
-        relay.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        for relay in running:
+            if relay.process.poll() is None:
+                relay.process.terminate()
+        for relay in running:
+            # a bridged relay gives NATS a few seconds before its own drain
+            relay.wait_exit(timeout=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def market(count: int, source: int = 1, size: int = 40) -> list[bytes]:
