@@ -252,3 +252,47 @@ def test_duplicate_relay_id(relays) -> None:
             publisher.publish(b"".join(frames))
             time.sleep(0.1)
     assert health(url_b)["nats"]["frames_in"] == 0
+
+
+def test_execution_gap_of_expired_messages(relays, cluster) -> None:
+    """
+    Orders that expired from the stream while the receiving relay was down
+    are a gap it logs and counts, then it carries on with the next ones; it
+    never waits for them for ever nor delivers anything twice.
+    """
+    import asyncio
+
+    import nats
+    from nats.js.api import StorageType
+
+    async def short_lived_stream() -> None:
+        connection = await nats.connect(cluster.nodes[0].url)
+        await connection.jetstream().add_stream(
+            name="TORQ_EXECUTION", subjects=["torq.execution.>"], storage=StorageType.FILE,
+            max_age=5.0,
+        )
+        await connection.close()
+
+    asyncio.run(short_lived_stream())
+    path_a, _, _ = relays("hostA", 0, "execution")
+    path_b, url_b, relay_b = relays("hostB", 2, "execution")
+    frames = orders(250)
+    audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
+    with BlockingClient(path_a) as publisher:
+        publisher.introduce(publish_only=True)
+        publisher.publish(b"".join(frames[:100]))
+        deadline = time.monotonic() + TIMEOUT
+        while health(url_b)["nats"]["frames_in"] < 100:
+            assert time.monotonic() < deadline, relay_b.log()
+            time.sleep(0.1)
+        relay_b.stop()
+        publisher.publish(b"".join(frames[100:200]))
+        time.sleep(6)  # those expire from the stream
+        publisher.publish(b"".join(frames[200:]))
+        relay_b.start().wait_listening(2)
+        while health(url_b)["nats"]["frames_in"] < 50:
+            assert time.monotonic() < deadline, relay_b.log()
+            time.sleep(0.1)
+    assert "expired before this relay read them" in relay_b.log()
+    assert health(url_b)["nats"]["stream_gaps"] >= 1
+    assert audited_from_nats(audit) == frames[:100] + frames[200:]
