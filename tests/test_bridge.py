@@ -11,8 +11,8 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.bridge import NatsBridge, _message_id, _sources
-from twisted_relay.wire import Domain
+from twisted_relay.bridge import NatsBridge, _message_id, _pieces
+from twisted_relay.wire import Domain, FrameError
 
 from .helpers import frames_for, make_relay
 from .relayprocess import REPO
@@ -25,8 +25,12 @@ class InboundTests(SynchronousTestCase):
         self.frames = frames_for(Domain.EXECUTION, 3)
 
     def test_wholeCheckedFrames(self) -> None:
-        """Whole frames of the relay's domain that pass its checks are accepted."""
-        self.assertEqual(self.bridge._check(b"".join(self.frames)), "")
+        """
+        Whole frames of the relay's domain that pass its checks are accepted,
+        with their count and each source's first and last sequence.
+        """
+        data = b"".join(frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7))
+        self.assertEqual(self.bridge._inspect(data), (6, {42: (2, 5), 7: (1, 2)}))
 
     def test_refused(self) -> None:
         """Anything a local client could not publish is refused, with the reason."""
@@ -35,12 +39,13 @@ class InboundTests(SynchronousTestCase):
         cases = {
             "checksum": self.frames[0] + bytes(corrupt),
             "relay_domain 1": b"".join(frames_for(Domain.MARKET_DATA, 1)),
-            "no whole frame": self.frames[0] + self.frames[1][:40],
-            "no whole frame at byte 0": b"garbage" * 10,
+            "after the last whole frame": self.frames[0] + self.frames[1][:40],
+            "bad magic": b"garbage" * 10,
         }
         for expected, data in cases.items():
-            self.assertIn(expected, self.bridge._check(data))
-        self.assertNotEqual(self.bridge._check(b""), "")
+            error = self.assertRaises(FrameError, self.bridge._inspect, data)
+            self.assertIn(expected, str(error))
+        self.assertRaises(FrameError, self.bridge._inspect, b"")
 
     def test_published_to_bridge_only_once(self) -> None:
         """Frames from the bridge are broadcast locally but not published again."""
@@ -54,8 +59,15 @@ class MessageIdTests(SynchronousTestCase):
     def test_spans(self) -> None:
         """A message id names the origin and each source's first and last sequence."""
         data = b"".join(frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7))
-        self.assertEqual(_sources(data), (6, {42: (2, 5), 7: (1, 2)}))
         self.assertEqual(_message_id("hostA:1:9", data), "hostA:1:9:7:1-2:42:2-5")
+
+    def test_pieces(self) -> None:
+        """Runs are cut at frame boundaries to fit a limit; a larger frame goes alone."""
+        small, big = frames_for(3, 3), frames_for(3, 1, size=200)
+        data = b"".join(small + big + small)
+        pieces = list(_pieces(data, 2 * len(small[0])))
+        self.assertEqual(b"".join(piece for piece, _ in pieces), data)
+        self.assertEqual([count for _, count in pieces], [2, 1, 1, 2, 1])
 
 
 REACTOR_PROBE = """

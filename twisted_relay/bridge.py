@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from .framing import Framer
 from .ratelimit import RateLimiter
-from .wire import HEADER_SIZE, MAGIC, ROUTING, VERSION, FrameError
+from .wire import HEADER_SIZE, FrameError, IncompleteFrame, NotForwarded, frame_spans
 
 if TYPE_CHECKING:
     from .relay import ClientStats, RelayFactory
@@ -492,8 +494,9 @@ class NatsBridge(Service):
             return
         self.relay.received(self.peer, len(msg.data))
         data = msg.data
-        problem = self._check(data)
-        if problem:
+        try:
+            frames, spans = self._inspect(data)
+        except FrameError as problem:
             self.counters.malformed += 1
             self.log.error(
                 "NATS bridge: dropped a message of {size} bytes from {origin} on {subject}: "
@@ -501,43 +504,41 @@ class NatsBridge(Service):
                 origin=origin,
                 subject=msg.subject,
                 size=len(data),
-                problem=problem,
+                problem=str(problem),
             )
             return
-        frames, spans = _sources(data)
         for source, (_, last) in spans.items():
             self.relay.sequences[source] = last
         self.counters.chunks_in += 1
         self.counters.frames_in += frames
         self.relay.broadcast(self.peer, [data], frames)
 
-    def _check(self, data: bytes) -> str:
+    def _inspect(self, data: bytes) -> tuple[int, dict[int, tuple[int, int]]]:
         """
-        Why C{data} is not frames this relay would accept from a local client,
-        or '': another relay checked them, but NATS is open to more than relays.
+        The frames C{data} holds and each source's first and last sequence,
+        once they pass what a local client's frames must: another relay
+        checked them, but NATS is open to more than relays.
+
+        @raise FrameError: they do not; the message names the frame.
         """
         relay = self.relay
-        domain, max_payload = relay.logic.domain, relay.policy.max_frame_size - HEADER_SIZE
+        framer = Framer(relay.policy.max_frame_size)
         check = relay.policy.check if relay.policy.inspects_frames else None
-        unpack, offset, end = ROUTING.unpack_from, 0, len(data)
-        while offset + HEADER_SIZE <= end:
-            magic, frame_domain, version, _, _, size = unpack(data, offset)
-            if (
-                magic != MAGIC
-                or version != VERSION
-                or size > max_payload
-                or offset + HEADER_SIZE + size > end
-            ):
-                return f"no whole frame at byte {offset}"
-            if frame_domain != domain:
-                return f"a frame of relay_domain {frame_domain} at byte {offset}"
+        spans: dict[int, tuple[int, int]] = {}
+        frames = 0
+        for buf, start, header in framer.frames(data):
+            if not relay.logic.should_forward(header):
+                raise NotForwarded(
+                    f"a frame of relay_domain {header.relay_domain} at byte {start}"
+                )
             if check is not None:
-                try:
-                    check(data, offset, offset + HEADER_SIZE + size)
-                except FrameError as e:
-                    return f"{e} at byte {offset}"
-            offset += HEADER_SIZE + size
-        return "" if offset == end and end else f"{end - offset} bytes after the last frame"
+                check(buf, start, start + HEADER_SIZE + header.payload_size)
+            source, sequence = header.source, header.sequence
+            spans[source] = (spans.get(source, (sequence,))[0], sequence)
+            frames += 1
+        if framer.buffered or not frames:
+            raise IncompleteFrame(f"{framer.buffered} bytes after the last whole frame")
+        return frames, spans
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):
@@ -583,22 +584,19 @@ class NatsBridge(Service):
         )
 
 
-def _pieces(data: bytes, limit: int):
+def _pieces(data: bytes, limit: int) -> Iterator[tuple[bytes, int]]:
     """
     C{data}, runs of whole frames, cut at frame boundaries into C{(piece,
     frames)} of at most C{limit} bytes (a frame larger than that alone).
     """
-    start = offset = count = 0
-    end = len(data)
-    while offset < end:
-        size = HEADER_SIZE + ROUTING.unpack_from(data, offset)[5]
-        if count and offset + size - start > limit:
-            yield data[start:offset], count
-            start, count = offset, 0
-        offset += size
+    first = count = 0
+    for _, start, end, _ in frame_spans([data]):
+        if count and end - first > limit:
+            yield data[first:start], count
+            first, count = start, 0
         count += 1
     if count:
-        yield data[start:end], count
+        yield data[first:], count
 
 
 def _message_id(origin: str, data: bytes) -> str:
@@ -606,17 +604,7 @@ def _message_id(origin: str, data: bytes) -> str:
     C{origin}, then the first and last sequence of each source in C{data}:
     the same for every attempt at one message, so the stream keeps one copy.
     """
-    _, spans = _sources(data)
-    return origin + "".join(f":{s}:{a}-{b}" for s, (a, b) in sorted(spans.items()))
-
-
-def _sources(data: bytes) -> tuple[int, dict[int, tuple[int, int]]]:
-    """The number of frames in C{data} (whole frames) and each source's first and last sequence."""
     spans: dict[int, tuple[int, int]] = {}
-    unpack, offset, count, end = ROUTING.unpack_from, 0, 0, len(data)
-    while offset < end:
-        _, _, _, source, sequence, size = unpack(data, offset)
-        spans[source] = (spans.get(source, (sequence,))[0], sequence)
-        offset += HEADER_SIZE + size
-        count += 1
-    return count, spans
+    for _, _, _, header in frame_spans([data]):
+        spans[header.source] = (spans.get(header.source, (header.sequence,))[0], header.sequence)
+    return origin + "".join(f":{s}:{a}-{b}" for s, (a, b) in sorted(spans.items()))

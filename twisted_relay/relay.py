@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -33,7 +33,7 @@ from .protocol import RelayProtocol
 from .ratelimit import RateLimiter
 from .replay import Replay
 from .validation import FramePolicy
-from .wire import HEADER_SIZE, FrameError, Header, unpack_header
+from .wire import FrameError, Header, frame_spans
 
 if TYPE_CHECKING:
     from .bridge import NatsBridge
@@ -316,7 +316,7 @@ class RelayFactory(ServerFactory):
                 self._deliver(client, runs, frames, size)
             elif not subscription.publish_only:
                 if picking is None:
-                    picking = list(_frames_in(runs))
+                    picking = list(frame_spans(runs))
                 picked = [run[s:e] for run, s, e, header in picking if subscription.wants(run, s, e, header)]
                 if picked:
                     self._deliver(client, picked, len(picked), sum(map(len, picked)))
@@ -489,14 +489,3 @@ class RelayFactory(ServerFactory):
 
 #: What a client receives until it is known who it is.
 _UNSETTLED = Subscription(publish_only=True)
-
-
-def _frames_in(runs: list[bytes]) -> Iterator[tuple[bytes, int, int, Header]]:
-    """C{(run, start, end, header)} for each frame of runs of whole frames."""
-    for run in runs:
-        offset = 0
-        while offset < len(run):
-            header = unpack_header(run, offset)
-            end = offset + HEADER_SIZE + header.payload_size
-            yield run, offset, end, header
-            offset = end

@@ -168,6 +168,20 @@ def build_frame(
     return head[:CHECKED_HEADER_SIZE] + UINT32.pack(crc) + payload
 
 
+def frame_spans(runs: Iterable[bytes]) -> Iterator[tuple[bytes, int, int, Header]]:
+    """
+    C{(run, start, end, header)} for each frame of C{runs}, runs of whole
+    frames already checked (what the relay accepted).
+    """
+    for run in runs:
+        offset = 0
+        while offset < len(run):
+            header = unpack_header(run, offset)
+            end = offset + HEADER_SIZE + header.payload_size
+            yield run, offset, end, header
+            offset = end
+
+
 def tlv_spans(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
     """
     Walk the TLVs of the payload C{buf[start:end]}, yielding C{(type,
