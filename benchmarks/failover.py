@@ -21,10 +21,10 @@ import threading
 import time
 import urllib.request
 
-from tests.natscluster import NatsCluster, free_ports
+from tests.helpers import free_ports, orders
+from tests.natscluster import NatsCluster
 from tests.relayprocess import RelayProcess
 from twisted_relay.client import BlockingClient
-from twisted_relay.wire import build_frame
 
 
 def start(workdir: str, cluster: NatsCluster, name: str, node: int) -> tuple[str, str, RelayProcess]:
@@ -59,10 +59,7 @@ def main(argv: list[str]) -> int:
         path_a, url_a, relay_a = start(workdir, cluster, "hostA", 0)
         path_b, _, relay_b = start(workdir, cluster, "hostB", 2)
         relays = [relay_a, relay_b]
-        orders = [
-            build_frame(3, 42, seq, [(40, seq.to_bytes(8, "little") * 4)])
-            for seq in range(1, args.count + 1)
-        ]
+        frames = orders(args.count)
         arrivals: list[tuple[float, bytes]] = []
         with BlockingClient(path_a) as publisher, BlockingClient(path_b) as far:
             publisher.introduce(publish_only=True)
@@ -83,7 +80,7 @@ def main(argv: list[str]) -> int:
                 if killed_at is None and time.monotonic() - started >= args.kill_at:
                     cluster.nodes[0].kill()
                     killed_at = time.monotonic()
-                publisher.publish(b"".join(orders[n : n + batch]))
+                publisher.publish(b"".join(frames[n : n + batch]))
                 ahead = started + (n + batch) / args.rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
@@ -100,7 +97,7 @@ def main(argv: list[str]) -> int:
     report = {
         "orders": args.count,
         "rate": args.rate,
-        "verified": [frame for _, frame in arrivals] == orders,
+        "verified": [frame for _, frame in arrivals] == frames,
         "received": len(arrivals),
         "longest_stall_s": round(stall, 3),
         "stall_started_after_kill_s": (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
 
+from .helpers import free_ports
 from .relayprocess import RelayProcess
 
 
@@ -22,10 +22,7 @@ def http_relay():
 
     def start(domain: str) -> tuple[str, str]:
         workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
+        (port,) = free_ports(1)
         path = os.path.join(workdir, "r.sock")
         relay = RelayProcess(
             workdir, "--domain", domain, "--listen", f"unix:{path}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 
 from twisted.internet.address import UNIXAddress
@@ -76,3 +77,22 @@ def temp_dir(testcase) -> str:
     path = tempfile.mkdtemp(prefix="twisted-relay-test-")
     testcase.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def orders(count: int, source: int = 42) -> list[bytes]:
+    """C{count} valid execution frames (OrderRequest) of C{source}, sequences 1..count."""
+    return [
+        build_frame(Domain.EXECUTION, source, seq, [(40, seq.to_bytes(8, "little") * 4)])
+        for seq in range(1, count + 1)
+    ]
+
+
+def free_ports(count: int) -> list[int]:
+    """C{count} loopback TCP ports nothing listens on right now."""
+    probes = [socket.socket() for _ in range(count)]
+    for probe in probes:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    return ports

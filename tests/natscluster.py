@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from .helpers import free_ports
 
 READY_TIMEOUT = 30.0
 
@@ -22,16 +23,6 @@ READY_TIMEOUT = 30.0
 def nats_server() -> str:
     beside = os.path.join(os.path.dirname(sys.executable), "nats-server")
     return beside if os.path.exists(beside) else shutil.which("nats-server")
-
-
-def free_ports(count: int) -> list[int]:
-    probes = [socket.socket() for _ in range(count)]
-    for probe in probes:
-        probe.bind(("127.0.0.1", 0))
-    ports = [probe.getsockname()[1] for probe in probes]
-    for probe in probes:
-        probe.close()
-    return ports
 
 
 class Node:

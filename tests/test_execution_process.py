@@ -23,20 +23,12 @@ import pytest
 from twisted_relay.audit import AuditDamage, LogReader, audit_paths, verify
 from twisted_relay.client import BlockingClient, RelayDead
 from twisted_relay.control import control_frame
-from twisted_relay.wire import build_frame
 
+from .helpers import free_ports, orders
 from .relayprocess import RelayProcess
 
 SOURCE = 42
 TIMEOUT = 60.0
-
-
-def orders(count: int, source: int = SOURCE) -> list[bytes]:
-    """C{count} valid execution frames of C{source}, sequences 1..count."""
-    return [
-        build_frame(3, source, seq, [(40, seq.to_bytes(8, "little") * 4)])
-        for seq in range(1, count + 1)
-    ]
 
 
 def logged(directory: str) -> list[bytes]:
@@ -248,10 +240,7 @@ def test_auditWriteFailure(workdir) -> None:
     so; once it can be written again every frame is logged and forwarded.
     """
     path, audit = os.path.join(workdir, "e.sock"), os.path.join(workdir, "audit")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    (port,) = free_ports(1)
     frames = orders(10_000)
     relay = start_relay(
         workdir, path, audit,

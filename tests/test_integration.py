@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 
 from twisted_relay.wire import Domain, build_frame
 
-from .helpers import frames_for
+from .helpers import frames_for, free_ports
 from .relayprocess import REPO, RelayProcess, dial
 
 
@@ -218,10 +218,7 @@ async def test_third_party_domain_plugin(workdir, relays):
 @pytest_twisted.ensureDeferred
 async def test_tcp_and_unix_together(workdir, relays):
     """One relay listening on TCP and a Unix socket joins clients of both."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    (port,) = free_ports(1)
     path = sock(workdir)
     relays(
         "--domain", "execution", "--listen", f"unix:{path}",

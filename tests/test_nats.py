@@ -21,7 +21,8 @@ from twisted_relay.audit import LogReader, audit_paths
 from twisted_relay.client import BlockingClient
 from twisted_relay.wire import build_frame
 
-from .natscluster import NatsCluster, free_ports
+from .helpers import free_ports, orders
+from .natscluster import NatsCluster
 from .relayprocess import RelayProcess
 
 TIMEOUT = 30.0
@@ -162,10 +163,6 @@ def test_drops_when_nats_stalls(relays, cluster) -> None:
     # every frame was either sent to NATS or dropped, and counted
     assert bridge["frames_out"] + bridge["frames_dropped"] == len(frames)
     assert re.search(r"NATS bridge: dropped \d+ frames", relay_a.log())
-
-
-def orders(count: int) -> list[bytes]:
-    return [build_frame(3, 42, seq, [(40, seq.to_bytes(8, "little") * 4)]) for seq in range(1, count + 1)]
 
 
 def test_execution_survives_node_kill(relays, cluster) -> None:

@@ -24,6 +24,7 @@ from twisted_relay.client import BlockingClient
 from twisted_relay.control import control_frame
 from twisted_relay.wire import build_frame
 
+from .helpers import free_ports
 from .relayprocess import RelayProcess
 
 
@@ -79,14 +80,6 @@ def pki():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _free_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 def _tls_client(port: int, ca: str, identity: tuple[str, str] | None) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=ca)
     if identity is not None:
@@ -110,7 +103,7 @@ def _closed_by_relay(client: ssl.SSLSocket) -> bool:
 
 def test_clientCertificates(pki) -> None:
     directory, files = pki
-    port = _free_port()
+    (port,) = free_ports(1)
     path = os.path.join(directory, "e.sock")
     server_crt, server_key = files["localhost"]
     relay = RelayProcess(
