@@ -180,11 +180,15 @@ class Replay:
         current = max((n for n, f in enumerate(files) if f.first_index <= first), default=0)
         audit_file = files[current]
         position = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
+        end = self.writeahead.forwarded
         while True:
             before = position.index
             for record in audit_file.records(position):
-                if record.index >= self.writeahead.forwarded:
-                    return
+                if record.index >= end:
+                    # The end moves on while the replay yields: look again.
+                    end = self.writeahead.forwarded
+                    if record.index >= end:
+                        return
                 if record.index >= first:
                     yield record
             if position.index >= self.writeahead.forwarded:
