@@ -205,8 +205,8 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
     """
     A backlog built while the publishing relay's NATS node is frozen goes out
     in large messages within the server's limit; a receiving relay restarted
-    mid-stream picks up where it stopped: its audit log holds every order from
-    the other host once, in order.
+    mid-stream stops cleanly and picks up where it stopped: its audit log
+    holds every order from the other host once, in order.
     """
     path_a, url_a, _ = relays("hostA", 0, "execution")
     path_b, url_b, relay_b = relays("hostB", 2, "execution")
@@ -221,7 +221,14 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
             time.sleep(3)  # over a megabyte waits for the stream
         finally:
             os.kill(node.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + TIMEOUT
+        while health(url_b)["nats"]["frames_in"] == 0:
+            assert time.monotonic() < deadline, relay_b.log()
+            time.sleep(0.01)
+        # Stopped while orders stream in (stop() fails if it hangs): the
+        # bridge stops before the audit log closes.
         relay_b.stop()
+        assert "audit log write failed" not in relay_b.log(), relay_b.log()
         for start in range(1500, 3000, 50):
             publisher.publish(b"".join(frames[start : start + 50]))
             time.sleep(0.01)

@@ -22,7 +22,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
-from twisted_relay.service import ListeningService, Options, RelayService, makeService
+from twisted_relay.service import (
+    ListeningService,
+    Options,
+    RelayService,
+    RelayServices,
+    makeService,
+)
 from twisted_relay.unixsocket import SocketPathUnavailable, UnixSocketEndpoint
 from twisted_relay.wire import Domain
 
@@ -287,11 +293,12 @@ class RelayServiceTests(SynchronousTestCase):
         """The domain is initialised before listening and cleaned up at stop."""
         relay = make_relay()
         relay.logic = domain = RecordingDomain()
-        service = RelayService(relay, 0)
-        service.privilegedStartService()
+        services = RelayServices()
+        RelayService(relay, 0).setServiceParent(services)
+        services.privilegedStartService()
         self.assertEqual(domain.calls, ["initialize"])
-        service.startService()
-        service.stopService()
+        services.startService()
+        self.successResultOf(services.stopService())
         self.assertEqual(domain.calls, ["initialize", "cleanup"])
         [summary] = [e for e in self.events if "starting" in e.get("log_format", "")]
         self.assertEqual(

@@ -133,6 +133,7 @@ class NatsBridge(Service):
         self.queue: deque[tuple[bytes, int]] = deque()
         self.queued = 0
         self._nc = None
+        self._consumer = None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._holding = False
@@ -256,7 +257,7 @@ class NatsBridge(Service):
         """
 
         async def guarded() -> None:
-            while True:
+            while self.running:
                 try:
                     await work()
                     return
@@ -270,12 +271,25 @@ class NatsBridge(Service):
         self._tasks.append(asyncio.ensure_future(guarded()))
 
     async def _close(self) -> None:
+        """
+        Send what is queued (bounded), then end the bridge's tasks. Each loop
+        also ends once the bridge is not running, and the wait for them is
+        bounded: nats-py can swallow a cancellation, and a stop must not hang.
+        """
         deadline = time.monotonic() + _CLOSE_TIMEOUT
         while self.queue and self.counters.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=_CLOSE_TIMEOUT)
+            if pending:
+                self.log.error(
+                    "NATS bridge: {count} tasks did not end within {timeout}s of being "
+                    "cancelled; stopping without them",
+                    count=len(pending),
+                    timeout=_CLOSE_TIMEOUT,
+                )
         if self.queue:
             self.log.warn(
                 "NATS bridge stopping with {frames} frames not published{how}",
@@ -283,6 +297,14 @@ class NatsBridge(Service):
                 how=" (not acknowledged by the stream)" if self.durable else "",
             )
         if self._nc is not None and not self._nc.is_closed:
+            if self._consumer is not None:
+                # Messages fetched but not read are not acknowledged: the
+                # stream sends them again after a restart. Draining would
+                # wait for them to be read.
+                try:
+                    await self._consumer.unsubscribe()
+                except NatsError:
+                    pass
             try:
                 await asyncio.wait_for(self._nc.drain(), _CLOSE_TIMEOUT)
             except (NatsError, asyncio.TimeoutError):
@@ -398,8 +420,12 @@ class NatsBridge(Service):
             return
 
     async def _receiveDurably(self) -> None:
-        """Deliver the stream's messages from other relays, in stream order, once each."""
-        while True:
+        """
+        Deliver the stream's messages from other relays, in stream order, once
+        each; a message is acknowledged only once its frames are in the audit
+        log, so what the stream lets go of is on this host.
+        """
+        while self.running:
             if self.relay.gate.paused:
                 # Local subscribers or the audit log hold the relay back: the
                 # stream keeps the messages meanwhile.
@@ -432,10 +458,21 @@ class NatsBridge(Service):
                 else:
                     self._delivered = sequence
                     self._deliver(msg)
+                    if not await self._logged():
+                        return  # stopping: the stream delivers it again after a restart
                 try:
                     await msg.ack()
                 except NatsError:
                     pass  # it will be redelivered, and left out as a duplicate
+
+    async def _logged(self) -> bool:
+        """Wait while the audit log holds frames back; C{False} if the bridge stops first."""
+        writeahead = self.relay.writeahead
+        while writeahead is not None and writeahead.held:
+            if not self.running:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _skipGap(self, sequence: int) -> bool:
         """

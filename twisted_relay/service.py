@@ -13,7 +13,7 @@ import sys
 from typing import NamedTuple
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
@@ -430,7 +430,11 @@ class ListeningService(Service):
 
 
 class RelayServices(MultiService):
-    """The relay's services; a start-up that fails part-way leaves no socket behind."""
+    """
+    The relay's services; a start-up that fails part-way leaves no socket
+    behind, and a stop closes the audit log only once nothing can add a
+    frame to it.
+    """
 
     def privilegedStartService(self) -> None:
         try:
@@ -440,6 +444,22 @@ class RelayServices(MultiService):
                 if isinstance(service, ListeningService):
                     service.abandon()
             raise
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop in the order that loses nothing: the listeners and the status
+        page; then the relay drains its clients; then the NATS bridge sends
+        what they published and stops receiving; then the audit log closes.
+        """
+        Service.stopService(self)
+        relay = next(service for service in self if isinstance(service, RelayService))
+        bridge = relay.factory.bridge
+        first = [service for service in reversed(self.services) if service not in (relay, bridge)]
+        stopped = DeferredList([maybeDeferred(service.stopService) for service in first])
+        stopped.addCallback(lambda _: relay.stopService())
+        if bridge is not None:
+            stopped.addCallback(lambda _: bridge.stopService())
+        return stopped.addCallback(lambda _: relay.close())
 
 
 class RelayService(Service):
@@ -521,10 +541,7 @@ class RelayService(Service):
             self._heartbeat.start(self.factory.heartbeat_interval, now=False)
 
     def stopService(self) -> Deferred[None]:
-        """
-        Drain the clients (bounded by the drain timeout), then close the
-        audit log and clean up the domain.
-        """
+        """Drain the clients, bounded by the drain timeout."""
         for loop in (self._stats, self._heartbeat):
             if loop.running:
                 loop.stop()
@@ -551,6 +568,9 @@ class RelayService(Service):
             pauses=gate.pauses,
             longest_pause=gate.longest_pause,
         )
+
+    def close(self) -> None:
+        """Close the audit log and clean up the domain, once no frame can arrive."""
         if self.factory.writeahead is not None:
             self.factory.writeahead.stop()
         self.factory.logic.cleanup()
