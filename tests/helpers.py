@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.relay import RelayFactory
 from twisted_relay.validation import FramePolicy
-from twisted_relay.wire import Domain, build_frame
+from twisted_relay.wire import Domain, build_frame, unpack_header
 
 TLV_FOR_DOMAIN = {Domain.MARKET_DATA: 1, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
 DOMAINS = {MARKET.domain: MARKET, SIGNAL.domain: SIGNAL, EXECUTION.domain: EXECUTION}
@@ -26,6 +26,22 @@ def frames_for(domain: int, count: int, source: int = 7, size: int = 20) -> list
         build_frame(domain, source, seq, [(tlv, bytes([seq % 251]) * size)], timestamp=seq)
         for seq in range(1, count + 1)
     ]
+
+
+def frames_in(data: bytes) -> list[bytes]:
+    """The whole frames in C{data}, which must be frame-aligned."""
+    out, offset = [], 0
+    while offset < len(data):
+        end = offset + 32 + unpack_header(data, offset).payload_size
+        out.append(data[offset:end])
+        offset = end
+    assert offset == len(data), "not frame-aligned"
+    return out
+
+
+def published(data: bytes) -> list[bytes]:
+    """The frames of C{data} that are not the relay's own (system domain)."""
+    return [f for f in frames_in(data) if f[4] != Domain.SYSTEM]
 
 
 class RecordingTransport(StringTransport):

@@ -9,43 +9,71 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from nats.aio.msg import Msg
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.bridge import NatsBridge, _message_id, _pieces
-from twisted_relay.wire import Domain, FrameError
+from twisted_relay.control import control_frame
+from twisted_relay.wire import Domain
 
-from .helpers import frames_for, make_relay
+from .helpers import connect, frames_for, make_relay, published
 from .relayprocess import REPO
 
 
 class InboundTests(SynchronousTestCase):
+    """Frames from NATS go through the relay's own scan and checks, message by message."""
+
     def setUp(self) -> None:
         self.relay = make_relay(Domain.EXECUTION)
         self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.subscriber = connect(self.relay)
         self.frames = frames_for(Domain.EXECUTION, 3)
+
+    def receive(self, *messages: bytes) -> list[bytes]:
+        """Deliver C{messages} from relay hostA; the frames the local subscriber got."""
+        for data in messages:
+            self.bridge._deliver(Msg(None, subject="torq.execution.hostA", data=data))
+        return published(self.subscriber.transport.value())
 
     def test_wholeCheckedFrames(self) -> None:
         """
-        Whole frames of the relay's domain that pass its checks are accepted,
-        with their count and each source's first and last sequence.
+        Whole frames of the relay's domain that pass its checks reach the
+        local clients byte for byte, counted, with each source's last sequence.
         """
-        data = b"".join(frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7))
-        self.assertEqual(self.bridge._inspect(data), (6, {42: (2, 5), 7: (1, 2)}))
+        frames = frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7)
+        self.assertEqual(self.receive(b"".join(frames)), frames)
+        self.assertEqual((self.bridge.counters.frames_in, self.bridge.counters.malformed), (6, 0))
+        self.assertEqual(self.relay.sequences, {42: 5, 7: 2})
+        self.assertEqual(self.relay.totals.frames_in, 6)
 
     def test_refused(self) -> None:
-        """Anything a local client could not publish is refused, with the reason."""
-        corrupt = bytearray(self.frames[1])
+        """
+        What a local client could not publish is refused, counted with its
+        reason; the frames around a refused one still go out, and a message
+        whose framing is lost or that breaks off ends there.
+        """
+        first, second, third = self.frames
+        corrupt = bytearray(second)
         corrupt[-1] ^= 1
-        cases = {
-            "checksum": self.frames[0] + bytes(corrupt),
-            "relay_domain 1": b"".join(frames_for(Domain.MARKET_DATA, 1)),
-            "after the last whole frame": self.frames[0] + self.frames[1][:40],
-            "bad magic": b"garbage" * 10,
-        }
-        for expected, data in cases.items():
-            error = self.assertRaises(FrameError, self.bridge._inspect, data)
-            self.assertIn(expected, str(error))
-        self.assertRaises(FrameError, self.bridge._inspect, b"")
+        cases = [
+            (first + bytes(corrupt) + third, [first, third], "bad_checksum"),
+            (frames_for(Domain.MARKET_DATA, 1)[0] + first, [first], "filtered"),
+            (control_frame(publish_only=True) + first, [first], "filtered"),
+            (first + second[:40], [first], "incomplete_frame"),
+            (first + b"garbage" * 10 + second, [first], "bad_magic"),
+        ]
+        for data, delivered, reason in cases:
+            before = self.receive()
+            after = self.receive(data)
+            self.assertEqual(after[len(before) :], delivered, reason)
+            self.assertEqual(self.bridge.peer.stats.rejects, {reason: 1}, reason)
+            self.bridge.peer.stats.rejects.clear()
+        self.assertEqual(self.bridge.counters.malformed, len(cases))
+
+    def test_afreshAfterBrokenMessage(self) -> None:
+        """A message that breaks off leaves nothing behind for the next one."""
+        first, second, third = self.frames
+        self.assertEqual(self.receive(second[:40], third), [third])
 
     def test_published_to_bridge_only_once(self) -> None:
         """Frames from the bridge are broadcast locally but not published again."""

@@ -31,23 +31,15 @@ from twisted_relay.service import RelayService
 from twisted_relay.wire import Domain, build_frame, unpack_header
 from twisted_relay.writeahead import WriteAhead
 
-from .helpers import RecordingTransport, connect, frames_for, make_relay, temp_dir
-
-
-def frames_in(data: bytes) -> list[bytes]:
-    """The whole frames in C{data}, which must be frame-aligned."""
-    out, offset = [], 0
-    while offset < len(data):
-        end = offset + 32 + unpack_header(data, offset).payload_size
-        out.append(data[offset:end])
-        offset = end
-    assert offset == len(data), "not frame-aligned"
-    return out
-
-
-def published(data: bytes) -> list[bytes]:
-    """The frames of C{data} that are not the relay's own (system domain)."""
-    return [f for f in frames_in(data) if f[4] != Domain.SYSTEM]
+from .helpers import (
+    RecordingTransport,
+    connect,
+    frames_for,
+    frames_in,
+    make_relay,
+    published,
+    temp_dir,
+)
 
 
 def delivered(incoming: Incoming, data: bytes) -> list[bytes]:

@@ -42,20 +42,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .framing import Framer
+from .protocol import RelayProtocol
 from .ratelimit import RateLimiter
-from .wire import (
-    HEADER_SIZE,
-    MAGIC,
-    ROUTING,
-    VERSION,
-    FrameError,
-    IncompleteFrame,
-    NotForwarded,
-    frame_spans,
-)
+from .relay import ClientStats
+from .wire import FramingLost, Header, IncompleteFrame, frame_spans
 
 if TYPE_CHECKING:
-    from .relay import ClientStats, RelayFactory
+    from .relay import RelayFactory
 
 #: Bytes of outbound chunks the bridge keeps before it drops whole chunks
 #: (core NATS) or holds the publishers back (JetStream).
@@ -94,13 +87,44 @@ class BridgeCounters:
     servers: list[str] = field(default_factory=list)
 
 
-class _Peer:
-    """The bridge as a sender in the relay's counters and audit log (client id 0)."""
+class _Peer(RelayProtocol):
+    """
+    The bridge as one publisher of its relay, client id 0 in the counters and
+    the audit log. Each NATS message goes through the relay's own scan and
+    checks, as a local client's bytes do: another relay checked its frames,
+    but NATS is open to more than relays. A message holds whole frames, so
+    one that breaks off, or whose framing is lost, ends there: the rest is
+    refused and counted, and the next message starts afresh.
+    """
 
-    def __init__(self) -> None:
-        from .relay import ClientStats
+    lostFramingLog = "NATS bridge: dropped the rest of a message from client {client_id}"
 
-        self.stats: ClientStats = ClientStats(client_id=0, peer="NATS bridge")
+    def __init__(self, relay: RelayFactory) -> None:
+        self.factory = relay
+        self.stats = ClientStats(client_id=0, peer="NATS bridge")
+        self._startFraming()
+
+    def message(self, data: bytes) -> None:
+        """Relay the frames of one NATS message that pass the checks."""
+        self._framer = framer = Framer(self.factory.policy.max_frame_size)
+        self._relay(data)
+        if framer.buffered:
+            self.factory.rejected(
+                self,
+                IncompleteFrame(
+                    f"a NATS message ends with {framer.buffered} bytes of an incomplete frame",
+                    offset=framer.position,
+                    client_id=0,
+                ),
+            )
+
+    def _takeControl(self, buf: bytes, start: int, end: int, header: Header) -> bool:
+        """Control frames are a local client's: from NATS, they are filtered."""
+        return False
+
+    def _loseFraming(self, error: FramingLost) -> None:
+        error.client_id = 0
+        self.factory.rejected(self, error)
 
 
 class NatsBridge(Service):
@@ -128,7 +152,7 @@ class NatsBridge(Service):
         self.subject = f"torq.{relay.logic.name}.{origin}"
         #: What the bridge receives (and, for a lossless domain, what its stream holds).
         self.receiving = f"torq.{relay.logic.name}.>"
-        self.peer = _Peer()
+        self.peer = _Peer(relay)
         self.counters = BridgeCounters(servers=servers)
         self.queue: deque[tuple[bytes, int]] = deque()
         self.queued = 0
@@ -270,26 +294,31 @@ class NatsBridge(Service):
 
         self._tasks.append(asyncio.ensure_future(guarded()))
 
-    async def _close(self) -> None:
+    async def _endTasks(self) -> None:
         """
-        Send what is queued (bounded), then end the bridge's tasks. Each loop
-        also ends once the bridge is not running, and the wait for them is
-        bounded: nats-py can swallow a cancellation, and a stop must not hang.
+        Cancel the bridge's tasks and wait for them, bounded: nats-py can
+        swallow a cancellation. Each loop also ends by itself once the bridge
+        stops or its connection is replaced, so none runs on beside the next.
         """
-        deadline = time.monotonic() + _CLOSE_TIMEOUT
-        while self.queue and self.counters.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=_CLOSE_TIMEOUT)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT)
             if pending:
                 self.log.error(
                     "NATS bridge: {count} tasks did not end within {timeout}s of being "
-                    "cancelled; stopping without them",
+                    "cancelled; going on without them",
                     count=len(pending),
                     timeout=_CLOSE_TIMEOUT,
                 )
+
+    async def _close(self) -> None:
+        """Send what is queued (bounded), end the bridge's tasks, and close the connection."""
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        while self.queue and self.counters.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._endTasks()
         if self.queue:
             self.log.warn(
                 "NATS bridge stopping with {frames} frames not published{how}",
@@ -376,10 +405,11 @@ class NatsBridge(Service):
         Publish the queued chunks to the stream in order, several to a
         message, each message again (same id) until it is acknowledged.
         """
-        while True:
+        nc = self._nc
+        while self._nc is nc:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self.queue:
+            while self.queue and self._nc is nc:
                 chunks, size = 0, 0
                 for data, _ in self.queue:
                     if chunks and size + len(data) > self._limit:
@@ -425,7 +455,8 @@ class NatsBridge(Service):
         each; a message is acknowledged only once its frames are in the audit
         log, so what the stream lets go of is on this host.
         """
-        while self.running:
+        consumer = self._consumer
+        while self.running and self._consumer is consumer:
             if self.relay.gate.paused:
                 # Local subscribers or the audit log hold the relay back: the
                 # stream keeps the messages meanwhile.
@@ -503,10 +534,11 @@ class NatsBridge(Service):
 
     async def _send(self) -> None:
         """Hand the queued chunks to nats-py, which pushes back while its buffer is full."""
-        while True:
+        nc = self._nc
+        while self._nc is nc:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self.queue:
+            while self.queue and self._nc is nc:
                 data, frames = self.queue[0]
                 try:
                     await self._nc.publish(self.subject, data)
@@ -538,62 +570,24 @@ class NatsBridge(Service):
                     origin=origin,
                 )
             return
-        self.relay.received(self.peer, len(msg.data))
-        data = msg.data
-        try:
-            frames, spans = self._inspect(data)
-        except FrameError as problem:
-            self.counters.malformed += 1
-            self.log.error(
-                "NATS bridge: dropped a message of {size} bytes from {origin} on {subject}: "
-                "{problem}",
-                origin=origin,
-                subject=msg.subject,
-                size=len(data),
-                problem=str(problem),
-            )
-            return
-        for source, (_, last) in spans.items():
-            self.relay.sequences[source] = last
-        self.counters.chunks_in += 1
-        self.counters.frames_in += frames
-        self.relay.broadcast(self.peer, [data], frames)
-
-    def _inspect(self, data: bytes) -> tuple[int, dict[int, tuple[int, int]]]:
-        """
-        The frames C{data} holds and each source's first and last sequence,
-        once they pass what a local client's frames must: another relay
-        checked them, but NATS is open to more than relays.
-
-        One unpack per frame, as in the relay's own scan: this is the
-        receiving relay's hot path. The Framer names what breaks the framing.
-
-        @raise FrameError: they do not pass; the message names the frame.
-        """
-        relay = self.relay
-        framer = Framer(relay.policy.max_frame_size)
-        domain, max_payload = relay.logic.domain, framer.max_payload_size
-        check = relay.policy.check if relay.policy.inspects_frames else None
-        unpack, offset, end = ROUTING.unpack_from, 0, len(data)
-        spans: dict[int, tuple[int, int]] = {}
-        frames = 0
-        while offset + HEADER_SIZE <= end:
-            magic, frame_domain, version, source, sequence, size = unpack(data, offset)
-            if magic != MAGIC or version != VERSION or size > max_payload:
-                raise framer.lost(data, offset)
-            frame_end = offset + HEADER_SIZE + size
-            if frame_end > end:
-                break
-            if frame_domain != domain:
-                raise NotForwarded(f"a frame of relay_domain {frame_domain} at byte {offset}")
-            if check is not None:
-                check(data, offset, frame_end)
-            spans[source] = (spans.get(source, (sequence,))[0], sequence)
-            frames += 1
-            offset = frame_end
-        if offset != end or not frames:
-            raise IncompleteFrame(f"{end - offset} bytes after the last whole frame")
-        return frames, spans
+        stats = self.peer.stats
+        accepted, refused = stats.frames_in, sum(stats.rejects.values())
+        self.peer.message(msg.data)
+        counters = self.counters
+        counters.chunks_in += 1
+        counters.frames_in += stats.frames_in - accepted
+        refused = sum(stats.rejects.values()) - refused
+        if refused:
+            counters.malformed += 1
+            if self._sampled.allow("malformed") is not None:
+                self.log.error(
+                    "NATS bridge: refused {refused} frames of a message of {size} bytes from "
+                    "{origin} on {subject} (the reasons are logged as client 0's)",
+                    refused=refused,
+                    size=len(msg.data),
+                    origin=origin,
+                    subject=msg.subject,
+                )
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):
@@ -620,9 +614,7 @@ class NatsBridge(Service):
         if self.running and self._joined:
             self._joined = False
             self.log.error("NATS bridge: the connection was closed; joining NATS again")
-            for task in self._tasks:
-                task.cancel()
-            self._tasks = []
+            await self._endTasks()
             self._spawn(self._join, "joining NATS")
 
     async def _disconnected(self) -> None:

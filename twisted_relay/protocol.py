@@ -63,6 +63,8 @@ class RelayProtocol(Protocol):
     _closing = False
     #: What a control frame asked for, applied by the scan.
     _control: Control | None = None
+    #: What the relay logs when this sender's stream cannot be cut into frames.
+    lostFramingLog = "closing client {client_id}"
 
     @property
     def handshaking(self) -> bool:
@@ -75,8 +77,12 @@ class RelayProtocol(Protocol):
             self.factory.identified(self, peer_of(self.transport))
 
     def connectionMade(self) -> None:
+        self.factory.register(self)
+        self._startFraming()
+
+    def _startFraming(self) -> None:
+        """Set up the scan's state: what it checks, and where each source got to."""
         factory = self.factory
-        factory.register(self)
         self._framer = Framer(factory.policy.max_frame_size)
         self._check = factory.policy.check if factory.policy.inspects_frames else None
         #: The relay_domain the domain forwards, when that is all its

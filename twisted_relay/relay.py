@@ -416,7 +416,7 @@ class RelayFactory(ServerFactory):
         held = self._sampledLog.allow(error.reason)
         if held is not None and error.fatal:
             self.log.error(
-                "closing client {client_id}: {error}; header bytes {header}{held_back}",
+                sender.lostFramingLog + ": {error}; header bytes {header}{held_back}",
                 client_id=sender.stats.client_id,
                 error=str(error),
                 reason=error.reason,

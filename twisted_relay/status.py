@@ -227,7 +227,7 @@ _BRIDGE_METRICS = (
     (
         CounterMetricFamily,
         "torq_relay_nats_malformed",
-        "Messages from NATS that were not whole frames.",
+        "Messages from NATS with frames refused (the reasons are counted as client 0's).",
         "malformed",
     ),
     (
