@@ -6,6 +6,7 @@ what the relay sends, for the integration tests. Every wait is bounded.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,11 @@ def twistd() -> str:
     """The twistd of the environment running the tests."""
     beside = os.path.join(os.path.dirname(sys.executable), "twistd")
     return beside if os.path.exists(beside) else shutil.which("twistd")
+
+
+def limit_file_size() -> None:
+    """In a relay process before it starts: no file over 256 KiB (EFBIG past that)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
 
 
 class RelayProcess:

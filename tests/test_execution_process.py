@@ -25,7 +25,7 @@ from twisted_relay.client import BlockingClient, RelayDead
 from twisted_relay.control import control_frame
 
 from .helpers import free_ports, orders
-from .relayprocess import RelayProcess
+from .relayprocess import RelayProcess, limit_file_size
 
 SOURCE = 42
 TIMEOUT = 60.0
@@ -229,10 +229,6 @@ def test_replayAfterReconnect(workdir) -> None:
     assert "caught up" in relay.log()
 
 
-def _limit_file_size() -> None:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
-
-
 def test_auditWriteFailure(workdir) -> None:
     """
     When the audit log cannot be written (here: the file size limit, EFBIG),
@@ -246,7 +242,7 @@ def test_auditWriteFailure(workdir) -> None:
         workdir, path, audit,
         "--audit-rotate", "10000000",
         "--http", f"tcp:{port}:interface=127.0.0.1",
-        preexec_fn=_limit_file_size,
+        preexec_fn=limit_file_size,
     )
     try:
         subscriber = BlockingClient(path)

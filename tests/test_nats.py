@@ -23,7 +23,7 @@ from twisted_relay.wire import build_frame
 
 from .helpers import free_ports, orders
 from .natscluster import NatsCluster
-from .relayprocess import RelayProcess
+from .relayprocess import RelayProcess, limit_file_size
 
 TIMEOUT = 30.0
 PROBE_SOURCE = 99
@@ -44,7 +44,9 @@ def relays(cluster):
     workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
     running: list[RelayProcess] = []
 
-    def start(name: str, node: int, domain: str, *args: str) -> tuple[str, str, RelayProcess]:
+    def start(
+        name: str, node: int, domain: str, *args: str, preexec_fn=None
+    ) -> tuple[str, str, RelayProcess]:
         path = os.path.join(workdir, f"{name}.sock")
         (port,) = free_ports(1)
         if domain == "execution":
@@ -53,7 +55,7 @@ def relays(cluster):
         relay = RelayProcess(
             workdir, "--domain", domain, "--listen", f"unix:{path}",
             "--http", f"tcp:{port}:interface=127.0.0.1",
-            "--nats", ",".join(urls), "--relay-id", name, *args,
+            "--nats", ",".join(urls), "--relay-id", name, *args, preexec_fn=preexec_fn,
         )
         running.append(relay)
         relay.start().wait_listening(2)
@@ -240,6 +242,39 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
     bridge_a = health(url_a)["nats"]
     assert bridge_a["retries"] > 0 and bridge_a["frames_dropped"] == 0
     audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
+    assert audited_from_nats(audit) == frames
+
+
+def test_execution_receiver_audit_failure(relays) -> None:
+    """
+    A receiving relay whose audit log cannot be written (the file size limit:
+    EFBIG) acknowledges to the stream nothing it has not logged: stopped in
+    that state and started again with room, its audit log holds every order
+    from the other host once, in order.
+    """
+    path_a, _, _ = relays("hostA", 0, "execution")
+    path_b, url_b, relay_b = relays(
+        "hostB", 2, "execution", "--audit-rotate", "10000000", preexec_fn=limit_file_size
+    )
+    audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
+    frames = orders(10_000)
+    with BlockingClient(path_a) as publisher:
+        publisher.introduce(publish_only=True)
+        publisher.publish(b"".join(frames))
+    deadline = time.monotonic() + TIMEOUT
+    while "audit log write failed" not in relay_b.log():
+        assert time.monotonic() < deadline, relay_b.log()
+        time.sleep(0.05)
+    relay_b.stop()
+    assert "frames never written to the audit log" in relay_b.log()
+    before = len(audited_from_nats(audit))
+    assert 0 < before < len(frames)
+    relay_b.preexec_fn = None
+    relay_b.start().wait_listening(2)
+    deadline = time.monotonic() + 60
+    while health(url_b)["nats"]["frames_in"] < len(frames) - before:
+        assert time.monotonic() < deadline, relay_b.log()
+        time.sleep(0.2)
     assert audited_from_nats(audit) == frames
 
 
