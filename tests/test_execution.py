@@ -334,6 +334,37 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(self.subscriber.stats.heartbeats, 2)
 
 
+    def test_lastForwardedWhileLogFails(self) -> None:
+        """
+        While the audit log cannot be written (its file swapped for
+        /dev/full: ENOSPC), heartbeats carry the last sequence forwarded, not
+        the last accepted; once the held frames go out, they catch up.
+        """
+        relay = audited_relay(self)
+        service = RelayService(relay, 0)
+        service.startService()
+        self.addCleanup(service._heartbeat.stop)
+        publisher, subscriber = connect(relay), connect(relay)
+        publisher.dataReceived(control_frame(publish_only=True))
+        frames = frames_for(Domain.EXECUTION, 20, source=42)
+        publisher.dataReceived(b"".join(frames[:10]))
+        audit = relay.writeahead.audit
+        kept, full = os.dup(audit._fd), os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, audit._fd)
+        os.close(full)
+        publisher.dataReceived(b"".join(frames[10:]))
+        self.assertEqual(relay.sequences, {42: 20})
+        relay.clock.advance(1.0)
+        relay.clock.advance(1.0)
+        self.assertEqual(self.heartbeats(subscriber), [(1.0, {42: 10})])
+        os.dup2(kept, audit._fd)
+        os.close(kept)
+        for _ in range(3):
+            relay.clock.advance(1.0)
+        self.assertEqual(published(subscriber.transport.value()), frames)
+        self.assertEqual(self.heartbeats(subscriber)[-1], (1.0, {42: 20}))
+
+
 class PeerTransport(RecordingTransport):
     """An in-memory transport whose handle is one end of a real Unix socket pair."""
 

@@ -352,6 +352,7 @@ class RelayFactory(ServerFactory):
         last call (publish-only clients excepted).
         """
         frame = None
+        writeahead = self.writeahead
         for client in tuple(self.clients.values()):
             stats = client.stats
             if client.outbox.replay is None and client.subscription.publish_only:
@@ -361,7 +362,10 @@ class RelayFactory(ServerFactory):
                 continue
             if frame is None:
                 frame = heartbeat_frame(
-                    self.logic.domain, next(self._heartbeats), self.heartbeat_interval, self.sequences
+                    self.logic.domain,
+                    next(self._heartbeats),
+                    self.heartbeat_interval,
+                    self.sequences if writeahead is None else writeahead.forwardedSequences(),
                 )
             self._deliver(client, [frame], 0, len(frame))
             client.heard = stats.bytes_out

@@ -16,6 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .audit import AuditLog
+from .wire import frame_spans
 
 if TYPE_CHECKING:
     from .protocol import RelayProtocol
@@ -114,6 +115,23 @@ class WriteAhead:
             records=self.audit.records,
             head=self.audit.head,
         )
+
+    def forwardedSequences(self) -> dict[int, int]:
+        """
+        The last sequence forwarded per source, for heartbeats: the last
+        accepted, except that a source with frames held stops before the
+        first of them (publishers' sequences run on by one).
+        """
+        sequences = self.relay.sequences
+        if not self.held:
+            return sequences
+        sequences, seen = dict(sequences), set()
+        for held in self.held:
+            for _, _, _, header in frame_spans(held.runs):
+                if header.source not in seen:
+                    seen.add(header.source)
+                    sequences[header.source] = header.sequence - 1
+        return {source: sequence for source, sequence in sequences.items() if sequence > 0}
 
     @property
     def forwarded(self) -> int:
