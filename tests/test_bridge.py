@@ -29,10 +29,10 @@ class InboundTests(SynchronousTestCase):
         self.subscriber = connect(self.relay)
         self.frames = frames_for(Domain.EXECUTION, 3)
 
-    def receive(self, *messages: bytes) -> list[bytes]:
-        """Deliver C{messages} from relay hostA; the frames the local subscriber got."""
+    def receive(self, *messages: bytes, origin: str = "hostA") -> list[bytes]:
+        """Deliver C{messages} from relay C{origin}; the frames the local subscriber got."""
         for data in messages:
-            self.bridge._deliver(Msg(None, subject="torq.execution.hostA", data=data))
+            self.bridge._deliver(Msg(None, subject=f"torq.execution.{origin}", data=data))
         return published(self.subscriber.transport.value())
 
     def test_wholeCheckedFrames(self) -> None:
@@ -66,8 +66,9 @@ class InboundTests(SynchronousTestCase):
             before = self.receive()
             after = self.receive(data)
             self.assertEqual(after[len(before) :], delivered, reason)
-            self.assertEqual(self.bridge.peer.stats.rejects, {reason: 1}, reason)
-            self.bridge.peer.stats.rejects.clear()
+            rejects = self.bridge.peers["hostA"].stats.rejects
+            self.assertEqual(rejects, {reason: 1}, reason)
+            rejects.clear()
         self.assertEqual(self.bridge.counters.malformed, len(cases))
 
     def test_afreshAfterBrokenMessage(self) -> None:
@@ -75,12 +76,28 @@ class InboundTests(SynchronousTestCase):
         first, second, third = self.frames
         self.assertEqual(self.receive(second[:40], third), [third])
 
+    def test_sequencesPerOrigin(self) -> None:
+        """
+        Each other relay's frames are tracked apart, as each local client's
+        are: the same source from two hosts is no sequence anomaly.
+        """
+        for seq in range(3):
+            for origin in ("hostA", "hostC"):
+                self.receive(self.frames[seq], origin=origin)
+        self.assertEqual(len(self.receive()), 6)
+        self.assertEqual(self.relay.totals.sequence_regressions, 0)
+        self.assertEqual(self.relay.totals.sequence_duplicates, 0)
+        self.receive(self.frames[0], origin="hostA")
+        self.assertEqual(self.relay.totals.sequence_regressions, 1)
+
     def test_published_to_bridge_only_once(self) -> None:
         """Frames from the bridge are broadcast locally but not published again."""
-        self.relay.fanOut(self.bridge.peer, [b"".join(self.frames)], 3)
+        data = b"".join(self.frames)
+        self.receive(data)
         self.assertEqual(self.bridge.queued, 0)
-        self.relay.fanOut(object(), [b"".join(self.frames)], 3)
-        self.assertEqual(self.bridge.queued, len(b"".join(self.frames)))
+        local = connect(self.relay)
+        local.dataReceived(data)
+        self.assertEqual(self.bridge.queued, len(data))
 
 
 class MessageIdTests(SynchronousTestCase):

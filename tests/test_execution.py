@@ -333,7 +333,6 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(self.subscriber.stats.frames_out, 0)
         self.assertEqual(self.subscriber.stats.heartbeats, 2)
 
-
     def test_lastForwardedWhileLogFails(self) -> None:
         """
         While the audit log cannot be written (its file swapped for

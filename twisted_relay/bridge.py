@@ -61,6 +61,8 @@ _ACK_TIMEOUT = 2.0
 _MAX_BACKOFF = 2.0
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
+#: Other relays tracked at once; past that the longest known is forgotten.
+_MAX_ORIGINS = 1024
 #: How long the stream keeps messages.
 STREAM_MAX_AGE = 24 * 3600.0
 
@@ -94,14 +96,16 @@ class _Peer(RelayProtocol):
     checks, as a local client's bytes do: another relay checked its frames,
     but NATS is open to more than relays. A message holds whole frames, so
     one that breaks off, or whose framing is lost, ends there: the rest is
-    refused and counted, and the next message starts afresh.
+    refused and counted, and the next message starts afresh. One per origin,
+    so each relay's sequences are tracked apart, as each local client's are.
     """
 
     lostFramingLog = "NATS bridge: dropped the rest of a message from client {client_id}"
+    bridged = True
 
-    def __init__(self, relay: RelayFactory) -> None:
+    def __init__(self, relay: RelayFactory, origin: str) -> None:
         self.factory = relay
-        self.stats = ClientStats(client_id=0, peer="NATS bridge")
+        self.stats = ClientStats(client_id=0, peer=f"NATS bridge, origin {origin}")
         self._startFraming()
 
     def message(self, data: bytes) -> None:
@@ -152,12 +156,17 @@ class NatsBridge(Service):
         self.subject = f"torq.{relay.logic.name}.{origin}"
         #: What the bridge receives (and, for a lossless domain, what its stream holds).
         self.receiving = f"torq.{relay.logic.name}.>"
-        self.peer = _Peer(relay)
+        #: The other relays heard from, by origin, in the order first heard.
+        self.peers: dict[str, _Peer] = {}
         self.counters = BridgeCounters(servers=servers)
         self.queue: deque[tuple[bytes, int]] = deque()
         self.queued = 0
         self._nc = None
         self._consumer = None
+        self._subscription = None
+        #: Whether messages from NATS are taken; no longer once a stop begins.
+        self._receiving = True
+        self._receiver: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._holding = False
@@ -177,14 +186,40 @@ class NatsBridge(Service):
         super().startService()
         self._spawn(self._join, "joining NATS")
 
+    def stopReceiving(self) -> Deferred[None]:
+        """
+        The first step of a stop, before the relay drains its clients: take
+        nothing more from NATS, so that whatever was taken reaches them.
+        """
+        return Deferred.fromFuture(asyncio.ensure_future(self._stopReceiving()))
+
     def stopService(self) -> Deferred[None]:
+        """After the drain: send what the local clients published, then close."""
         super().stopService()
         return Deferred.fromFuture(asyncio.ensure_future(self._close()))
+
+    async def _stopReceiving(self) -> None:
+        """
+        Stream messages not taken yet stay in the stream (they are not
+        acknowledged); core NATS messages already received are taken first.
+        """
+        if not self._receiving:
+            return
+        self._receiving = False
+        if self._receiver is not None:
+            await asyncio.wait([self._receiver], timeout=_CLOSE_TIMEOUT)
+        try:
+            if self._consumer is not None:
+                await self._consumer.unsubscribe()
+            elif self._subscription is not None:
+                await asyncio.wait_for(self._subscription.drain(), _CLOSE_TIMEOUT)
+        except (NatsError, asyncio.TimeoutError) as e:
+            self.log.warn("NATS bridge: stopping its subscription: {error}", error=repr(e))
 
     async def _join(self) -> None:
         """Connect, and set up subscription or stream; until it works, however long."""
         delay = 0.5
-        while True:
+        while self.running:
             try:
                 await self._connect()
                 return
@@ -221,7 +256,7 @@ class NatsBridge(Service):
         if self.durable:
             await self._joinStream()
         else:
-            await self._nc.subscribe(
+            self._subscription = await self._nc.subscribe(
                 self.receiving,
                 cb=self._received,
                 pending_bytes_limit=64 * 1024 * 1024,
@@ -272,9 +307,9 @@ class NatsBridge(Service):
         # message up to it was delivered here and acknowledged, in order.
         self._delivered = (await self._consumer.consumer_info()).ack_floor.stream_seq
         self._spawn(self._sendDurably, "publishing to the stream")
-        self._spawn(self._receiveDurably, "reading the stream")
+        self._receiver = self._spawn(self._receiveDurably, "reading the stream")
 
-    def _spawn(self, work, what: str) -> None:
+    def _spawn(self, work, what: str) -> asyncio.Task:
         """
         Run C{work()} for the bridge's lifetime; if it fails, log the failure
         and run it again, so no part of the bridge stops silently.
@@ -292,7 +327,9 @@ class NatsBridge(Service):
                     self.log.failure("NATS bridge: {what} failed; starting it again", what=what)
                     await asyncio.sleep(1.0)
 
-        self._tasks.append(asyncio.ensure_future(guarded()))
+        task = asyncio.ensure_future(guarded())
+        self._tasks.append(task)
+        return task
 
     async def _endTasks(self) -> None:
         """
@@ -315,6 +352,7 @@ class NatsBridge(Service):
 
     async def _close(self) -> None:
         """Send what is queued (bounded), end the bridge's tasks, and close the connection."""
+        await self._stopReceiving()
         deadline = time.monotonic() + _CLOSE_TIMEOUT
         while self.queue and self.counters.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -326,14 +364,6 @@ class NatsBridge(Service):
                 how=" (not acknowledged by the stream)" if self.durable else "",
             )
         if self._nc is not None and not self._nc.is_closed:
-            if self._consumer is not None:
-                # Messages fetched but not read are not acknowledged: the
-                # stream sends them again after a restart. Draining would
-                # wait for them to be read.
-                try:
-                    await self._consumer.unsubscribe()
-                except NatsError:
-                    pass
             try:
                 await asyncio.wait_for(self._nc.drain(), _CLOSE_TIMEOUT)
             except (NatsError, asyncio.TimeoutError):
@@ -405,7 +435,7 @@ class NatsBridge(Service):
         Publish the queued chunks to the stream in order, several to a
         message, each message again (same id) until it is acknowledged.
         """
-        nc = self._nc
+        nc, js = self._nc, self._js
         while self._nc is nc:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -416,10 +446,15 @@ class NatsBridge(Service):
                         break
                     chunks, size = chunks + 1, size + len(data)
                 message = b"".join(data for data, _ in list(self.queue)[:chunks])
-                await self._publishDurably(message)
+                if not await self._publishDurably(nc, js, message):
+                    return
                 self._sent(chunks)
 
-    async def _publishDurably(self, message: bytes) -> None:
+    async def _publishDurably(self, nc, js, message: bytes) -> bool:
+        """
+        Publish C{message} until the stream acknowledges it: C{True}; C{False}
+        if the connection was replaced first (the next sender publishes it).
+        """
         # The bridge's start time and message count keep ids unique when a
         # publisher's sequences start again.
         self._messages += 1
@@ -427,9 +462,9 @@ class NatsBridge(Service):
             "Nats-Msg-Id": _message_id(f"{self.origin}:{self._boot}:{self._messages}", message)
         }
         delay = 0.1
-        while True:
+        while self._nc is nc:
             try:
-                ack = await self._js.publish(
+                ack = await js.publish(
                     self.subject, message, timeout=_ACK_TIMEOUT, headers=headers
                 )
             except (NatsError, asyncio.TimeoutError) as e:
@@ -447,7 +482,8 @@ class NatsBridge(Service):
                 continue
             if ack.duplicate:
                 self.counters.duplicates += 1
-            return
+            return self._nc is nc
+        return False
 
     async def _receiveDurably(self) -> None:
         """
@@ -456,7 +492,7 @@ class NatsBridge(Service):
         log, so what the stream lets go of is on this host.
         """
         consumer = self._consumer
-        while self.running and self._consumer is consumer:
+        while self._receiving and self._consumer is consumer:
             if self.relay.gate.paused:
                 # Local subscribers or the audit log hold the relay back: the
                 # stream keeps the messages meanwhile.
@@ -479,6 +515,8 @@ class NatsBridge(Service):
                 self._fetchFailing = False
                 self.log.info("NATS bridge: reading the stream again")
             for msg in messages:
+                if not self._receiving:
+                    return  # the rest is not acknowledged: the stream keeps it
                 sequence = msg.metadata.sequence.stream
                 if sequence <= self._delivered:
                     self.counters.duplicates += 1
@@ -490,20 +528,39 @@ class NatsBridge(Service):
                     self._delivered = sequence
                     self._deliver(msg)
                     if not await self._logged():
-                        return  # stopping: the stream delivers it again after a restart
+                        return
                 try:
                     await msg.ack()
                 except NatsError:
                     pass  # it will be redelivered, and left out as a duplicate
 
     async def _logged(self) -> bool:
-        """Wait while the audit log holds frames back; C{False} if the bridge stops first."""
+        """
+        Wait while the audit log holds frames back. C{False} if the bridge
+        stops receiving first (or its connection is replaced): then its
+        frames not yet in the log are taken back, since the stream, which
+        had no acknowledgement for them, delivers them again.
+        """
         writeahead = self.relay.writeahead
-        while writeahead is not None and writeahead.held:
-            if not self.running:
-                return False
-            await asyncio.sleep(0.05)
+        try:
+            while writeahead is not None and writeahead.held:
+                if not self._receiving:
+                    self._withdraw()
+                    return False
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self._withdraw()
+            raise
         return True
+
+    def _withdraw(self) -> None:
+        frames = self.relay.writeahead.withdraw(self.peers.values())
+        if frames:
+            self.log.warn(
+                "NATS bridge: {frames} frames from NATS were not in the audit log yet; "
+                "left to the stream, which delivers them again",
+                frames=frames,
+            )
 
     async def _skipGap(self, sequence: int) -> bool:
         """
@@ -570,9 +627,14 @@ class NatsBridge(Service):
                     origin=origin,
                 )
             return
-        stats = self.peer.stats
+        peer = self.peers.get(origin)
+        if peer is None:
+            if len(self.peers) >= _MAX_ORIGINS:
+                del self.peers[next(iter(self.peers))]
+            peer = self.peers[origin] = _Peer(self.relay, origin)
+        stats = peer.stats
         accepted, refused = stats.frames_in, sum(stats.rejects.values())
-        self.peer.message(msg.data)
+        peer.message(msg.data)
         counters = self.counters
         counters.chunks_in += 1
         counters.frames_in += stats.frames_in - accepted

@@ -65,6 +65,9 @@ class RelayProtocol(Protocol):
     _control: Control | None = None
     #: What the relay logs when this sender's stream cannot be cut into frames.
     lostFramingLog = "closing client {client_id}"
+    #: Whether the frames came from another relay through NATS: they are not
+    #: published to NATS again.
+    bridged = False
 
     @property
     def handshaking(self) -> bool:

@@ -303,7 +303,7 @@ class RelayFactory(ServerFactory):
         are not affected.
         """
         bridge = self.bridge
-        if bridge is not None and sender is not bridge.peer:
+        if bridge is not None and not sender.bridged:
             bridge.publish(runs, frames)
         size = sum(map(len, runs))
         echo = self.echo

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 from twisted.application.service import IService, MultiService, Service
@@ -436,6 +437,8 @@ class RelayServices(MultiService):
     frame to it.
     """
 
+    log = Logger()
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
@@ -448,18 +451,26 @@ class RelayServices(MultiService):
     def stopService(self) -> Deferred[None]:
         """
         Stop in the order that loses nothing: the listeners and the status
-        page; then the relay drains its clients; then the NATS bridge sends
-        what they published and stops receiving; then the audit log closes.
+        page; the NATS bridge stops receiving; the relay drains its clients;
+        the bridge sends what they published; the audit log closes. A step
+        that fails is logged and the next one still runs.
         """
         Service.stopService(self)
         relay = next(service for service in self if isinstance(service, RelayService))
         bridge = relay.factory.bridge
         first = [service for service in reversed(self.services) if service not in (relay, bridge)]
-        stopped = DeferredList([maybeDeferred(service.stopService) for service in first])
-        stopped.addCallback(lambda _: relay.stopService())
+        steps = [relay.stopService, relay.close]
         if bridge is not None:
-            stopped.addCallback(lambda _: bridge.stopService())
-        return stopped.addCallback(lambda _: relay.close())
+            steps = [bridge.stopReceiving, relay.stopService, bridge.stopService, relay.close]
+        stopping = DeferredList([maybeDeferred(service.stopService) for service in first])
+        for step in steps:
+            stopping.addBoth(self._next, step)
+        return stopping
+
+    def _next(self, result: object, step: Callable[[], object]) -> Deferred[object]:
+        if isinstance(result, Failure):
+            self.log.failure("a step of the stop failed; going on with the next", result)
+        return maybeDeferred(step)
 
 
 class RelayService(Service):

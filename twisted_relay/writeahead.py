@@ -8,6 +8,7 @@ order, until it can; nothing is forwarded unlogged and nothing is lost.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -115,6 +116,17 @@ class WriteAhead:
             records=self.audit.records,
             head=self.audit.head,
         )
+
+    def withdraw(self, senders: Iterable[RelayProtocol]) -> int:
+        """
+        Take back what C{senders} sent that is held and not yet in the log
+        (their source will send it again); returns the frames taken back.
+        """
+        senders = set(senders)
+        kept = [h for h in self.held if h.logged or h.sender not in senders]
+        frames = sum(h.frames for h in self.held) - sum(h.frames for h in kept)
+        self.held = kept
+        return frames
 
     def forwardedSequences(self) -> dict[int, int]:
         """
