@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -9,11 +10,14 @@ import tempfile
 from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_relay.audit import AuditLog
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.relay import RelayFactory
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import Domain, build_frame, unpack_header
+from twisted_relay.writeahead import WriteAhead
 
 TLV_FOR_DOMAIN = {Domain.MARKET_DATA: 1, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
 DOMAINS = {MARKET.domain: MARKET, SIGNAL.domain: SIGNAL, EXECUTION.domain: EXECUTION}
@@ -80,6 +84,33 @@ def connect(factory: RelayFactory, transport: StringTransport | None = None):
     protocol = factory.buildProtocol(UNIXAddress(None))
     protocol.makeConnection(transport or RecordingTransport())
     return protocol
+
+
+def audited_relay(testcase: SynchronousTestCase, rotate: int = 64 * 1024, **kw):
+    """An execution relay on a fake clock with an audit log in a temporary directory."""
+    relay = make_relay(Domain.EXECUTION, **kw)
+    relay.writeahead = WriteAhead(relay, AuditLog(temp_dir(testcase), rotate), None, relay.clock)
+    relay.writeahead.start()
+    testcase.addCleanup(relay.writeahead.stop)
+    return relay
+
+
+class DiskFull:
+    """
+    The audit log's file swapped for /dev/full (every write fails with
+    ENOSPC) until L{free}: a real full disk, without filling one.
+    """
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.kept = os.dup(audit._fd)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, audit._fd)
+        os.close(full)
+
+    def free(self) -> None:
+        os.dup2(self.kept, self.audit._fd)
+        os.close(self.kept)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -6,6 +6,7 @@ in test_nats.py.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from twisted_relay.bridge import NatsBridge, _message_id, _pieces
 from twisted_relay.control import control_frame
 from twisted_relay.wire import Domain
 
-from .helpers import connect, frames_for, make_relay, published
+from .helpers import DiskFull, audited_relay, connect, frames_for, make_relay, published
 from .relayprocess import REPO
 
 
@@ -98,6 +99,56 @@ class InboundTests(SynchronousTestCase):
         local = connect(self.relay)
         local.dataReceived(data)
         self.assertEqual(self.bridge.queued, len(data))
+
+
+class AcknowledgementTests(SynchronousTestCase):
+    """
+    A stream message is acknowledged once its own frames are in the audit
+    log; at a stop, the frames from NATS the log still holds are taken back.
+    """
+
+    def setUp(self) -> None:
+        self.relay = audited_relay(self)
+        self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.local = connect(self.relay)
+        self.subscriber = connect(self.relay)
+        self.remote = frames_for(Domain.EXECUTION, 20, source=42)
+        self.ours = frames_for(Domain.EXECUTION, 20, source=7)
+
+    def logged(self, peer) -> bool:
+        return asyncio.run(asyncio.wait_for(self.bridge._logged(peer), 5))
+
+    def test_ownFramesOnly(self) -> None:
+        """Frames of local publishers still held do not hold a message back."""
+        full = DiskFull(self.relay.writeahead.audit)
+        peer = self.bridge._deliver(Msg(None, "torq.execution.hostA", data=self.remote[0]))
+        self.local.dataReceived(self.ours[0])
+        full.free()
+        self.relay.clock.advance(1.0)  # the log is written again: both go out
+        full = DiskFull(self.relay.writeahead.audit)
+        self.addCleanup(full.free)
+        self.local.dataReceived(self.ours[1])
+        self.assertTrue(self.relay.writeahead.held)
+        self.assertTrue(self.logged(peer))
+
+    def test_takenBackAtStop(self) -> None:
+        """
+        Stopping while the log holds frames from NATS takes them back, with
+        their sequences, and keeps the local publishers' frames.
+        """
+        self.bridge._deliver(Msg(None, "torq.execution.hostA", data=b"".join(self.remote[:5])))
+        full = DiskFull(self.relay.writeahead.audit)
+        self.addCleanup(full.free)
+        peer = self.bridge._deliver(
+            Msg(None, "torq.execution.hostA", data=b"".join(self.remote[5:10]))
+        )
+        self.local.dataReceived(self.ours[0])
+        self.assertEqual(self.relay.sequences, {42: 10, 7: 1})
+        self.bridge._receiving = False
+        self.assertFalse(self.logged(peer))
+        self.assertEqual([h.sender for h in self.relay.writeahead.held], [self.local])
+        self.assertEqual(self.relay.sequences, {42: 5, 7: 1})
+        self.assertEqual(published(self.subscriber.transport.value()), self.remote[:5])
 
 
 class MessageIdTests(SynchronousTestCase):

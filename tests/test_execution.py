@@ -32,13 +32,14 @@ from twisted_relay.wire import Domain, build_frame, unpack_header
 from twisted_relay.writeahead import WriteAhead
 
 from .helpers import (
+    DiskFull,
     RecordingTransport,
+    audited_relay,
     connect,
     frames_for,
     frames_in,
     make_relay,
     published,
-    temp_dir,
 )
 
 
@@ -47,15 +48,6 @@ def delivered(incoming: Incoming, data: bytes) -> list[bytes]:
     return [
         pair[1] for f in frames_in(data) for pair in incoming.deliver(unpack_header(f), f)
     ]
-
-
-def audited_relay(testcase: SynchronousTestCase, rotate: int = 64 * 1024, **kw):
-    """An execution relay on a fake clock with an audit log in a temporary directory."""
-    relay = make_relay(Domain.EXECUTION, **kw)
-    relay.writeahead = WriteAhead(relay, AuditLog(temp_dir(testcase), rotate), None, relay.clock)
-    relay.writeahead.start()
-    testcase.addCleanup(relay.writeahead.stop)
-    return relay
 
 
 def run_cooperator(relay) -> None:
@@ -347,17 +339,13 @@ class HeartbeatTests(SynchronousTestCase):
         publisher.dataReceived(control_frame(publish_only=True))
         frames = frames_for(Domain.EXECUTION, 20, source=42)
         publisher.dataReceived(b"".join(frames[:10]))
-        audit = relay.writeahead.audit
-        kept, full = os.dup(audit._fd), os.open("/dev/full", os.O_WRONLY)
-        os.dup2(full, audit._fd)
-        os.close(full)
+        full = DiskFull(relay.writeahead.audit)
         publisher.dataReceived(b"".join(frames[10:]))
         self.assertEqual(relay.sequences, {42: 20})
         relay.clock.advance(1.0)
         relay.clock.advance(1.0)
         self.assertEqual(self.heartbeats(subscriber), [(1.0, {42: 10})])
-        os.dup2(kept, audit._fd)
-        os.close(kept)
+        full.free()
         for _ in range(3):
             relay.clock.advance(1.0)
         self.assertEqual(published(subscriber.transport.value()), frames)

@@ -210,7 +210,7 @@ class NatsBridge(Service):
             await asyncio.wait([self._receiver], timeout=_CLOSE_TIMEOUT)
         try:
             if self._consumer is not None:
-                await self._consumer.unsubscribe()
+                await asyncio.wait_for(self._consumer.unsubscribe(), _CLOSE_TIMEOUT)
             elif self._subscription is not None:
                 await asyncio.wait_for(self._subscription.drain(), _CLOSE_TIMEOUT)
         except (NatsError, asyncio.TimeoutError) as e:
@@ -357,17 +357,20 @@ class NatsBridge(Service):
         while self.queue and self.counters.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self._endTasks()
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await asyncio.wait_for(self._nc.drain(), _CLOSE_TIMEOUT)
+            except (NatsError, asyncio.TimeoutError):
+                try:
+                    await asyncio.wait_for(self._nc.close(), _CLOSE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    self.log.error("NATS bridge: the connection did not close in time")
         if self.queue:
             self.log.warn(
                 "NATS bridge stopping with {frames} frames not published{how}",
                 frames=sum(frames for _, frames in self.queue),
                 how=" (not acknowledged by the stream)" if self.durable else "",
             )
-        if self._nc is not None and not self._nc.is_closed:
-            try:
-                await asyncio.wait_for(self._nc.drain(), _CLOSE_TIMEOUT)
-            except (NatsError, asyncio.TimeoutError):
-                await self._nc.close()
 
     def publish(self, runs: list[bytes], frames: int) -> None:
         """
@@ -525,25 +528,28 @@ class NatsBridge(Service):
                     # comes again after it.
                     continue
                 else:
+                    if not (self._receiving and self._consumer is consumer):
+                        return  # stopped while it looked for a gap
                     self._delivered = sequence
-                    self._deliver(msg)
-                    if not await self._logged():
+                    peer = self._deliver(msg)
+                    if peer is not None and not await self._logged(peer):
                         return
                 try:
                     await msg.ack()
                 except NatsError:
                     pass  # it will be redelivered, and left out as a duplicate
 
-    async def _logged(self) -> bool:
+    async def _logged(self, peer: _Peer) -> bool:
         """
-        Wait while the audit log holds frames back. C{False} if the bridge
-        stops receiving first (or its connection is replaced): then its
-        frames not yet in the log are taken back, since the stream, which
-        had no acknowledgement for them, delivers them again.
+        Wait while the audit log holds back the frames just taken from
+        C{peer}. C{False} if the bridge stops receiving first (or its
+        connection is replaced): then the frames from NATS not yet in the
+        log are taken back, since the stream, which had no acknowledgement
+        for them, delivers them again.
         """
         writeahead = self.relay.writeahead
         try:
-            while writeahead is not None and writeahead.held:
+            while writeahead is not None and writeahead.holds(peer):
                 if not self._receiving:
                     self._withdraw()
                     return False
@@ -554,7 +560,7 @@ class NatsBridge(Service):
         return True
 
     def _withdraw(self) -> None:
-        frames = self.relay.writeahead.withdraw(self.peers.values())
+        frames = self.relay.writeahead.withdraw()
         if frames:
             self.log.warn(
                 "NATS bridge: {frames} frames from NATS were not in the audit log yet; "
@@ -611,8 +617,11 @@ class NatsBridge(Service):
     async def _received(self, msg) -> None:
         self._deliver(msg)
 
-    def _deliver(self, msg) -> None:
-        """Frames from another relay: checked, then broadcast like a local publisher's."""
+    def _deliver(self, msg) -> _Peer | None:
+        """
+        Frames from another relay: checked, then broadcast like a local
+        publisher's; returns the peer they came through (C{None}: ignored).
+        """
         # torq.<domain>.<origin>: anything after the origin is not the relays'.
         origin = msg.subject.split(".")[2]
         if origin == self.origin:
@@ -626,7 +635,7 @@ class NatsBridge(Service):
                     "ignored here; give each relay its own --relay-id",
                     origin=origin,
                 )
-            return
+            return None
         peer = self.peers.get(origin)
         if peer is None:
             if len(self.peers) >= _MAX_ORIGINS:
@@ -650,6 +659,7 @@ class NatsBridge(Service):
                     origin=origin,
                     subject=msg.subject,
                 )
+        return peer
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):

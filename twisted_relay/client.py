@@ -269,9 +269,11 @@ class BlockingClient(Declaring):
 
     def next_heartbeat(self, timeout: float) -> dict[int, int]:
         """
-        The last sequence per source the relay has, from its next heartbeat:
-        where a publisher resumes after the relay restarted. Frames that
-        arrive meanwhile stay for L{frames}.
+        The last sequence per source the relay forwarded, from its next
+        heartbeat: where a publisher resumes after the relay restarted (it
+        starts from its audit log). While a running relay's audit log holds
+        frames back (C{/health} says so), the frames it holds are not in
+        it yet. Frames that arrive meanwhile stay for L{frames}.
 
         @raise TimeoutError: no heartbeat within C{timeout} seconds.
         """

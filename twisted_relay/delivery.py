@@ -116,8 +116,8 @@ class Outbox:
     def send(self, runs: list[bytes], frames: int, size: int) -> None:
         """Deliver C{runs}, holding C{frames} whole frames, or apply the policy."""
         if self.closed:
-            # The connection is closing: these never reach the client.
-            self.relay.lost(self.client, frames, size)
+            if frames:  # the connection is closing: these never reach the client
+                self.relay.lost(self.client, frames, size)
             return
         if self.writable and not self.queue:
             self._write(runs, frames, size)

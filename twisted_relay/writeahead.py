@@ -8,7 +8,6 @@ order, until it can; nothing is forwarded unlogged and nothing is lost.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +32,15 @@ class _Held:
     frames: int
     received_ns: int
     logged: bool = False
+
+
+def _before(held: list[_Held]) -> dict[int, int]:
+    """For each source in C{held}, the sequence before its first held frame."""
+    first: dict[int, int] = {}
+    for batch in held:
+        for _, _, _, header in frame_spans(batch.runs):
+            first.setdefault(header.source, header.sequence)
+    return {source: sequence - 1 for source, sequence in first.items()}
 
 
 class WriteAhead:
@@ -117,16 +125,21 @@ class WriteAhead:
             head=self.audit.head,
         )
 
-    def withdraw(self, senders: Iterable[RelayProtocol]) -> int:
+    def holds(self, sender: RelayProtocol) -> bool:
+        """Whether frames from C{sender} wait for the log."""
+        return any(held.sender is sender for held in self.held)
+
+    def withdraw(self) -> int:
         """
-        Take back what C{senders} sent that is held and not yet in the log
-        (their source will send it again); returns the frames taken back.
+        Take back the frames from other relays (through NATS) that are held
+        and not yet in the log: the stream, which has no acknowledgement for
+        them, delivers them again. Returns the frames taken back.
         """
-        senders = set(senders)
-        kept = [h for h in self.held if h.logged or h.sender not in senders]
-        frames = sum(h.frames for h in self.held) - sum(h.frames for h in kept)
-        self.held = kept
-        return frames
+        taken = [h for h in self.held if h.sender.bridged and not h.logged]
+        if taken:
+            self.held = [h for h in self.held if not (h.sender.bridged and not h.logged)]
+            self.relay.sequences.update(_before(taken))
+        return sum(h.frames for h in taken)
 
     def forwardedSequences(self) -> dict[int, int]:
         """
@@ -137,13 +150,7 @@ class WriteAhead:
         sequences = self.relay.sequences
         if not self.held:
             return sequences
-        sequences, seen = dict(sequences), set()
-        for held in self.held:
-            for _, _, _, header in frame_spans(held.runs):
-                if header.source not in seen:
-                    seen.add(header.source)
-                    sequences[header.source] = header.sequence - 1
-        return {source: sequence for source, sequence in sequences.items() if sequence > 0}
+        return {**sequences, **_before(self.held)}
 
     @property
     def forwarded(self) -> int:
