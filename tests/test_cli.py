@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.cli import describe, synthetic
@@ -119,15 +120,18 @@ def test_relay_of_another_domain(http_relay):
         )
 
 
-def test_publish_relay_gone():
-    """A relay that dies while publish sends: one line saying how far it got, exit 1."""
+@pytest.mark.parametrize(
+    "command, done", [(("publish", "--count", "100000000"), "sent"), (("tap", "--stats"), "received")]
+)
+def test_relay_gone(command: tuple[str, ...], done: str):
+    """A relay that dies while publish sends or tap listens: one line saying how far, exit 1."""
     workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
     path = os.path.join(workdir, "m.sock")
     relay = RelayProcess(workdir, "--domain", "market", "--listen", f"unix:{path}")
     relay.start().wait_listening()
     try:
-        publisher = subprocess.Popen(
-            [COMMAND, "publish", path, "--count", "100000000"],
+        client = subprocess.Popen(
+            [COMMAND, command[0], path, *command[1:]],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -135,11 +139,12 @@ def test_publish_relay_gone():
         time.sleep(1.0)
         relay.process.kill()
         relay.wait_exit()
-        _, stderr = publisher.communicate(timeout=30)
+        _, stderr = client.communicate(timeout=30)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    assert publisher.returncode == 1
+    assert client.returncode == 1
     assert re.fullmatch(
-        rf"twisted-relay: the relay at {path} closed the connection after [\d,]+ frames were sent\n",
+        rf"twisted-relay: the relay at {path} closed the connection after [\d,]+ frames were "
+        rf"{done}\n",
         stderr,
     ), stderr

@@ -192,6 +192,11 @@ def tap(args: argparse.Namespace) -> None:
                 break
         if args.stats:
             print(f"\n{frames:,} frames, {size:,} bytes, {gaps:,} sequence gaps")
+        if not relay.connected:
+            raise Failed(
+                f"the relay at {args.endpoint or args.logic.socket_path} closed the "
+                f"connection after {frames:,} frames were received"
+            )
 
 
 def synthetic(domain: int, count: int, source: int | None) -> Iterator[bytes]:
