@@ -109,8 +109,10 @@ class DiskFull:
         os.close(full)
 
     def free(self) -> None:
-        os.dup2(self.kept, self.audit._fd)
-        os.close(self.kept)
+        if self.kept >= 0:
+            os.dup2(self.kept, self.audit._fd)
+            os.close(self.kept)
+            self.kept = -1
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:

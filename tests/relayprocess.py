@@ -94,10 +94,10 @@ class RelayProcess:
             ) from None
         return self.process.returncode
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        result = self.wait_exit()
+        result = self.wait_exit(timeout)
         self._log.close()
         return result
 

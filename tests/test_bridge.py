@@ -149,6 +149,15 @@ class AcknowledgementTests(SynchronousTestCase):
         self.assertEqual([h.sender for h in self.relay.writeahead.held], [self.local])
         self.assertEqual(self.relay.sequences, {42: 5, 7: 1})
         self.assertEqual(published(self.subscriber.transport.value()), self.remote[:5])
+        # The stream delivers them again (after a reconnect, say): no anomaly.
+        full.free()
+        self.relay.clock.advance(1.0)
+        self.bridge._deliver(Msg(None, "torq.execution.hostA", data=b"".join(self.remote[5:10])))
+        self.assertEqual(self.relay.totals.sequence_regressions, 0)
+        self.assertEqual(
+            published(self.subscriber.transport.value()),
+            self.remote[:5] + self.ours[:1] + self.remote[5:10],
+        )
 
 
 class MessageIdTests(SynchronousTestCase):

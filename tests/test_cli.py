@@ -136,7 +136,11 @@ def test_relay_gone(command: tuple[str, ...], done: str):
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while "is now a" not in relay.log():  # the client introduced itself
+            assert time.monotonic() < deadline, relay.log()
+            time.sleep(0.05)
+        time.sleep(0.2)
         relay.process.kill()
         relay.wait_exit()
         _, stderr = client.communicate(timeout=30)

@@ -252,7 +252,10 @@ def test_execution_stop_while_receiving(relays) -> None:
     rest to the stream: restarted, its log holds every order once, in order.
     """
     path_a, _, _ = relays("hostA", 0, "execution")
-    path_b, url_b, relay_b = relays("hostB", 2, "execution")
+    # However long the slow subscriber takes, it is neither cut off nor drained short.
+    path_b, url_b, relay_b = relays(
+        "hostB", 2, "execution", "--stall-timeout", "60", "--drain-timeout", "60"
+    )
     audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
     frames = [build_frame(3, 42, seq, [(255 - 1, bytes(1000))]) for seq in range(1, 20_001)]
     subscriber = BlockingClient(path_b)
@@ -283,7 +286,7 @@ def test_execution_stop_while_receiving(relays) -> None:
         while health(url_b)["nats"]["frames_in"] < 2000:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.01)
-        relay_b.stop()
+        relay_b.stop(timeout=90)  # it drains to the slow subscriber first
         reader.join(TIMEOUT)
         assert not reader.is_alive()
         logged = audited_from_nats(audit)

@@ -530,8 +530,10 @@ class NatsBridge(Service):
                 else:
                     if not (self._receiving and self._consumer is consumer):
                         return  # stopped while it looked for a gap
-                    self._delivered = sequence
+                    # An unexpected error here restarts this loop with the
+                    # message unacknowledged and not counted as delivered.
                     peer = self._deliver(msg)
+                    self._delivered = sequence
                     if peer is not None and not await self._logged(peer):
                         return
                 try:
@@ -561,6 +563,8 @@ class NatsBridge(Service):
 
     def _withdraw(self) -> None:
         frames = self.relay.writeahead.withdraw()
+        # Their sequences come again: each origin's tracking starts afresh.
+        self.peers.clear()
         if frames:
             self.log.warn(
                 "NATS bridge: {frames} frames from NATS were not in the audit log yet; "

@@ -138,27 +138,35 @@ def connect(args: argparse.Namespace) -> BlockingClient:
         raise Failed(f"cannot connect to {endpoint}: {e}") from None
 
 
+def where(args: argparse.Namespace) -> str:
+    """The relay the command talks to, as the user gave it (or the domain's socket)."""
+    return args.endpoint or args.logic.socket_path
+
+
 def send(relay: BlockingClient, data: bytes, frames_before: int, args: argparse.Namespace) -> None:
     """Publish C{data}; a relay that goes away is an error saying how far the command got."""
     try:
         relay.publish(data)
     except (BrokenPipeError, ConnectionResetError):
         raise Failed(
-            f"the relay at {args.endpoint or args.logic.socket_path} closed the connection "
+            f"the relay at {where(args)} closed the connection "
             f"after {frames_before:,} frames were sent"
         ) from None
 
 
 def introduce(relay: BlockingClient, args: argparse.Namespace, **declaration) -> None:
     """Declare the connection's role and check that the relay is of --domain."""
-    where = args.endpoint or args.logic.socket_path
     try:
         domain, name = relay.introduce(**declaration)
     except TimeoutError:
-        raise Failed(f"the relay at {where} did not answer: is it a twisted_relay relay?") from None
+        raise Failed(
+            f"the relay at {where(args)} did not answer: is it a twisted_relay relay?"
+        ) from None
+    except ConnectionError as e:
+        raise Failed(f"the relay at {where(args)} closed the connection: {e}") from None
     if domain != args.logic.domain:
         raise Failed(
-            f"the relay at {where} is the {name} relay (domain {domain}), not "
+            f"the relay at {where(args)} is the {name} relay (domain {domain}), not "
             f"{args.logic.name}: use --domain {name}"
         )
 
@@ -169,7 +177,7 @@ def tap(args: argparse.Namespace) -> None:
         shown, frames, size, gaps = 0, 0, 0, 0
         last: dict[int, int] = {}
         window_start, window_frames, window_bytes = time.monotonic(), 0, 0
-        for header, frame in relay.frames(timeout=args.timeout):
+        for header, frame in received(relay, args):
             previous = last.get(header.source)
             if previous is not None and header.sequence > previous + 1:
                 gaps += header.sequence - previous - 1
@@ -194,9 +202,20 @@ def tap(args: argparse.Namespace) -> None:
             print(f"\n{frames:,} frames, {size:,} bytes, {gaps:,} sequence gaps")
         if not relay.connected:
             raise Failed(
-                f"the relay at {args.endpoint or args.logic.socket_path} closed the "
-                f"connection after {frames:,} frames were received"
+                f"the relay at {where(args)} closed the connection after {frames:,} frames "
+                f"were received"
             )
+
+
+def received(relay: BlockingClient, args: argparse.Namespace) -> Iterator[tuple[Header, bytes]]:
+    """
+    The relay's frames for C{tap}; a relay gone silent or reset is a
+    one-line error (errors writing to stdout are not caught here).
+    """
+    try:
+        yield from relay.frames(timeout=args.timeout)
+    except ConnectionError as e:
+        raise Failed(f"lost the relay at {where(args)}: {e}") from None
 
 
 def synthetic(domain: int, count: int, source: int | None) -> Iterator[bytes]:
