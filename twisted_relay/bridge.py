@@ -408,14 +408,14 @@ class NatsBridge(Service):
         counters = self.counters
         counters.chunks_dropped += 1
         counters.frames_dropped += frames
-        held = self._sampled.allow("dropped")
-        if held is not None:
-            self.log.warn(
-                "NATS bridge: dropped {frames} frames, {why} ({frames_dropped} dropped so far)",
-                frames=frames,
-                why=why,
-                frames_dropped=counters.frames_dropped,
-            )
+        self._sampled.log(
+            "dropped",
+            self.log.warn,
+            "NATS bridge: dropped {frames} frames, {why} ({frames_dropped} dropped so far)",
+            frames=frames,
+            why=why,
+            frames_dropped=counters.frames_dropped,
+        )
 
     def _enqueue(self, data: bytes, frames: int) -> None:
         self.queue.append((data, frames))
@@ -472,14 +472,14 @@ class NatsBridge(Service):
                 )
             except (NatsError, asyncio.TimeoutError) as e:
                 self.counters.retries += 1
-                held = self._sampled.allow("retry")
-                if held is not None:
-                    self.log.warn(
-                        "NATS bridge: the stream did not acknowledge a message ({error}); "
-                        "publishing it again in {delay:.1f}s",
-                        error=repr(e),
-                        delay=delay,
-                    )
+                self._sampled.log(
+                    "retry",
+                    self.log.warn,
+                    "NATS bridge: the stream did not acknowledge a message ({error}); "
+                    "publishing it again in {delay:.1f}s",
+                    error=repr(e),
+                    delay=delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
                 continue
@@ -506,11 +506,12 @@ class NatsBridge(Service):
             except (NatsTimeout, asyncio.TimeoutError):
                 continue
             except NatsError as e:
-                if self._sampled.allow("fetch") is not None:
-                    self.log.warn(
-                        "NATS bridge: reading the stream failed ({error}); trying again",
-                        error=repr(e),
-                    )
+                self._sampled.log(
+                    "fetch",
+                    self.log.warn,
+                    "NATS bridge: reading the stream failed ({error}); trying again",
+                    error=repr(e),
+                )
                 self._fetchFailing = True
                 await asyncio.sleep(0.5)
                 continue
@@ -633,8 +634,10 @@ class NatsBridge(Service):
             own = self.durable and (msg.headers or {}).get("Nats-Msg-Id", "").startswith(
                 f"{self.origin}:{self._boot}:"
             )
-            if not own and self._sampled.allow("relay id") is not None:
-                self.log.error(
+            if not own:
+                self._sampled.log(
+                    "relay id",
+                    self.log.error,
                     "NATS bridge: another relay publishes as {origin}: its frames are "
                     "ignored here; give each relay its own --relay-id",
                     origin=origin,
@@ -654,35 +657,30 @@ class NatsBridge(Service):
         refused = sum(stats.rejects.values()) - refused
         if refused:
             counters.malformed += 1
-            if self._sampled.allow("malformed") is not None:
-                self.log.error(
-                    "NATS bridge: refused {refused} frames of a message of {size} bytes from "
-                    "{origin} on {subject} (the reasons are logged as client 0's)",
-                    refused=refused,
-                    size=len(msg.data),
-                    origin=origin,
-                    subject=msg.subject,
-                )
+            self._sampled.log(
+                "malformed",
+                self.log.error,
+                "NATS bridge: refused {refused} frames of a message of {size} bytes from "
+                "{origin} on {subject} (the reasons are logged as client 0's)",
+                refused=refused,
+                size=len(msg.data),
+                origin=origin,
+                subject=msg.subject,
+            )
         return peer
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):
             self.counters.slow_consumer += 1
-            held = self._sampled.allow("slow consumer")
-            if held is not None:
-                self.log.warn(
-                    "NATS bridge: messages from NATS dropped by the client, the relay is a "
-                    "slow consumer ({count} so far)",
-                    count=self.counters.slow_consumer,
-                )
-            return
-        held = self._sampled.allow("error")
-        if held is not None:
-            self.log.warn(
-                "NATS bridge: {error}{held_back}",
-                error=repr(error),
-                held_back=f" ({held} more since the last report)" if held else "",
+            self._sampled.log(
+                "slow consumer",
+                self.log.warn,
+                "NATS bridge: messages from NATS dropped by the client, the relay is a "
+                "slow consumer ({count} so far)",
+                count=self.counters.slow_consumer,
             )
+            return
+        self._sampled.log("error", self.log.warn, "NATS bridge: {error}", error=repr(error))
 
     async def _closed(self) -> None:
         """The connection is closed for good (not by a stop): start again."""

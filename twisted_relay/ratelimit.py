@@ -4,7 +4,7 @@ Rate limiting for log events, so a flood of bad frames cannot flood the log.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -39,6 +39,20 @@ class RateLimiter:
             return held
         window[2] += 1
         return None
+
+    def log(self, key: Hashable, emit: Callable[..., None], format: str, **fields: object) -> None:
+        """
+        Emit C{format} with C{fields} through C{emit} (a L{Logger} method)
+        unless C{key} is over its rate; the event says how many of its kind
+        were held back before it.
+        """
+        held = self.allow(key)
+        if held is not None:
+            emit(
+                format + "{held_back}",
+                held_back=f" ({held} more since the last report)" if held else "",
+                **fields,
+            )
 
     def forget(self, key: Hashable) -> None:
         """Drop what is known of C{key}, whose events will not come again."""

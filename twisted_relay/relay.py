@@ -389,16 +389,16 @@ class RelayFactory(ServerFactory):
         stats.bytes_dropped += size
         totals.frames_dropped += frames
         totals.bytes_dropped += size
-        held = self._sampledLog.allow(("dropped", stats.client_id))
-        if held is not None:
-            self.log.warn(
-                "slow client {client_id}: dropped {frames} frames ({frames_dropped} so "
-                "far), its queue is at the high-water mark of {high_water} bytes",
-                client_id=stats.client_id,
-                frames=frames,
-                frames_dropped=stats.frames_dropped,
-                high_water=self.delivery.high_water,
-            )
+        self._sampledLog.log(
+            ("dropped", stats.client_id),
+            self.log.warn,
+            "slow client {client_id}: dropped {frames} frames ({frames_dropped} so "
+            "far), its queue is at the high-water mark of {high_water} bytes",
+            client_id=stats.client_id,
+            frames=frames,
+            frames_dropped=stats.frames_dropped,
+            high_water=self.delivery.high_water,
+        )
 
     def cutOff(self, client: RelayProtocol, reason: str, detail: str) -> None:
         """Count and log that C{client} is being disconnected by the relay."""
@@ -417,23 +417,24 @@ class RelayFactory(ServerFactory):
         """Count a refused frame and log it, at a bounded rate per reason."""
         sender.stats.rejects[error.reason] += 1
         self.totals.rejects[error.reason] += 1
-        held = self._sampledLog.allow(error.reason)
-        if held is not None and error.fatal:
-            self.log.error(
-                sender.lostFramingLog + ": {error}; header bytes {header}{held_back}",
+        if error.fatal:
+            self._sampledLog.log(
+                error.reason,
+                self.log.error,
+                sender.lostFramingLog + ": {error}; header bytes {header}",
                 client_id=sender.stats.client_id,
                 error=str(error),
                 reason=error.reason,
                 header=error.header.hex(" "),
-                held_back=f" ({held} more since the last report)" if held else "",
             )
-        elif held is not None:
-            self.log.warn(
-                "dropped frame ({reason}): {error}{held_back}",
+        else:
+            self._sampledLog.log(
+                error.reason,
+                self.log.warn,
+                "dropped frame ({reason}): {error}",
                 reason=error.reason,
                 error=str(error),
                 client_id=sender.stats.client_id,
-                held_back=f" ({held} more since the last report)" if held else "",
             )
 
     def sequenceAnomaly(
@@ -443,21 +444,19 @@ class RelayFactory(ServerFactory):
         Log a gap, duplicate or regression in a publisher's sequence: every
         one on a lossless (block) relay, a bounded number per second otherwise.
         """
-        held = 0
-        if self.delivery.policy != "block":
-            held = self._sampledLog.allow(("sequence", kind))
-            if held is None:
-                return
-        self.log.warn(
-            "sequence {kind} from client {client_id}, source {source}: {sequence} "
-            "after {last}{held_back}",
+        event = dict(
+            format="sequence {kind} from client {client_id}, source {source}: {sequence} "
+            "after {last}",
             kind=kind,
             client_id=sender.stats.client_id,
             source=source,
             sequence=sequence,
             last=last,
-            held_back=f" ({held} more since the last report)" if held else "",
         )
+        if self.delivery.policy == "block":
+            self.log.warn(**event)
+        else:
+            self._sampledLog.log(("sequence", kind), self.log.warn, **event)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
