@@ -31,13 +31,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .domains import MiB
 from .wire import (
     HEADER_SIZE,
     MAGIC,
+    MAGIC_BYTES,
     PAYLOAD_SIZE_OFFSET,
     ROUTING,
     SOURCE_SEQUENCE,
     UINT32,
+    frame_spans,
 )
 
 FILE_MAGIC = b"TRAUDIT1"
@@ -49,7 +52,6 @@ _RECORD = struct.Struct("<IQI")
 RECORD_OVERHEAD = _RECORD.size + UINT32.size
 #: Bytes read from an audit file at a time.
 _READ_SIZE = 1 << 20
-MiB = 1 << 20
 
 
 class Record(NamedTuple):
@@ -59,8 +61,6 @@ class Record(NamedTuple):
     received_ns: int
     client_id: int
     frame: bytes
-    path: str
-    offset: int
 
     @property
     def source(self) -> int:
@@ -126,6 +126,10 @@ class AuditFile:
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
+    def start(self) -> Position:
+        """Where the file's records begin, and the chain with them."""
+        return Position(self.header_size, self.first_index, self.seed)
+
     @staticmethod
     def header(first_index: int, seed: int, sequences: dict[int, int]) -> bytes:
         body = _FILE_HEAD.pack(
@@ -143,7 +147,7 @@ class AuditFile:
             frame, or the file ends part-way through one.
         """
         if position is None:
-            position = Position(self.header_size, self.first_index, self.seed)
+            position = self.start()
         path = self.path
         with open(path, "rb") as f:
             f.seek(position.offset)
@@ -179,7 +183,7 @@ class AuditFile:
                             "checksum does not match: the record or one before it was altered",
                             torn=_zeros_to_end(buf, at, f),
                         )
-                    yield Record(position.index, received, client, frame, path, position.offset)
+                    yield Record(position.index, received, client, frame)
                     position.advance(end - at, crc)
                     at = end
         rest = buf[at:]
@@ -240,7 +244,7 @@ def _torn_prefix(rest: bytes) -> bool:
     (size,) = UINT32.unpack_from(rest)
     frame = rest[_RECORD.size :]
     return (
-        frame[:4] == UINT32.pack(MAGIC)
+        frame[:4] == MAGIC_BYTES
         and HEADER_SIZE + UINT32.unpack_from(frame, PAYLOAD_SIZE_OFFSET)[0] == size
     )
 
@@ -294,7 +298,7 @@ class LogReader:
                     f"{end.index} with checksum 0x{end.crc:08x}): a file is missing "
                     f"or altered",
                 )
-            self.end = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
+            self.end = audit_file.start()
             self.files += 1
             yield from audit_file.records(self.end)
 
@@ -379,7 +383,7 @@ class AuditLog:
 
     def _resume(self, newest: AuditFile, warnings: list[str]) -> None:
         """Find the end of C{newest}, cutting a torn last record, and append there."""
-        position = Position(newest.header_size, newest.first_index, newest.seed)
+        position = newest.start()
         sequences = dict(newest.sequences)
         try:
             for record in newest.records(position):
@@ -494,24 +498,17 @@ def audit_records_python(
     The records of the frames of C{runs} (runs of whole frames), chained
     from C{crc}: C{(records, last checksum, count, {source: last sequence})}.
     """
-    pack, crc32, size_at = _RECORD.pack, zlib.crc32, UINT32.unpack_from
-    routing, pack_crc = ROUTING.unpack_from, UINT32.pack
+    pack, crc32, pack_crc = _RECORD.pack, zlib.crc32, UINT32.pack
     sequences: dict[int, int] = {}
-    parts: list[bytes | memoryview] = []
+    parts: list[bytes] = []
     count = 0
-    for run in runs:
-        view = memoryview(run)
-        offset, length = 0, len(run)
-        while offset < length:
-            end = offset + HEADER_SIZE + size_at(run, offset + PAYLOAD_SIZE_OFFSET)[0]
-            head = pack(end - offset, received_ns, client_id)
-            frame = view[offset:end]
-            crc = crc32(frame, crc32(head, crc))
-            parts += (head, frame, pack_crc(crc))
-            _, _, _, source, sequence, _ = routing(run, offset)
-            sequences[source] = sequence
-            offset = end
-            count += 1
+    for run, start, end, header in frame_spans(runs):
+        head = pack(end - start, received_ns, client_id)
+        frame = run[start:end]
+        crc = crc32(frame, crc32(head, crc))
+        parts += (head, frame, pack_crc(crc))
+        sequences[header.source] = header.sequence
+        count += 1
     return b"".join(parts), crc, count, sequences
 
 

@@ -36,9 +36,11 @@ from dataclasses import dataclass
 from .wire import (
     HEADER_SIZE,
     SOURCE_SEQUENCE,
+    UINT32,
     Domain,
     FrameRejected,
     Header,
+    Source,
     build_frame,
     tlv_spans,
 )
@@ -63,11 +65,14 @@ BUSY = 2
 #: or not allowed to subscribe).
 NOT_SUBSCRIBED = 3
 
-_INTERVAL_MS = struct.Struct("<I")
 _RECOVERY_RESPONSE = struct.Struct("<BQB")
 
 #: The source type the relay of each domain puts on the frames it makes.
-RELAY_SOURCES = {Domain.MARKET_DATA: 80, Domain.SIGNAL: 81, Domain.EXECUTION: 82}
+RELAY_SOURCES = {
+    Domain.MARKET_DATA: Source.MARKET_DATA_RELAY,
+    Domain.SIGNAL: Source.SIGNAL_RELAY,
+    Domain.EXECUTION: Source.EXECUTION_RELAY,
+}
 
 ROLE_BOTH = 0
 ROLE_PUBLISH_ONLY = 1
@@ -201,18 +206,22 @@ def _recovery_tlvs(recover: Mapping[int, int]) -> list[tuple[int, bytes]]:
 
 def recovery_response_frame(domain: int, source: int, first: int, status: int) -> bytes:
     """The relay's answer to a RecoveryRequest for C{source} from C{first}."""
-    value = _RECOVERY_RESPONSE.pack(source, first, status)
-    return build_frame(Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), 0, [(RECOVERY_RESPONSE, value)])
+    return _relay_frame(domain, RECOVERY_RESPONSE, _RECOVERY_RESPONSE.pack(source, first, status))
 
 
 def heartbeat_frame(
     domain: int, sequence: int, interval: float, sequences: Mapping[int, int]
 ) -> bytes:
     """A relay's heartbeat: its interval and the last sequence forwarded per source."""
-    value = _INTERVAL_MS.pack(round(interval * 1000)) + b"".join(
+    value = UINT32.pack(round(interval * 1000)) + b"".join(
         SOURCE_SEQUENCE.pack(s, q) for s, q in sorted(sequences.items())
     )
-    return build_frame(Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), sequence, [(HEARTBEAT, value)])
+    return _relay_frame(domain, HEARTBEAT, value, sequence)
+
+
+def _relay_frame(domain: int, tlv_type: int, value: bytes, sequence: int = 0) -> bytes:
+    """A frame the relay of C{domain} makes itself: system domain, the relay's source type."""
+    return build_frame(Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), sequence, [(tlv_type, value)])
 
 
 def _system_tlv(header: Header, frame: bytes, tlv_type: int) -> bytes | None:
@@ -231,10 +240,10 @@ def _system_tlv(header: Header, frame: bytes, tlv_type: int) -> bytes | None:
 def parse_heartbeat(header: Header, frame: bytes) -> tuple[float, dict[int, int]] | None:
     """C{(interval, {source: last sequence})} if C{frame} is a heartbeat, else C{None}."""
     value = _system_tlv(header, frame, HEARTBEAT)
-    if value is None or (len(value) - _INTERVAL_MS.size) % SOURCE_SEQUENCE.size:
+    if value is None or (len(value) - UINT32.size) % SOURCE_SEQUENCE.size:
         return None
-    (interval_ms,) = _INTERVAL_MS.unpack_from(value)
-    return interval_ms / 1000, dict(SOURCE_SEQUENCE.iter_unpack(value[_INTERVAL_MS.size :]))
+    (interval_ms,) = UINT32.unpack_from(value)
+    return interval_ms / 1000, dict(SOURCE_SEQUENCE.iter_unpack(value[UINT32.size :]))
 
 
 def parse_recovery_response(header: Header, frame: bytes) -> tuple[int, int, int] | None:
@@ -247,9 +256,7 @@ def parse_recovery_response(header: Header, frame: bytes) -> tuple[int, int, int
 
 def relay_info_frame(domain: int, name: str) -> bytes:
     """The relay's answer to a control frame."""
-    return build_frame(
-        Domain.SYSTEM, RELAY_SOURCES.get(domain, 0), 0, [(RELAY_INFO, bytes([domain]) + name.encode())]
-    )
+    return _relay_frame(domain, RELAY_INFO, bytes([domain]) + name.encode())
 
 
 def parse_relay_info(header: Header, frame: bytes) -> tuple[int, str] | None:

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .domains import MiB
 from .interfaces import DELIVERY_POLICIES, IRelayLogic
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from .relay import RelayFactory
     from .replay import Replay
 
-MiB = 1024 * 1024
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 

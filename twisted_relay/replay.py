@@ -22,7 +22,7 @@ from twisted.internet.task import Cooperator, TaskDone, TaskFailed, TaskStopped
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .audit import AuditDamage, AuditFile, Position, Record
+from .audit import AuditDamage, AuditFile, Record
 from .control import REPLAYING, Subscription, recovery_response_frame
 from .wire import unpack_header
 
@@ -112,7 +112,7 @@ class Replay:
         size = count = 0
         for record in self._records(first):
             frame = record.frame
-            start = after.get(frame[6])
+            start = after.get(record.source)
             if start is None:
                 if record.index < self.detached_at:
                     continue
@@ -158,7 +158,7 @@ class Replay:
             for n, record in enumerate(audit_file.records()):
                 if record.index >= self.detached_at:
                     break
-                source = record.frame[6]
+                source = record.source
                 if source in wanted and record.sequence < wanted[source]:
                     below[source] = record.index
                 if n % _STEP == 0:
@@ -179,7 +179,7 @@ class Replay:
             return
         current = max((n for n, f in enumerate(files) if f.first_index <= first), default=0)
         audit_file = files[current]
-        position = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
+        position = audit_file.start()
         end = self.writeahead.forwarded
         while True:
             before = position.index
@@ -197,7 +197,7 @@ class Replay:
             later = [f for f in files if f.first_index > audit_file.first_index]
             if later and position.index >= later[0].first_index:
                 audit_file = later[0]
-                position = Position(audit_file.header_size, audit_file.first_index, audit_file.seed)
+                position = audit_file.start()
             elif position.index == before:
                 raise AuditDamage(
                     audit_file.path,
