@@ -68,7 +68,8 @@ class Publisher(threading.Thread):
     """
     Publishes C{frames} in order; after every reconnect it asks the relay's
     heartbeat where its source got to and resumes from the next sequence,
-    until a heartbeat shows the last one. Paced while C{paced} is set.
+    then waits for a heartbeat that shows the last one. Paced while
+    C{paced} is set.
     """
 
     def __init__(self, path: str, frames: list[bytes], rate: float) -> None:
@@ -89,15 +90,18 @@ class Publisher(threading.Thread):
             self.reconnects += 1
             try:
                 client.introduce(timeout=5)
-                while True:
-                    last = client.next_heartbeat(5).get(SOURCE, 0)
-                    if last >= len(self.frames):
-                        self.done.set()
+                # Only on a fresh connection is a heartbeat where to resume:
+                # later ones may predate frames still on their way.
+                last = client.next_heartbeat(5).get(SOURCE, 0)
+                for start in range(last, len(self.frames), 32):
+                    client.publish(b"".join(self.frames[start : start + 32]))
+                    if self.paced.is_set():
+                        time.sleep(32 / self.rate)
+                while client.next_heartbeat(5).get(SOURCE, 0) < len(self.frames):
+                    if time.monotonic() > deadline:
                         return
-                    for start in range(last, len(self.frames), 32):
-                        client.publish(b"".join(self.frames[start : start + 32]))
-                        if self.paced.is_set():
-                            time.sleep(32 / self.rate)
+                self.done.set()
+                return
             except (OSError, TimeoutError, RelayDead):
                 pass
             finally:

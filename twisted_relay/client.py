@@ -273,7 +273,9 @@ class BlockingClient(Declaring):
         heartbeat: where a publisher resumes after the relay restarted (it
         starts from its audit log). While a running relay's audit log holds
         frames back (C{/health} says so), the frames it holds are not in
-        it yet. Frames that arrive meanwhile stay for L{frames}.
+        it yet. On a connection that has published, heartbeats waiting
+        unread may predate its last frames: resume from the first heartbeat
+        of a new connection. Frames that arrive meanwhile stay for L{frames}.
 
         @raise TimeoutError: no heartbeat within C{timeout} seconds.
         """
