@@ -21,28 +21,19 @@ import threading
 import time
 import urllib.request
 
-from tests.helpers import free_ports, orders
-from tests.natscluster import NatsCluster
+from tests.helpers import orders
+from tests.natscluster import NatsCluster, bridged_relay, start_bridged
 from tests.relayprocess import RelayProcess
 from twisted_relay.client import BlockingClient
 
 
 def start(workdir: str, cluster: NatsCluster, name: str, node: int) -> tuple[str, str, RelayProcess]:
-    path = os.path.join(workdir, f"{name}.sock")
-    (port,) = free_ports(1)
-    urls = [cluster.nodes[node].url] + [n.url for i, n in enumerate(cluster.nodes) if i != node]
-    relay = RelayProcess(
-        workdir, "--domain", "execution", "--listen", f"unix:{path}",
+    path, url, relay = bridged_relay(
+        cluster, workdir, name, node, "execution",
         "--audit-dir", os.path.join(workdir, f"{name}-audit"),
-        "--http", f"tcp:{port}:interface=127.0.0.1",
-        "--nats", ",".join(urls), "--relay-id", name,
-    ).start().wait_listening(2)
-    deadline = time.monotonic() + 30
-    while "NATS bridge connected" not in relay.log():
-        if time.monotonic() > deadline:
-            raise RuntimeError(relay.log())
-        time.sleep(0.05)
-    return path, f"http://127.0.0.1:{port}", relay
+    )
+    start_bridged(relay)
+    return path, url, relay
 
 
 def main(argv: list[str]) -> int:
@@ -93,7 +84,8 @@ def main(argv: list[str]) -> int:
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     times = [t for t, _ in arrivals]
-    stall = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    stall = max(gaps, default=0.0)
     report = {
         "orders": args.count,
         "rate": args.rate,
@@ -101,7 +93,9 @@ def main(argv: list[str]) -> int:
         "received": len(arrivals),
         "longest_stall_s": round(stall, 3),
         "stall_started_after_kill_s": (
-            round(times[_stall_start(times)] - killed_at, 3) if killed_at and times else None
+            round(times[gaps.index(stall) if gaps else 0] - killed_at, 3)
+            if killed_at and times
+            else None
         ),
         "publisher_retries": bridge["retries"],
         "stream_duplicates_dropped": bridge["duplicates"],
@@ -109,12 +103,6 @@ def main(argv: list[str]) -> int:
     }
     print(json.dumps(report))
     return 0 if report["verified"] else 1
-
-
-def _stall_start(times: list[float]) -> int:
-    """The index of the arrival before the longest wait."""
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    return gaps.index(max(gaps)) if gaps else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 import twisted
+from twisted_relay.domains import find_domain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120.0
@@ -51,14 +52,18 @@ class Case:
     result: dict = field(default_factory=dict)
 
     @property
+    def fsync(self) -> str | None:
+        """The relay's --audit-fsync; C{None}: it keeps no audit log."""
+        if self.audit == "off" or (self.audit is None and not find_domain(self.domain).audit):
+            return None
+        return self.audit or "always"
+
+    @property
     def audited(self) -> str:
         """The audit log as the report shows it."""
-        if self.audit == "off":
-            return "off"
-        if self.audit is None and self.domain != "execution":
-            return "-"
-        fsync = self.audit or "always"
-        return "fsync always" if fsync == "always" else f"fsync {fsync} ms"
+        if self.fsync is None:
+            return "off" if self.audit == "off" else "-"
+        return "fsync always" if self.fsync == "always" else f"fsync {self.fsync} ms"
 
     @property
     def name(self) -> str:
@@ -70,12 +75,10 @@ class Case:
 def relay_command(case: Case, path: str, audit_dir: str) -> list[str]:
     if case.relay == "relay":
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        if case.audit == "off":
-            audit = ["--no-audit"]
-        elif case.audit is None and case.domain != "execution":
-            audit = []
+        if case.fsync is not None:
+            audit = ["--audit-dir", audit_dir, "--audit-fsync", case.fsync]
         else:
-            audit = ["--audit-dir", audit_dir, "--audit-fsync", case.audit or "always"]
+            audit = ["--no-audit"] if case.audit == "off" else []
         # Lossless for the measurement: every frame must arrive to be verified.
         # No heartbeats: the subscribers verify a stream of published frames
         # only (heartbeats go to idle clients alone, so they cost nothing here).
@@ -182,11 +185,8 @@ def start_relays(case: Case, workdir: str, cluster) -> tuple[str, str, list[subp
     try:
         for name, node in (("benchA", 0), ("benchB", 2)):
             path = os.path.join(workdir, f"{name}.sock")
-            urls = [cluster.nodes[node].url] + [
-                n.url for n in cluster.nodes if n is not cluster.nodes[node]
-            ]
             command = relay_command(Case("relay", case.domain, case.size, 0, 0), path, audit_dir)
-            command += ["--nats", ",".join(urls), "--relay-id", name]
+            command += ["--nats", cluster.urls(node), "--relay-id", name]
             command += ["--nats-high-water", str(1 << 30)]
             processes.append(start_relay(command, path, workdir, name))
             paths.append(path)

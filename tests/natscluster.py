@@ -16,6 +16,7 @@ import time
 import urllib.request
 
 from .helpers import free_ports
+from .relayprocess import RelayProcess
 
 READY_TIMEOUT = 30.0
 
@@ -81,6 +82,11 @@ class NatsCluster:
             for i in range(3)
         ]
 
+    def urls(self, first: int) -> str:
+        """The --nats value of a relay on node C{first}'s host: that node, then the others."""
+        order = [self.nodes[first]] + [n for i, n in enumerate(self.nodes) if i != first]
+        return ",".join(node.url for node in order)
+
     def start(self) -> NatsCluster:
         routes = [f"nats://127.0.0.1:{node.cluster}" for node in self.nodes]
         for node in self.nodes:
@@ -110,3 +116,30 @@ class NatsCluster:
         for node in self.nodes:
             if node.process is not None:
                 node.stop()
+
+
+def bridged_relay(
+    cluster: NatsCluster, workdir: str, name: str, node: int, domain: str, *args: str, **kw
+) -> tuple[str, str, RelayProcess]:
+    """
+    A relay of C{domain} bridged through C{cluster} as if on node C{node}'s
+    host, not started yet: its socket, its status URL and its process.
+    """
+    path = os.path.join(workdir, f"{name}.sock")
+    (port,) = free_ports(1)
+    relay = RelayProcess(
+        workdir, "--domain", domain, "--listen", f"unix:{path}",
+        "--http", f"tcp:{port}:interface=127.0.0.1",
+        "--nats", cluster.urls(node), "--relay-id", name, *args, **kw,
+    )
+    return path, f"http://127.0.0.1:{port}", relay
+
+
+def start_bridged(relay: RelayProcess) -> None:
+    """Start C{relay} and wait until it is listening and joined to NATS."""
+    relay.start().wait_listening(2)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while "NATS bridge connected" not in relay.log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"relay not joined to NATS after {READY_TIMEOUT}s:\n{relay.log()}")
+        time.sleep(0.05)

@@ -21,8 +21,8 @@ from twisted_relay.audit import LogReader, audit_paths
 from twisted_relay.client import BlockingClient
 from twisted_relay.wire import build_frame
 
-from .helpers import free_ports, orders
-from .natscluster import NatsCluster
+from .helpers import orders
+from .natscluster import NatsCluster, bridged_relay, start_bridged
 from .relayprocess import RelayProcess, limit_file_size
 
 TIMEOUT = 30.0
@@ -47,23 +47,14 @@ def relays(cluster):
     def start(
         name: str, node: int, domain: str, *args: str, preexec_fn=None
     ) -> tuple[str, str, RelayProcess]:
-        path = os.path.join(workdir, f"{name}.sock")
-        (port,) = free_ports(1)
         if domain == "execution":
             args = (*args, "--audit-dir", os.path.join(workdir, f"{name}-audit"))
-        urls = [cluster.nodes[node].url] + [n.url for i, n in enumerate(cluster.nodes) if i != node]
-        relay = RelayProcess(
-            workdir, "--domain", domain, "--listen", f"unix:{path}",
-            "--http", f"tcp:{port}:interface=127.0.0.1",
-            "--nats", ",".join(urls), "--relay-id", name, *args, preexec_fn=preexec_fn,
+        path, url, relay = bridged_relay(
+            cluster, workdir, name, node, domain, *args, preexec_fn=preexec_fn
         )
         running.append(relay)
-        relay.start().wait_listening(2)
-        deadline = time.monotonic() + TIMEOUT
-        while "NATS bridge connected" not in relay.log():
-            assert time.monotonic() < deadline, relay.log()
-            time.sleep(0.05)
-        return path, f"http://127.0.0.1:{port}", relay
+        start_bridged(relay)
+        return path, url, relay
 
     yield start
     try:

@@ -50,6 +50,8 @@ _UNFINISHED = ".new"
 _FILE_HEAD = struct.Struct("<8sQIQH")
 _RECORD = struct.Struct("<IQI")
 RECORD_OVERHEAD = _RECORD.size + UINT32.size
+#: Bytes after which a new file is started, unless told otherwise.
+ROTATE_SIZE = 64 * MiB
 #: Bytes read from an audit file at a time.
 _READ_SIZE = 1 << 20
 
@@ -330,7 +332,7 @@ class AuditLog:
     directory is locked.
     """
 
-    def __init__(self, directory: str, rotate_size: int = 64 * MiB) -> None:
+    def __init__(self, directory: str, rotate_size: int = ROTATE_SIZE) -> None:
         self.directory = os.path.abspath(directory)
         self.rotate_size = rotate_size
         #: Index the next record will get.

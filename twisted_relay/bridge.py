@@ -29,7 +29,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import nats
@@ -41,6 +41,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from .delivery import HIGH_WATER
 from .framing import Framer
 from .protocol import RelayProtocol
 from .ratelimit import RateLimiter
@@ -50,9 +51,6 @@ from .wire import FramingLost, Header, IncompleteFrame, frame_spans
 if TYPE_CHECKING:
     from .relay import RelayFactory
 
-#: Bytes of outbound chunks the bridge keeps before it drops whole chunks
-#: (core NATS) or holds the publishers back (JetStream).
-DEFAULT_HIGH_WATER = 8 * 1024 * 1024
 #: Bytes of a message's room kept for its headers within the server's max_payload.
 _HEADER_ROOM = 4096
 #: Seconds to wait for the stream's acknowledgement before publishing again.
@@ -86,7 +84,6 @@ class BridgeCounters:
     slow_consumer: int = 0
     reconnects: int = 0
     connected: bool = False
-    servers: list[str] = field(default_factory=list)
 
 
 class _Peer(RelayProtocol):
@@ -141,7 +138,7 @@ class NatsBridge(Service):
         relay: RelayFactory,
         servers: list[str],
         origin: str,
-        high_water: int = DEFAULT_HIGH_WATER,
+        high_water: int = HIGH_WATER,
         replicas: int = 0,
     ) -> None:
         self.relay = relay
@@ -158,7 +155,7 @@ class NatsBridge(Service):
         self.receiving = f"torq.{relay.logic.name}.>"
         #: The other relays heard from, by origin, in the order first heard.
         self.peers: dict[str, _Peer] = {}
-        self.counters = BridgeCounters(servers=servers)
+        self.counters = BridgeCounters()
         self.queue: deque[tuple[bytes, int]] = deque()
         self.queued = 0
         self._nc = None
@@ -443,12 +440,14 @@ class NatsBridge(Service):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.queue and self._nc is nc:
-                chunks, size = 0, 0
+                parts: list[bytes] = []
+                size = 0
                 for data, _ in self.queue:
-                    if chunks and size + len(data) > self._limit:
+                    if parts and size + len(data) > self._limit:
                         break
-                    chunks, size = chunks + 1, size + len(data)
-                message = b"".join(data for data, _ in list(self.queue)[:chunks])
+                    parts.append(data)
+                    size += len(data)
+                chunks, message = len(parts), b"".join(parts)
                 if not await self._publishDurably(nc, js, message):
                     return
                 self._sent(chunks)

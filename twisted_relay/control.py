@@ -115,6 +115,11 @@ class Subscription:
             return False
 
 
+#: Receives no relayed frame: a publisher's, or a client's while it is not
+#: on the live stream (not yet identified, or replaying).
+NOTHING = Subscription(publish_only=True)
+
+
 def is_control(header: Header) -> bool:
     return header.relay_domain == Domain.SYSTEM
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .relay import RelayFactory
     from .replay import Replay
 
+#: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
+#: slow-consumer policy applies, unless told otherwise.
+HIGH_WATER = 8 * MiB
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 
@@ -41,7 +44,7 @@ class DeliverySettings:
     """The slow-consumer policy of one relay and its thresholds."""
 
     policy: str
-    high_water: int = 8 * MiB
+    high_water: int = HIGH_WATER
     low_water: int = 2 * MiB
     stall_timeout: float = 2.0
 
@@ -218,8 +221,9 @@ class Outbox:
         if self.closed:
             return
         while self.queue:
-            runs, frames, size = self.queue.popleft()
-            if runs:
+            item = self.queue.popleft()
+            if item is not _REPLAY:
+                runs, frames, size = item
                 self.queued -= size
                 self._write(runs, frames, size)
         self.close()

@@ -23,6 +23,7 @@ from .control import (
     BUSY,
     NO_AUDIT_LOG,
     NOT_SUBSCRIBED,
+    NOTHING,
     Subscription,
     heartbeat_frame,
     recovery_response_frame,
@@ -168,7 +169,7 @@ class RelayFactory(ServerFactory):
         )
         if client.handshaking:
             client.may_publish = client.may_subscribe = False
-            client.subscription = _UNSETTLED
+            client.subscription = NOTHING  # until it is known who it is
         else:
             self.identified(client, peer)
         return stats
@@ -489,6 +490,3 @@ class RelayFactory(ServerFactory):
             )
             client.transport.abortConnection()
 
-
-#: What a client receives until it is known who it is.
-_UNSETTLED = Subscription(publish_only=True)

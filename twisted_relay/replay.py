@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .audit import AuditDamage, AuditFile, Record
-from .control import REPLAYING, Subscription, recovery_response_frame
+from .control import NOTHING, REPLAYING, recovery_response_frame
 from .wire import unpack_header
 
 if TYPE_CHECKING:
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from .relay import RelayFactory
     from .writeahead import WriteAhead
 
-#: The subscription of a client while it is replaying: no live frames.
-DETACHED = Subscription(publish_only=True)
 #: Records read between two turns of the reactor.
 _STEP = 512
 #: Bytes of replayed frames handed to the transport at once.
@@ -62,7 +60,7 @@ class Replay:
         self.frames = 0
         self._resumed: Deferred[None] | None = None
         self._task = None
-        client.subscription = DETACHED
+        client.subscription = NOTHING  # off the live stream
 
     def begin(self, cooperator: Cooperator) -> None:
         """Start streaming: everything queued for the client before the request is written."""

@@ -28,8 +28,8 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .access import Access, AccessList
-from .audit import AuditDamage, AuditLog
-from .delivery import DeliverySettings
+from .audit import ROTATE_SIZE, AuditDamage, AuditLog
+from .delivery import HIGH_WATER, DeliverySettings
 from .domains import UnknownDomain, available_domains, find_domain
 from .interfaces import IRelayLogic
 from .relay import RelayFactory
@@ -157,7 +157,7 @@ Examples:
         [
             "audit-rotate",
             None,
-            str(64 * 1024 * 1024),
+            str(ROTATE_SIZE),
             "Bytes after which the audit log starts a new file.",
         ],
         [
@@ -184,7 +184,7 @@ Examples:
         [
             "nats-high-water",
             None,
-            str(8 * 1024 * 1024),
+            str(HIGH_WATER),
             "Bytes of frames waiting for NATS before whole chunks are dropped (core "
             "NATS) or the publishers are held back (JetStream, lossless domains).",
         ],

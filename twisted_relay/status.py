@@ -107,6 +107,7 @@ def _bridge(factory: RelayFactory) -> dict | None:
     return {
         "origin": bridge.origin,
         "subject": bridge.subject,
+        "servers": bridge.servers,
         "queued_bytes": bridge.queued,
         **asdict(bridge.counters),
     }
