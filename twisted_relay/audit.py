@@ -40,7 +40,6 @@ from .wire import (
     ROUTING,
     SOURCE_SEQUENCE,
     UINT32,
-    frame_spans,
 )
 
 FILE_MAGIC = b"TRAUDIT1"
@@ -500,17 +499,26 @@ def audit_records_python(
     The records of the frames of C{runs} (runs of whole frames), chained
     from C{crc}: C{(records, last checksum, count, {source: last sequence})}.
     """
-    pack, crc32, pack_crc = _RECORD.pack, zlib.crc32, UINT32.pack
+    pack, crc32, size_at = _RECORD.pack, zlib.crc32, UINT32.unpack_from
+    routing, pack_crc = ROUTING.unpack_from, UINT32.pack
     sequences: dict[int, int] = {}
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     count = 0
-    for run, start, end, header in frame_spans(runs):
-        head = pack(end - start, received_ns, client_id)
-        frame = run[start:end]
-        crc = crc32(frame, crc32(head, crc))
-        parts += (head, frame, pack_crc(crc))
-        sequences[header.source] = header.sequence
-        count += 1
+    # Its own walk rather than wire.frame_spans, whose Header per frame makes
+    # this fallback half as slow again (850 ns a frame against 550).
+    for run in runs:
+        view = memoryview(run)
+        offset, length = 0, len(run)
+        while offset < length:
+            end = offset + HEADER_SIZE + size_at(run, offset + PAYLOAD_SIZE_OFFSET)[0]
+            head = pack(end - offset, received_ns, client_id)
+            frame = view[offset:end]
+            crc = crc32(frame, crc32(head, crc))
+            parts += (head, frame, pack_crc(crc))
+            _, _, _, source, sequence, _ = routing(run, offset)
+            sequences[source] = sequence
+            offset = end
+            count += 1
     return b"".join(parts), crc, count, sequences
 
 
