@@ -23,16 +23,18 @@ from twisted.logger import Logger
 from .control import (
     REPLAYING,
     control_frame,
+    is_control,
     parse_heartbeat,
     parse_recovery_response,
     parse_relay_info,
     recovery_frame,
 )
+from .domains import MARKET
 from .framing import Framer
-from .wire import HEADER_SIZE, Domain, FramingLost, Header
+from .wire import HEADER_SIZE, FramingLost, Header
 
 #: The largest frame any shipped domain carries (market data).
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+DEFAULT_MAX_FRAME = MARKET.max_frame_size
 #: Heartbeat intervals of silence after which the relay is taken for dead.
 MISSED_HEARTBEATS = 3
 
@@ -66,9 +68,19 @@ class Incoming:
         self.heartbeats = 0
         self._held: dict[int, list[tuple[Header, bytes]]] = {}
 
+    def feed(self, framer: Framer, data: bytes) -> Iterator[tuple[Header, bytes]]:
+        """
+        The C{(header, frame)} pairs the application gets from C{data}, cut
+        into frames by C{framer}.
+
+        @raise FramingLost: the stream cannot be cut into frames.
+        """
+        for buf, start, header in framer.frames(data):
+            yield from self.deliver(header, buf[start : start + HEADER_SIZE + header.payload_size])
+
     def deliver(self, header: Header, frame: bytes) -> tuple[tuple[Header, bytes], ...]:
         """The C{(header, frame)} pairs the application gets now, in order."""
-        if header.relay_domain == Domain.SYSTEM:
+        if is_control(header):
             beat = parse_heartbeat(header, frame)
             if beat is not None:
                 self.heartbeat_interval, self.last_sequences = beat
@@ -137,12 +149,9 @@ class RelayClientProtocol(Declaring, Protocol):
             self.clock = reactor
 
     def dataReceived(self, data: bytes) -> None:
-        incoming = self.incoming
         try:
-            for buf, start, header in self._framer.frames(data):
-                frame = buf[start : start + HEADER_SIZE + header.payload_size]
-                for delivered in incoming.deliver(header, frame):
-                    self.frameReceived(*delivered)
+            for delivered in self.incoming.feed(self._framer, data):
+                self.frameReceived(*delivered)
         except FramingLost as error:
             self.log.error("relay stream unreadable, closing: {error}", error=str(error))
             self.transport.loseConnection()
@@ -340,7 +349,5 @@ class BlockingClient(Declaring):
         if not data:
             self.connected = False
             return False
-        deliver, ready = self.incoming.deliver, self._ready
-        for buf, start, header in self._framer.frames(data):
-            ready.extend(deliver(header, buf[start : start + HEADER_SIZE + header.payload_size]))
+        self._ready.extend(self.incoming.feed(self._framer, data))
         return True

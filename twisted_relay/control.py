@@ -231,7 +231,7 @@ def _relay_frame(domain: int, tlv_type: int, value: bytes, sequence: int = 0) ->
 
 def _system_tlv(header: Header, frame: bytes, tlv_type: int) -> bytes | None:
     """The value of C{frame}'s one TLV if it is a system frame with just that TLV."""
-    if header.relay_domain != Domain.SYSTEM:
+    if not is_control(header):
         return None
     try:
         spans = list(tlv_spans(frame, HEADER_SIZE, len(frame)))

@@ -123,7 +123,7 @@ class Outbox:
                 self.relay.lost(self.client, frames, size)
             return
         if self.writable and not self.queue:
-            self._write(runs, frames, size)
+            self.write(runs, frames, size)
             return
         policy = self.settings.policy
         over = self.queued + size > self.settings.high_water
@@ -143,7 +143,8 @@ class Outbox:
             self.blocking = True
             self.relay.gate.block(self)
 
-    def _write(self, runs: list[bytes], frames: int, size: int) -> None:
+    def write(self, runs: list[bytes], frames: int, size: int) -> None:
+        """Hand C{runs} to the transport now, past the queue, and count them."""
         transport = self.client.transport
         if len(runs) == 1:
             transport.write(runs[0])
@@ -176,7 +177,7 @@ class Outbox:
                 continue
             runs, frames, size = item
             self.queued -= size
-            self._write(runs, frames, size)
+            self.write(runs, frames, size)
         if self.blocking and self.queued <= self.settings.low_water:
             self.blocking = False
             self.relay.gate.unblock(self)
@@ -225,7 +226,7 @@ class Outbox:
             if item is not _REPLAY:
                 runs, frames, size = item
                 self.queued -= size
-                self._write(runs, frames, size)
+                self.write(runs, frames, size)
         self.close()
         transport = self.client.transport
         transport.unregisterProducer()

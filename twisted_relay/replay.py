@@ -101,8 +101,7 @@ class Replay:
         answers = [
             recovery_response_frame(domain, s, q, REPLAYING) for s, q in sorted(self.wanted.items())
         ]
-        self.relay.delivered(self.client, 0, sum(map(len, answers)))
-        self.client.transport.writeSequence(answers)
+        self.client.outbox.write(answers, 0, sum(map(len, answers)))
         first = min([self.detached_at, *(index + 1 for index in after.values())])
         own = None if self.relay.echo else self.client.stats.client_id
         connected_at = self.client.audit_index

@@ -126,7 +126,7 @@ def _audit(factory: RelayFactory) -> dict | None:
         "fsync": writeahead.fsync_description,
         "failing": writeahead.failure,
         "write_failures": writeahead.failures,
-        "held_frames": sum(held.frames for held in writeahead.held),
+        "held_frames": writeahead.held_frames,
     }
 
 

@@ -112,7 +112,7 @@ class WriteAhead:
             self.log.error(
                 "stopping with {frames} frames never written to the audit log "
                 "({reason}); they were not forwarded",
-                frames=sum(h.frames for h in self.held),
+                frames=self.held_frames,
                 reason=self.failure,
             )
         try:
@@ -135,9 +135,12 @@ class WriteAhead:
         and not yet in the log: the stream, which has no acknowledgement for
         them, delivers them again. Returns the frames taken back.
         """
-        taken = [h for h in self.held if h.sender.bridged and not h.logged]
+        taken: list[_Held] = []
+        kept: list[_Held] = []
+        for held in self.held:
+            (taken if held.sender.bridged and not held.logged else kept).append(held)
         if taken:
-            self.held = [h for h in self.held if not (h.sender.bridged and not h.logged)]
+            self.held = kept
             self.relay.sequences.update(_before(taken))
         return sum(h.frames for h in taken)
 
@@ -151,6 +154,11 @@ class WriteAhead:
         if not self.held:
             return sequences
         return {**sequences, **_before(self.held)}
+
+    @property
+    def held_frames(self) -> int:
+        """The frames waiting for the log."""
+        return sum(held.frames for held in self.held)
 
     @property
     def forwarded(self) -> int:
@@ -191,7 +199,7 @@ class WriteAhead:
                 "{reason}; publishers are held back and {frames} accepted frames "
                 "wait until the log can be written (retrying every {retry}s)",
                 reason=self.failure,
-                frames=sum(h.frames for h in self.held),
+                frames=self.held_frames,
                 retry=self.retry_interval,
             )
             self.relay.gate.hold(self, self.failure)
