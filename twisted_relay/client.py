@@ -264,10 +264,8 @@ class BlockingClient(Declaring):
         earlier: list[tuple[Header, bytes]] = []
         try:
             while True:
-                if not self._ready:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._read(remaining):
-                        raise TimeoutError(f"no answer from the relay within {timeout}s")
+                if not self._ready and not self._readBefore(deadline):
+                    raise TimeoutError(f"no answer from the relay within {timeout}s")
                 header, frame = self._ready.popleft()
                 info = parse_relay_info(header, frame)
                 if info is not None:
@@ -291,8 +289,7 @@ class BlockingClient(Declaring):
         seen = self.incoming.heartbeats
         deadline = time.monotonic() + timeout
         while self.incoming.heartbeats == seen:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._read(remaining):
+            if not self._readBefore(deadline):
                 raise TimeoutError(f"no heartbeat from the relay within {timeout}s")
         return dict(self.incoming.last_sequences)
 
@@ -310,8 +307,7 @@ class BlockingClient(Declaring):
                 yield self._ready.popleft()
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._ready:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if (remaining is not None and remaining <= 0) or not self._read(remaining):
+                if not self._readBefore(deadline):
                     return
 
     def receive(self, count: int, timeout: float) -> list[tuple[Header, bytes]]:
@@ -322,10 +318,17 @@ class BlockingClient(Declaring):
             if self._ready:
                 received.append(self._ready.popleft())
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._read(remaining):
+            if not self._readBefore(deadline):
                 break
         return received
+
+    def _readBefore(self, deadline: float | None) -> bool:
+        """
+        Read once if C{deadline} (C{time.monotonic()}; C{None}: none) has
+        not passed; C{False} if it has, or on timeout or close.
+        """
+        remaining = None if deadline is None else deadline - time.monotonic()
+        return (remaining is None or remaining > 0) and self._read(remaining)
 
     def _read(self, timeout: float | None) -> bool:
         """
