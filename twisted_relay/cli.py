@@ -69,8 +69,8 @@ EXAMPLES = {
   twisted-relay audit verify /tmp/torq/audit/execution""",
 }
 
-#: Frames sent to the relay per write by replay --to.
-REPLAY_BATCH = 256
+#: Frames sent to the relay per write by publish and replay --to.
+WRITE_BATCH = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -240,7 +240,7 @@ def publish(args: argparse.Namespace) -> None:
         for frame in synthetic(args.logic.domain, args.count, args.source):
             batch.append(frame)
             sent += 1
-            if len(batch) < 256 and sent < args.count and not args.rate:
+            if len(batch) < WRITE_BATCH and sent < args.count and not args.rate:
                 continue
             data = b"".join(batch)
             send(relay, data, sent - len(batch), args)
@@ -397,7 +397,7 @@ def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
         try:
             for record in records:
                 batch.append(record.frame)
-                if len(batch) == REPLAY_BATCH:
+                if len(batch) == WRITE_BATCH:
                     flush()
         except AuditDamage as damage:
             flush()
@@ -429,6 +429,14 @@ def audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(commands, name: str, help: str, examples: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose description is its help, with its examples below."""
+    return commands.add_parser(
+        name, help=help, description=help, epilog=EXAMPLES.get(examples or name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="twisted-relay", description="Tools for Protocol V2 relays."
@@ -436,10 +444,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     def relay_command(name: str, help: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(
-            name, help=help, description=help, epilog=EXAMPLES[name],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        command = _command(commands, name, help)
         command.add_argument(
             "endpoint", nargs="?",
             help="unix:PATH, a socket path or tcp:HOST:PORT [default: the domain's socket]",
@@ -462,18 +467,13 @@ def parser() -> argparse.ArgumentParser:
     publish_command.add_argument("--source", type=int, help="source type [default: one of the domain]")
     publish_command.set_defaults(run=publish)
 
-    status_command = commands.add_parser(
-        "status", help="Show a relay's health endpoint.", description="Show a relay's health endpoint.",
-        epilog=EXAMPLES["status"], formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    status_command = _command(commands, "status", "Show a relay's health endpoint.")
     status_command.add_argument("url", nargs="?", default="http://127.0.0.1:9100")
     status_command.add_argument("--timeout", type=float, default=5.0)
     status_command.set_defaults(run=status)
 
-    replay_help = "Print the frames of an audit log, or republish them to a relay."
-    replay_command = commands.add_parser(
-        "replay", help=replay_help, description=replay_help,
-        epilog=EXAMPLES["replay"], formatter_class=argparse.RawDescriptionHelpFormatter,
+    replay_command = _command(
+        commands, "replay", "Print the frames of an audit log, or republish them to a relay."
     )
     replay_command.add_argument("directory", metavar="DIR", help="the audit directory")
     replay_command.add_argument("--json", action="store_true", help="one JSON object per frame, frame bytes in hex")
@@ -494,13 +494,13 @@ def parser() -> argparse.ArgumentParser:
     replay_command.add_argument("--until", type=time_ns, metavar="TIME", help="only frames received up to TIME")
     replay_command.set_defaults(run=replay)
 
-    audit_help = "Work on an audit log."
-    audit_command = commands.add_parser("audit", help=audit_help, description=audit_help)
+    audit_command = _command(commands, "audit", "Work on an audit log.")
     audit_commands = audit_command.add_subparsers(dest="audit_command", required=True)
-    verify_help = "Check every record and file of an audit log; exit status 1 if damaged."
-    verify_command = audit_commands.add_parser(
-        "verify", help=verify_help, description=verify_help,
-        epilog=EXAMPLES["audit verify"], formatter_class=argparse.RawDescriptionHelpFormatter,
+    verify_command = _command(
+        audit_commands,
+        "verify",
+        "Check every record and file of an audit log; exit status 1 if damaged.",
+        examples="audit verify",
     )
     verify_command.add_argument("directory", metavar="DIR", help="the audit directory")
     verify_command.set_defaults(run=audit_verify)
