@@ -139,10 +139,7 @@ class RelayCollector:
     def collect(self) -> Iterator[Metric]:
         factory = self.factory
         totals, gate, domain = factory.totals, factory.gate, factory.logic.name
-        for name, text in _COUNTERS:
-            metric = CounterMetricFamily(f"torq_relay_{name}", text, labels=["domain"])
-            metric.add_metric([domain], getattr(totals, name))
-            yield metric
+        yield from _metrics(domain, _counters(totals), _TOTALS_METRICS)
         rejects = CounterMetricFamily(
             "torq_relay_rejects", "Frames refused, by reason.", labels=["domain", "reason"]
         )
@@ -157,26 +154,13 @@ class RelayCollector:
         for reason in ("slow consumer", "stalled consumer", *totals.cut_offs):
             cut_offs.add_metric([domain, reason], totals.cut_offs[reason])
         yield cut_offs
-        pauses = CounterMetricFamily(
-            "torq_relay_publisher_pauses", "Times the publishers were held back.", labels=["domain"]
-        )
-        pauses.add_metric([domain], gate.pauses)
-        yield pauses
-        paused = CounterMetricFamily(
-            "torq_relay_publishers_paused_seconds",
-            "Seconds the publishers were held back (block policy).",
-            labels=["domain"],
-        )
-        paused.add_metric([domain], gate.paused_seconds)
-        yield paused
-        clients = GaugeMetricFamily("torq_relay_clients", "Connected clients.", labels=["domain"])
-        clients.add_metric([domain], len(factory.clients))
-        yield clients
-        buffered = GaugeMetricFamily(
-            "torq_relay_buffered_bytes", "Bytes queued for subscribers.", labels=["domain"]
-        )
-        buffered.add_metric([domain], sum(c.outbox.queued for c in factory.clients.values()))
-        yield buffered
+        relay = {
+            "pauses": gate.pauses,
+            "paused_seconds": gate.paused_seconds,
+            "clients": len(factory.clients),
+            "buffered": sum(c.outbox.queued for c in factory.clients.values()),
+        }
+        yield from _metrics(domain, relay, _RELAY_METRICS)
         audit = _audit(factory)
         if audit is not None:
             yield from _metrics(domain, audit, _AUDIT_METRICS)
@@ -185,7 +169,30 @@ class RelayCollector:
             yield from _metrics(domain, bridge, _BRIDGE_METRICS)
 
 
-#: The audit log's metrics: kind, name, help, key in L{_audit}.
+#: The counters of L{_COUNTERS}: kind, name, help, key in L{_counters}.
+_TOTALS_METRICS = tuple(
+    (CounterMetricFamily, f"torq_relay_{name}", text, name) for name, text in _COUNTERS
+)
+
+#: The publisher gate's and the clients' metrics, as L{_TOTALS_METRICS}.
+_RELAY_METRICS = (
+    (
+        CounterMetricFamily,
+        "torq_relay_publisher_pauses",
+        "Times the publishers were held back.",
+        "pauses",
+    ),
+    (
+        CounterMetricFamily,
+        "torq_relay_publishers_paused_seconds",
+        "Seconds the publishers were held back (block policy).",
+        "paused_seconds",
+    ),
+    (GaugeMetricFamily, "torq_relay_clients", "Connected clients.", "clients"),
+    (GaugeMetricFamily, "torq_relay_buffered_bytes", "Bytes queued for subscribers.", "buffered"),
+)
+
+#: The audit log's metrics, as L{_TOTALS_METRICS}, from L{_audit}.
 _AUDIT_METRICS = (
     (GaugeMetricFamily, "torq_relay_audit_records", "Records in the audit log.", "records"),
     (
