@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 #: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
 #: slow-consumer policy applies, unless told otherwise.
 HIGH_WATER = 8 * MiB
+#: Why the relay cuts a subscriber off (the disconnect policy, the stall timeout).
+SLOW_CONSUMER = "slow consumer"
+STALLED_CONSUMER = "stalled consumer"
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 
@@ -132,7 +135,7 @@ class Outbox:
             return
         if over and policy == "disconnect":
             self.cut(
-                "slow consumer",
+                SLOW_CONSUMER,
                 f"{self.queued} bytes queued, the next {size} would pass the "
                 f"high-water mark of {self.settings.high_water}",
             )
@@ -310,6 +313,6 @@ class PublisherGate:
 
     def _stalled(self, outbox: Outbox, timeout: float) -> None:
         outbox.cut(
-            "stalled consumer",
+            STALLED_CONSUMER,
             f"over the high-water mark for {timeout:g}s with {outbox.queued} bytes queued",
         )

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from .delivery import SLOW_CONSUMER, STALLED_CONSUMER
 from .relay import Counters, RelayFactory
 from .wire import REJECT_REASONS
 
@@ -151,7 +152,7 @@ class RelayCollector:
             "Clients disconnected by the relay, by reason.",
             labels=["domain", "reason"],
         )
-        for reason in ("slow consumer", "stalled consumer", *totals.cut_offs):
+        for reason in (SLOW_CONSUMER, STALLED_CONSUMER, *totals.cut_offs):
             cut_offs.add_metric([domain, reason], totals.cut_offs[reason])
         yield cut_offs
         relay = {
