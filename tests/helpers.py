@@ -14,10 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.audit import AuditLog
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
-from twisted_relay.relay import RelayFactory
+from twisted_relay.engine.relay import RelayFactory
+from twisted_relay.engine.writeahead import WriteAhead
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import Domain, build_frame, unpack_header
-from twisted_relay.writeahead import WriteAhead
 
 TLV_FOR_DOMAIN = {Domain.MARKET_DATA: 1, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
 DOMAINS = {MARKET.domain: MARKET, SIGNAL.domain: SIGNAL, EXECUTION.domain: EXECUTION}

@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_relay.bridge} that need no NATS server: what the bridge
+Tests for L{twisted_relay.bridge.service} that need no NATS server: what the bridge
 accepts from NATS, and its message ids. The bridge against a real cluster is
 in test_nats.py.
 """
@@ -13,7 +13,7 @@ import sys
 from nats.aio.msg import Msg
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.bridge import NatsBridge, _message_id, _pieces
+from twisted_relay.bridge.service import NatsBridge, _message_id, _pieces
 from twisted_relay.control import control_frame
 from twisted_relay.wire import Domain
 
@@ -177,7 +177,7 @@ class MessageIdTests(SynchronousTestCase):
 
 REACTOR_PROBE = """
 import sys
-from twisted_relay.service import Options
+from twisted_relay.app.tap import Options
 options = Options()
 options.parseOptions(sys.argv[1:])
 from twisted.internet import reactor

@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_relay.delivery}, L{twisted_relay.control} and sequence
+Tests for L{twisted_relay.engine.delivery}, L{twisted_relay.control} and sequence
 tracking: slow consumers under each policy, subscriptions, gaps, drain.
 """
 
@@ -16,9 +16,9 @@ from twisted_relay.control import (
     control_frame,
     parse_relay_info,
 )
-from twisted_relay.delivery import DeliverySettings
 from twisted_relay.domains import MARKET
-from twisted_relay.relay import EVERYTHING
+from twisted_relay.engine.delivery import DeliverySettings
+from twisted_relay.engine.relay import EVERYTHING
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import connect, frames_for, make_relay

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twisted_relay.access import Access, AccessList, peer_of
+from twisted_relay.app.tap import RelayService
 from twisted_relay.audit import AuditLog, audit_files
 from twisted_relay.client import Incoming
 from twisted_relay.control import (
@@ -26,10 +27,9 @@ from twisted_relay.control import (
     recovery_frame,
 )
 from twisted_relay.domains import EXECUTION
+from twisted_relay.engine.writeahead import WriteAhead
 from twisted_relay.interfaces import IRelayLogic
-from twisted_relay.service import RelayService
 from twisted_relay.wire import Domain, build_frame, unpack_header
-from twisted_relay.writeahead import WriteAhead
 
 from .helpers import (
     DiskFull,

@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_relay.relay} and L{twisted_relay.protocol}: framing,
+Tests for L{twisted_relay.engine.relay} and L{twisted_relay.engine.protocol}: framing,
 filtering, checks and fan-out of one relay, over in-memory transports.
 """
 

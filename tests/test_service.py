@@ -1,4 +1,4 @@
-"""Tests for L{twisted_relay.service} and L{twisted_relay.unixsocket}."""
+"""Tests for L{twisted_relay.app.tap} and L{twisted_relay.app.endpoints}."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
-from twisted_relay.service import (
+from twisted_relay.app.endpoints import SocketPathUnavailable, UnixSocketEndpoint
+from twisted_relay.app.tap import (
     ListeningService,
     Options,
     RelayService,
     RelayServices,
     makeService,
 )
-from twisted_relay.unixsocket import SocketPathUnavailable, UnixSocketEndpoint
+from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.wire import Domain
 
 from .helpers import connect, frames_for, make_relay

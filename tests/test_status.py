@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_relay.status}: /health and /metrics, through treq's
+Tests for L{twisted_relay.app.status}: /health and /metrics, through treq's
 StubTreq on the resources (no port), and on a real relay process with treq.
 """
 
@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.delivery import DeliverySettings
-from twisted_relay.status import status_root
+from twisted_relay.app.status import status_root
+from twisted_relay.engine.delivery import DeliverySettings
 from twisted_relay.wire import Domain
 
 from .helpers import connect, frames_for, make_relay

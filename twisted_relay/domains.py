@@ -18,10 +18,9 @@ from .wire import (
     VENDOR_TLVS,
     Domain,
     Header,
+    KiB,
+    MiB,
 )
-
-KiB = 1024
-MiB = 1024 * KiB
 
 
 @implementer(IRelayLogic, IPlugin)

@@ -33,6 +33,9 @@ CHECKSUM_OFFSET = 28
 CHECKED_HEADER_SIZE = 28
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 
+KiB = 1024
+MiB = 1024 * KiB
+
 #: Largest value a standard TLV can carry, and the marker of an extended TLV.
 MAX_STANDARD_TLV = 255
 EXTENDED_TLV = 255

@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 relay = ServiceMaker(
     "twisted_relay",
-    "twisted_relay.service",
+    "twisted_relay.app.tap",
     "Relay Protocol V2 trading messages between the services of one domain.",
     "relay",
 )

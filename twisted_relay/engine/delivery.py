@@ -24,13 +24,13 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .domains import MiB
-from .interfaces import DELIVERY_POLICIES, IRelayLogic
+from ..interfaces import DELIVERY_POLICIES, IRelayLogic
+from ..wire import MiB
 
 if TYPE_CHECKING:
     from .protocol import RelayProtocol
+    from .recovery import Replay
     from .relay import RelayFactory
-    from .replay import Replay
 
 #: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
 #: slow-consumer policy applies, unless told otherwise.

@@ -22,9 +22,9 @@ from twisted.internet.task import Cooperator, TaskDone, TaskFailed, TaskStopped
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .audit import AuditDamage, AuditFile, Record
-from .control import NOTHING, REPLAYING, recovery_response_frame
-from .wire import unpack_header
+from ..audit import AuditDamage, AuditFile, Record
+from ..control import NOTHING, REPLAYING, recovery_response_frame
+from ..wire import unpack_header
 
 if TYPE_CHECKING:
     from .protocol import RelayProtocol

@@ -18,8 +18,6 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
-    UNIXServerEndpoint,
-    serverFromString,
 )
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
@@ -27,18 +25,17 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from .access import Access, AccessList
-from .audit import ROTATE_SIZE, AuditDamage, AuditLog
-from .delivery import HIGH_WATER, DeliverySettings
-from .domains import UnknownDomain, available_domains, find_domain
-from .interfaces import IRelayLogic
-from .relay import RelayFactory
-from .scan import NATIVE as NATIVE_SCAN
+from ..access import Access, AccessList
+from ..audit import ROTATE_SIZE, AuditDamage, AuditLog
+from ..domains import UnknownDomain, available_domains, find_domain
+from ..engine.delivery import HIGH_WATER, DeliverySettings
+from ..engine.relay import RelayFactory
+from ..engine.writeahead import WriteAhead
+from ..interfaces import IRelayLogic
+from ..scan import NATIVE as NATIVE_SCAN
+from ..validation import FramePolicy
+from .endpoints import UnixSocketEndpoint, server_endpoint
 from .status import status_site
-from .tls import client_certificate_endpoint, wants_client_certificates
-from .unixsocket import UnixSocketEndpoint
-from .validation import FramePolicy
-from .writeahead import WriteAhead
 
 
 def _onOff(flag: bool) -> str:
@@ -331,27 +328,13 @@ Examples:
             )
 
     def _endpoint(self, description: str) -> IStreamServerEndpoint:
-        """The endpoint for one --listen value; Unix sockets get the safe one."""
+        """The endpoint for one --listen value."""
         from twisted.internet import reactor
 
-        if wants_client_certificates(description):
-            try:
-                return client_certificate_endpoint(reactor, description)
-            except ValueError as e:
-                raise usage.UsageError(f"--listen {description!r}: {e}") from None
         try:
-            endpoint = serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
+            return server_endpoint(reactor, description, self["mode"])
+        except ValueError as e:
             raise usage.UsageError(f"--listen {description!r}: {e}") from None
-        if isinstance(endpoint, UNIXServerEndpoint):
-            if re.search(r"(^|:)mode=", description):
-                raise usage.UsageError(
-                    f"--listen {description!r}: give the socket mode with --mode"
-                )
-            return UnixSocketEndpoint(
-                reactor, endpoint._address, self["mode"], endpoint._backlog
-            )
-        return endpoint
 
     def getUsage(self, width: int | None = None) -> str:
         names = ", ".join(
@@ -659,7 +642,7 @@ def makeService(options: Options) -> IService:
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         ListeningService(description, endpoint, factory).setServiceParent(top)
     if options["nats"]:
-        from .bridge import NatsBridge
+        from ..bridge.service import NatsBridge
 
         NatsBridge(
             factory,

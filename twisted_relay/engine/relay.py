@@ -18,8 +18,8 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .access import Access, Peer, peer_of
-from .control import (
+from ..access import Access, Peer, peer_of
+from ..control import (
     BUSY,
     NO_AUDIT_LOG,
     NOT_SUBSCRIBED,
@@ -28,16 +28,16 @@ from .control import (
     heartbeat_frame,
     recovery_response_frame,
 )
+from ..interfaces import IRelayLogic
+from ..ratelimit import RateLimiter
+from ..validation import FramePolicy
+from ..wire import FrameError, Header, frame_spans
 from .delivery import DeliverySettings, Outbox, PublisherGate
-from .interfaces import IRelayLogic
 from .protocol import RelayProtocol
-from .ratelimit import RateLimiter
-from .replay import Replay
-from .validation import FramePolicy
-from .wire import FrameError, Header, frame_spans
+from .recovery import Replay
 
 if TYPE_CHECKING:
-    from .bridge import NatsBridge
+    from ..bridge.service import NatsBridge
     from .writeahead import WriteAhead
 
 #: The subscription of a client that has not asked for anything else.

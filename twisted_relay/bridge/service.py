@@ -41,15 +41,15 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .delivery import HIGH_WATER
-from .framing import Framer
-from .protocol import RelayProtocol
-from .ratelimit import RateLimiter
-from .relay import ClientStats
-from .wire import FramingLost, Header, IncompleteFrame, frame_spans
+from ..engine.delivery import HIGH_WATER
+from ..engine.protocol import RelayProtocol
+from ..engine.relay import ClientStats
+from ..framing import Framer
+from ..ratelimit import RateLimiter
+from ..wire import FramingLost, Header, IncompleteFrame, frame_spans
 
 if TYPE_CHECKING:
-    from .relay import RelayFactory
+    from ..engine.relay import RelayFactory
 
 #: Bytes of a message's room kept for its headers within the server's max_payload.
 _HEADER_ROOM = 4096

@@ -16,9 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .delivery import SLOW_CONSUMER, STALLED_CONSUMER
-from .relay import Counters, RelayFactory
-from .wire import REJECT_REASONS
+from ..engine.delivery import SLOW_CONSUMER, STALLED_CONSUMER
+from ..engine.relay import Counters, RelayFactory
+from ..wire import REJECT_REASONS
 
 #: How long after a client was dropped from, cut off or lost frames the
 #: relay reports itself degraded.

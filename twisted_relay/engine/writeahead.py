@@ -15,8 +15,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .audit import AuditLog
-from .wire import frame_spans
+from ..audit import AuditLog
+from ..wire import frame_spans
 
 if TYPE_CHECKING:
     from .protocol import RelayProtocol

@@ -14,12 +14,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .access import NotAllowedToPublish, peer_of
-from .control import is_control, parse_control, relay_info_frame
-from .domains import RelayDomain
-from .framing import Framer
-from .scan import scan_run
-from .wire import (
+from ..access import NotAllowedToPublish, peer_of
+from ..control import is_control, parse_control, relay_info_frame
+from ..domains import RelayDomain
+from ..framing import Framer
+from ..scan import scan_run
+from ..wire import (
     HEADER_SIZE,
     MAGIC,
     ROUTING,
@@ -38,7 +38,7 @@ from .wire import (
 NO_SOURCE = -1
 
 if TYPE_CHECKING:
-    from .control import Control, Subscription
+    from ..control import Control, Subscription
     from .delivery import Outbox
     from .relay import ClientStats, RelayFactory
 

@@ -1,0 +1,201 @@
+"""
+The endpoints the relay listens on: any Twisted server endpoint string, with
+two of the relay's own.
+
+Unix sockets get L{UnixSocketEndpoint}. Twisted's own Unix endpoint binds with
+the process umask and chmods afterwards, fails on a stale file left by a
+crashed relay, and gives no clear answer when another relay already serves the
+path. This one creates the directory, refuses a live relay or a path that is
+not a socket, removes a stale socket, and binds with the final mode from the
+first instant. Two relays starting at the same instant serialise on a lock of
+the directory, so exactly one of them binds.
+
+TLS listeners may require a client certificate, so a relay reached over the
+network knows who is on the other end (the certificate's common name, matched
+by C{cn:NAME} in the access lists). Twisted's C{ssl:} server endpoint string
+takes no certificate authority for clients; the relay adds one parameter to
+it, C{caCerts=PATH}, a PEM file of the authorities whose client certificates
+it accepts::
+
+    ssl:7003:interface=10.0.0.5:privateKey=relay.key:certKey=relay.crt:caCerts=clients-ca.pem
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import socket
+import stat
+
+from twisted.internet.defer import Deferred, execute
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    UNIXServerEndpoint,
+    _parse,
+    serverFromString,
+)
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorSSL,
+    IReactorUNIX,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+
+def server_endpoint(reactor, description: str, mode: int) -> IStreamServerEndpoint:
+    """
+    The endpoint for one C{--listen} value: Unix sockets get the safe one,
+    C{ssl:} with C{caCerts=} the client-certificate one.
+
+    @raise ValueError: the description is not a usable endpoint.
+    """
+    if wants_client_certificates(description):
+        return client_certificate_endpoint(reactor, description)
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(str(e)) from None
+    if isinstance(endpoint, UNIXServerEndpoint):
+        if re.search(r"(^|:)mode=", description):
+            raise ValueError("give the socket mode with --mode")
+        return UnixSocketEndpoint(reactor, endpoint._address, mode, endpoint._backlog)
+    return endpoint
+
+
+#: How long a probe waits for a busy relay to accept before giving up.
+PROBE_TIMEOUT = 1.0
+
+
+class SocketPathUnavailable(Exception):
+    """The socket path is taken, or cannot be inspected."""
+
+
+@implementer(IStreamServerEndpoint)
+class UnixSocketEndpoint:
+    log = Logger()
+
+    def __init__(
+        self, reactor: IReactorUNIX, path: str, mode: int = 0o660, backlog: int = 50
+    ) -> None:
+        self._reactor = reactor
+        self.path = os.path.abspath(path)
+        self.mode = mode
+        self.backlog = backlog
+
+    def __repr__(self) -> str:
+        return f"unix:{self.path} (mode {self.mode:04o})"
+
+    def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
+        return execute(self._listen, protocolFactory)
+
+    def _listen(self, protocolFactory: Factory) -> IListeningPort:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._clearPath()
+            previous = os.umask(0o777 & ~self.mode)
+            try:
+                return self._reactor.listenUNIX(
+                    self.path, protocolFactory, backlog=self.backlog, mode=self.mode
+                )
+            finally:
+                os.umask(previous)
+        finally:
+            os.close(lock)
+
+    def _clearPath(self) -> None:
+        """Make the path free to bind, or say why it must not be touched."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise SocketPathUnavailable(
+                f"{self.path} exists and is not a socket; not touching it"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(self.path)
+        except ConnectionRefusedError:
+            os.unlink(self.path)
+            self.log.warn("removed stale socket {path}", path=self.path)
+        except OSError as e:
+            raise SocketPathUnavailable(
+                f"cannot tell whether {self.path} is in use: {e.strerror or e}"
+            ) from e
+        else:
+            raise SocketPathUnavailable(f"a relay is already listening on {self.path}")
+        finally:
+            probe.close()
+
+
+CA_CERTS = "caCerts"
+#: The ssl: parameters a client-certificate listener takes.
+_SUPPORTED = {"port", "interface", "backlog", "privateKey", "certKey", CA_CERTS}
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def wants_client_certificates(description: str) -> bool:
+    return description.startswith("ssl:") and f"{CA_CERTS}=" in description
+
+
+def client_certificate_endpoint(reactor: IReactorSSL, description: str) -> SSL4ServerEndpoint:
+    """
+    The endpoint for an C{ssl:} description with C{caCerts=PATH}: its
+    handshake fails for a client without a certificate signed by one of
+    those authorities.
+
+    @raise ValueError: a parameter is missing, unknown or unreadable.
+    """
+    args, kwargs = _parse(description)
+    if len(args) > 1:
+        kwargs.setdefault("port", args[1])
+    unknown = set(kwargs) - _SUPPORTED
+    if unknown:
+        raise ValueError(
+            f"{', '.join(sorted(unknown))} cannot be combined with {CA_CERTS}= "
+            f"(supported: {', '.join(sorted(_SUPPORTED))})"
+        )
+    if "port" not in kwargs:
+        raise ValueError("no port given")
+    private_key = kwargs.get("privateKey", "server.pem")
+    try:
+        with open(kwargs.get("certKey", private_key), "rb") as f:
+            certificate = f.read()
+        with open(private_key, "rb") as f:
+            key = f.read()
+        with open(kwargs[CA_CERTS], "rb") as f:
+            authorities = _PEM_CERTIFICATE.findall(f.read())
+    except OSError as e:
+        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+    if not authorities:
+        raise ValueError(f"{kwargs[CA_CERTS]} holds no PEM certificate")
+    own = PrivateCertificate.loadPEM(certificate + b"\n" + key)
+    options = CertificateOptions(
+        privateKey=own.privateKey.original,
+        certificate=own.original,
+        # A trust root makes the server ask for, and require, a client certificate.
+        trustRoot=trustRootFromCertificates([Certificate.loadPEM(pem) for pem in authorities]),
+    )
+    return SSL4ServerEndpoint(
+        reactor,
+        int(kwargs["port"]),
+        options,
+        backlog=int(kwargs.get("backlog", 50)),
+        interface=kwargs.get("interface", ""),
+    )
