@@ -15,7 +15,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_relay.audit import AuditLog
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.engine.relay import RelayFactory
-from twisted_relay.engine.writeahead import WriteAhead
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
@@ -66,7 +65,12 @@ class RecordingTransport(StringTransport):
 
 
 def make_relay(
-    domain: int = Domain.MARKET_DATA, *, echo: bool = False, delivery=None, **overrides
+    domain: int = Domain.MARKET_DATA,
+    *,
+    echo: bool = False,
+    delivery=None,
+    audit: AuditLog | None = None,
+    **overrides,
 ) -> RelayFactory:
     """A relay factory of the shipped domain C{domain}, on a fake clock."""
     logic = DOMAINS[domain]
@@ -75,6 +79,7 @@ def make_relay(
         FramePolicy.for_logic(logic, **overrides),
         delivery=delivery,
         echo=echo,
+        audit=audit,
         clock=Clock(),
     )
 
@@ -88,8 +93,7 @@ def connect(factory: RelayFactory, transport: StringTransport | None = None):
 
 def audited_relay(testcase: SynchronousTestCase, rotate: int = 64 * 1024, **kw):
     """An execution relay on a fake clock with an audit log in a temporary directory."""
-    relay = make_relay(Domain.EXECUTION, **kw)
-    relay.writeahead = WriteAhead(relay, AuditLog(temp_dir(testcase), rotate), None, relay.clock)
+    relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(testcase), rotate), **kw)
     relay.writeahead.start()
     testcase.addCleanup(relay.writeahead.stop)
     return relay

@@ -27,6 +27,7 @@ class InboundTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.relay = make_relay(Domain.EXECUTION)
         self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.relay.outlet = self.bridge
         self.subscriber = connect(self.relay)
         self.frames = frames_for(Domain.EXECUTION, 3)
 
@@ -110,6 +111,7 @@ class AcknowledgementTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.relay = audited_relay(self)
         self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.relay.outlet = self.bridge
         self.local = connect(self.relay)
         self.subscriber = connect(self.relay)
         self.remote = frames_for(Domain.EXECUTION, 20, source=42)
@@ -146,7 +148,7 @@ class AcknowledgementTests(SynchronousTestCase):
         self.assertEqual(self.relay.sequences, {42: 10, 7: 1})
         self.bridge._receiving = False
         self.assertFalse(self.logged(peer))
-        self.assertEqual([h.sender for h in self.relay.writeahead.held], [self.local])
+        self.assertEqual([h.sender for h in self.relay.writeahead.held], [self.local.ingest])
         self.assertEqual(self.relay.sequences, {42: 5, 7: 1})
         self.assertEqual(published(self.subscriber.transport.value()), self.remote[:5])
         # The stream delivers them again (after a reconnect, say): no anomaly.

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.control import (
+    EVERYTHING,
     RELAY_ROLE,
     SUBSCRIBE_SOURCES,
     control_frame,
@@ -18,7 +19,6 @@ from twisted_relay.control import (
 )
 from twisted_relay.domains import MARKET
 from twisted_relay.engine.delivery import DeliverySettings
-from twisted_relay.engine.relay import EVERYTHING
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import connect, frames_for, make_relay

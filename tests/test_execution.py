@@ -27,7 +27,6 @@ from twisted_relay.control import (
     recovery_frame,
 )
 from twisted_relay.domains import EXECUTION
-from twisted_relay.engine.writeahead import WriteAhead
 from twisted_relay.interfaces import IRelayLogic
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
@@ -88,8 +87,7 @@ class WriteAheadTests(SynchronousTestCase):
         publisher.dataReceived(b"".join(frames_for(Domain.EXECUTION, 7, source=43)))
         directory = relay.writeahead.audit.directory
         relay.writeahead.stop()
-        again = make_relay(Domain.EXECUTION)
-        again.writeahead = WriteAhead(again, AuditLog(directory, 2048), None, again.clock)
+        again = make_relay(Domain.EXECUTION, audit=AuditLog(directory, 2048))
         again.writeahead.start()
         self.addCleanup(again.writeahead.stop)
         self.assertEqual(again.sequences, {42: 30, 43: 7})

@@ -291,7 +291,7 @@ class RegistryTests(SynchronousTestCase):
         disconnect(first)
         self.assertEqual(list(relay.clients.values()), [second])
         self.assertEqual(connect(relay).stats.client_id, 3)
-        self.assertEqual(relay.connections, 3)
+        self.assertEqual(relay.accounting.connections, 3)
 
     def test_counters(self) -> None:
         """Frames and bytes are counted in and out, per client and in total."""

@@ -115,6 +115,9 @@ class Subscription:
             return False
 
 
+#: The subscription of a client that has not asked for anything else.
+EVERYTHING = Subscription()
+
 #: Receives no relayed frame: a publisher's, or a client's while it is not
 #: on the live stream (not yet identified, or replaying).
 NOTHING = Subscription(publish_only=True)

@@ -10,15 +10,20 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from ..engine.accounting import Counters
 from ..engine.delivery import SLOW_CONSUMER, STALLED_CONSUMER
-from ..engine.relay import Counters, RelayFactory
+from ..engine.relay import RelayFactory
 from ..wire import REJECT_REASONS
+
+if TYPE_CHECKING:
+    from ..bridge.service import NatsBridge
 
 #: How long after a client was dropped from, cut off or lost frames the
 #: relay reports itself degraded.
@@ -58,20 +63,25 @@ def _counters(counters: Counters) -> dict:
     }
 
 
-def health(factory: RelayFactory, started_at: float, listening: list[str]) -> dict:
+def health(
+    factory: RelayFactory,
+    started_at: float,
+    listening: list[str],
+    bridge: NatsBridge | None = None,
+) -> dict:
     """Everything an operator asks first, as one JSON-ready dict."""
     now = factory.clock.seconds()
     gate = factory.gate
-    trouble = factory.last_trouble
+    trouble = factory.accounting.last_trouble
     degraded = (
         gate.paused
         or (trouble is not None and now - trouble < DEGRADED_FOR)
-        or (factory.bridge is not None and not factory.bridge.counters.connected)
+        or (bridge is not None and not bridge.counters.connected)
     )
     return {
         "status": "degraded" if degraded else "ok",
         "audit": _audit(factory),
-        "nats": _bridge(factory),
+        "nats": _bridge(bridge),
         "domain": factory.logic.name,
         "relay_domain": factory.logic.domain,
         "version": _version(),
@@ -91,7 +101,7 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
         ],
         "totals": {
             **_counters(factory.totals),
-            "connections": factory.connections,
+            "connections": factory.accounting.connections,
             "publisher_pauses": gate.pauses,
             "publishers_paused_s": round(gate.paused_seconds, 3),
             "longest_pause_s": round(gate.longest_pause, 3),
@@ -100,9 +110,8 @@ def health(factory: RelayFactory, started_at: float, listening: list[str]) -> di
     }
 
 
-def _bridge(factory: RelayFactory) -> dict | None:
+def _bridge(bridge: NatsBridge | None) -> dict | None:
     """The NATS bridge's state, or None without one."""
-    bridge = factory.bridge
     if bridge is None:
         return None
     return {
@@ -134,8 +143,9 @@ def _audit(factory: RelayFactory) -> dict | None:
 class RelayCollector:
     """Prometheus metrics read from the relay at each scrape."""
 
-    def __init__(self, factory: RelayFactory) -> None:
+    def __init__(self, factory: RelayFactory, bridge: NatsBridge | None = None) -> None:
         self.factory = factory
+        self.bridge = bridge
 
     def collect(self) -> Iterator[Metric]:
         factory = self.factory
@@ -165,7 +175,7 @@ class RelayCollector:
         audit = _audit(factory)
         if audit is not None:
             yield from _metrics(domain, audit, _AUDIT_METRICS)
-        bridge = _bridge(factory)
+        bridge = _bridge(self.bridge)
         if bridge is not None:
             yield from _metrics(domain, bridge, _BRIDGE_METRICS)
 
@@ -297,40 +307,47 @@ def _metrics(domain: str, values: dict, table) -> Iterator[Metric]:
 class HealthResource(Resource):
     isLeaf = True
 
-    def __init__(self, factory: RelayFactory, listening: list[str]) -> None:
+    def __init__(
+        self, factory: RelayFactory, listening: list[str], bridge: NatsBridge | None = None
+    ) -> None:
         super().__init__()
         self.factory = factory
         self.listening = listening
+        self.bridge = bridge
         self.started_at = factory.clock.seconds()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        body = health(self.factory, self.started_at, self.listening)
+        body = health(self.factory, self.started_at, self.listening, self.bridge)
         return json.dumps(body, indent=1).encode() + b"\n"
 
 
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, factory: RelayFactory) -> None:
+    def __init__(self, factory: RelayFactory, bridge: NatsBridge | None = None) -> None:
         super().__init__()
         self.registry = CollectorRegistry()
-        self.registry.register(RelayCollector(factory))
+        self.registry.register(RelayCollector(factory, bridge))
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self.registry)
 
 
-def status_root(factory: RelayFactory, listening: list[str]) -> Resource:
+def status_root(
+    factory: RelayFactory, listening: list[str], bridge: NatsBridge | None = None
+) -> Resource:
     root = Resource()
-    root.putChild(b"health", HealthResource(factory, listening))
-    root.putChild(b"metrics", MetricsResource(factory))
+    root.putChild(b"health", HealthResource(factory, listening, bridge))
+    root.putChild(b"metrics", MetricsResource(factory, bridge))
     return root
 
 
-def status_site(factory: RelayFactory, listening: list[str]) -> Site:
-    """The web site serving C{/health} and C{/metrics} for C{factory}."""
-    site = Site(status_root(factory, listening))
+def status_site(
+    factory: RelayFactory, listening: list[str], bridge: NatsBridge | None = None
+) -> Site:
+    """The web site serving C{/health} and C{/metrics} for C{factory} (and its C{bridge})."""
+    site = Site(status_root(factory, listening, bridge))
     site.displayTracebacks = False
     return site

@@ -30,7 +30,6 @@ from ..audit import ROTATE_SIZE, AuditDamage, AuditLog
 from ..domains import UnknownDomain, available_domains, find_domain
 from ..engine.delivery import HIGH_WATER, DeliverySettings
 from ..engine.relay import RelayFactory
-from ..engine.writeahead import WriteAhead
 from ..interfaces import IRelayLogic
 from ..scan import NATIVE as NATIVE_SCAN
 from ..validation import FramePolicy
@@ -421,6 +420,8 @@ class RelayServices(MultiService):
     """
 
     log = Logger()
+    #: The NATS bridge, if the relay has one: its stop has two steps of the order.
+    bridge: IService | None = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -440,7 +441,7 @@ class RelayServices(MultiService):
         """
         Service.stopService(self)
         relay = next(service for service in self if isinstance(service, RelayService))
-        bridge = relay.factory.bridge
+        bridge = self.bridge
         first = [service for service in reversed(self.services) if service not in (relay, bridge)]
         steps = [relay.stopService, relay.close]
         if bridge is not None:
@@ -622,6 +623,11 @@ class _Snapshot(NamedTuple):
 
 
 def makeService(options: Options) -> IService:
+    audit = (
+        None
+        if options["audit-dir"] is None
+        else AuditLog(options["audit-dir"], options["audit-rotate"])
+    )
     factory = RelayFactory(
         options["logic"],
         options["policy"],
@@ -629,29 +635,27 @@ def makeService(options: Options) -> IService:
         echo=options["echo"],
         access=options["access"],
         heartbeat=options["heartbeat"],
+        audit=audit,
+        fsync_interval=options["audit-fsync"],
     )
-    if options["audit-dir"] is not None:
-        factory.writeahead = WriteAhead(
-            factory,
-            AuditLog(options["audit-dir"], options["audit-rotate"]),
-            options["audit-fsync"],
-            factory.clock,
-        )
     top = RelayServices()
     RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
     for description, endpoint in zip(options["listen"], options["endpoints"]):
         ListeningService(description, endpoint, factory).setServiceParent(top)
+    bridge = None
     if options["nats"]:
         from ..bridge.service import NatsBridge
 
-        NatsBridge(
+        bridge = NatsBridge(
             factory,
             options["nats"],
             options["relay-id"],
             options["nats-high-water"],
             options["nats-replicas"],
-        ).setServiceParent(top)
+        )
+        factory.outlet = top.bridge = bridge
+        bridge.setServiceParent(top)
     if options["http-endpoint"] is not None:
-        site = status_site(factory, options["listen"])
+        site = status_site(factory, options["listen"], bridge)
         ListeningService(options["http"], options["http-endpoint"], site).setServiceParent(top)
     return top

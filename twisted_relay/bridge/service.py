@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import nats
 from nats.errors import Error as NatsError
@@ -41,15 +40,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from ..engine.accounting import ClientStats
 from ..engine.delivery import HIGH_WATER
-from ..engine.protocol import RelayProtocol
-from ..engine.relay import ClientStats
-from ..framing import Framer
+from ..engine.ingest import Ingest
+from ..engine.relay import RelayFactory
 from ..ratelimit import RateLimiter
-from ..wire import FramingLost, Header, IncompleteFrame, frame_spans
-
-if TYPE_CHECKING:
-    from ..engine.relay import RelayFactory
+from ..wire import frame_spans
 
 #: Bytes of a message's room kept for its headers within the server's max_payload.
 _HEADER_ROOM = 4096
@@ -86,48 +82,6 @@ class BridgeCounters:
     connected: bool = False
 
 
-class _Peer(RelayProtocol):
-    """
-    The bridge as one publisher of its relay, client id 0 in the counters and
-    the audit log. Each NATS message goes through the relay's own scan and
-    checks, as a local client's bytes do: another relay checked its frames,
-    but NATS is open to more than relays. A message holds whole frames, so
-    one that breaks off, or whose framing is lost, ends there: the rest is
-    refused and counted, and the next message starts afresh. One per origin,
-    so each relay's sequences are tracked apart, as each local client's are.
-    """
-
-    lostFramingLog = "NATS bridge: dropped the rest of a message from client {client_id}"
-    bridged = True
-
-    def __init__(self, relay: RelayFactory, origin: str) -> None:
-        self.factory = relay
-        self.stats = ClientStats(client_id=0, peer=f"NATS bridge, origin {origin}")
-        self._startFraming()
-
-    def message(self, data: bytes) -> None:
-        """Relay the frames of one NATS message that pass the checks."""
-        self._framer = framer = Framer(self.factory.policy.max_frame_size)
-        self._relay(data)
-        if framer.buffered:
-            self.factory.rejected(
-                self,
-                IncompleteFrame(
-                    f"a NATS message ends with {framer.buffered} bytes of an incomplete frame",
-                    offset=framer.position,
-                    client_id=0,
-                ),
-            )
-
-    def _takeControl(self, buf: bytes, start: int, end: int, header: Header) -> bool:
-        """Control frames are a local client's: from NATS, they are filtered."""
-        return False
-
-    def _loseFraming(self, error: FramingLost) -> None:
-        error.client_id = 0
-        self.factory.rejected(self, error)
-
-
 class NatsBridge(Service):
     """Connects the relay to NATS and carries its broadcast both ways."""
 
@@ -154,7 +108,7 @@ class NatsBridge(Service):
         #: What the bridge receives (and, for a lossless domain, what its stream holds).
         self.receiving = f"torq.{relay.logic.name}.>"
         #: The other relays heard from, by origin, in the order first heard.
-        self.peers: dict[str, _Peer] = {}
+        self.peers: dict[str, Ingest] = {}
         self.counters = BridgeCounters()
         self.queue: deque[tuple[bytes, int]] = deque()
         self.queued = 0
@@ -177,7 +131,6 @@ class NatsBridge(Service):
         #: Whether a connection was set up, so that its closing means joining again.
         self._joined = False
         self._sampled = RateLimiter(relay.clock)
-        relay.bridge = self
 
     def startService(self) -> None:
         super().startService()
@@ -541,7 +494,7 @@ class NatsBridge(Service):
                 except NatsError:
                     pass  # it will be redelivered, and left out as a duplicate
 
-    async def _logged(self, peer: _Peer) -> bool:
+    async def _logged(self, peer: Ingest) -> bool:
         """
         Wait while the audit log holds back the frames just taken from
         C{peer}. C{False} if the bridge stops receiving first (or its
@@ -621,7 +574,7 @@ class NatsBridge(Service):
     async def _received(self, msg) -> None:
         self._deliver(msg)
 
-    def _deliver(self, msg) -> _Peer | None:
+    def _deliver(self, msg) -> Ingest | None:
         """
         Frames from another relay: checked, then broadcast like a local
         publisher's; returns the peer they came through (C{None}: ignored).
@@ -646,10 +599,12 @@ class NatsBridge(Service):
         if peer is None:
             if len(self.peers) >= _MAX_ORIGINS:
                 del self.peers[next(iter(self.peers))]
-            peer = self.peers[origin] = _Peer(self.relay, origin)
+            peer = self.peers[origin] = self._peer(origin)
         stats = peer.stats
         accepted, refused = stats.frames_in, sum(stats.rejects.values())
-        peer.message(msg.data)
+        # A message holds whole frames: one that breaks off ends there.
+        peer.feed(msg.data)
+        peer.end("a NATS message ends")
         counters = self.counters
         counters.chunks_in += 1
         counters.frames_in += stats.frames_in - accepted
@@ -667,6 +622,24 @@ class NatsBridge(Service):
                 subject=msg.subject,
             )
         return peer
+
+    def _peer(self, origin: str) -> Ingest:
+        """
+        The bridge as one publisher of its relay for the frames of C{origin},
+        client id 0 in the counters and the audit log. Each NATS message goes
+        through the relay's own scan and checks, as a local client's bytes do:
+        another relay checked its frames, but NATS is open to more than
+        relays. Control frames are a local client's: from NATS they are
+        filtered. One per origin, so each relay's sequences are tracked apart.
+        """
+        return Ingest(
+            self.relay,
+            ClientStats(client_id=0, peer=f"NATS bridge, origin {origin}"),
+            onControl=None,
+            onFramingLost=None,
+            bridged=True,
+            lost_framing="NATS bridge: dropped the rest of a message from client {client_id}",
+        )
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):

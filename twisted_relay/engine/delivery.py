@@ -17,20 +17,23 @@ wait in the outbox, counted in bytes against the high-water mark:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..control import Subscription
 from ..interfaces import DELIVERY_POLICIES, IRelayLogic
 from ..wire import MiB
-
-if TYPE_CHECKING:
-    from .protocol import RelayProtocol
-    from .recovery import Replay
-    from .relay import RelayFactory
+from .accounting import Accounting, ClientStats
 
 #: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
 #: slow-consumer policy applies, unless told otherwise.
@@ -40,6 +43,18 @@ SLOW_CONSUMER = "slow consumer"
 STALLED_CONSUMER = "stalled consumer"
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
+
+
+class Replaying(Protocol):
+    """What an outbox needs of the replay that has its client (L{recovery.Replay})."""
+
+    subscription: Subscription
+
+    def begin(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -103,10 +118,21 @@ class Outbox:
 
     log = Logger()
 
-    def __init__(self, relay: RelayFactory, client: RelayProtocol) -> None:
-        self.relay = relay
-        self.client = client
-        self.settings = relay.delivery
+    def __init__(
+        self,
+        transport: ITransport,
+        stats: ClientStats,
+        settings: DeliverySettings,
+        accounting: Accounting,
+        gate: PublisherGate,
+        clock: IReactorTime,
+    ) -> None:
+        self.transport = transport
+        self.stats = stats
+        self.settings = settings
+        self.accounting = accounting
+        self.gate = gate
+        self.clock = clock
         #: Writes waiting for the transport: (runs, frames, bytes) each.
         self.queue: deque[tuple[list[bytes], int, int]] = deque()
         self.queued = 0
@@ -115,15 +141,15 @@ class Outbox:
         #: Whether this outbox holds the publishers back (block policy).
         self.blocking = False
         #: The replay that has the client, once what is queued is written.
-        self.replay: Replay | None = None
+        self.replay: Replaying | None = None
         self._closeDeadline: IDelayedCall | None = None
-        client.transport.registerProducer(self, True)
+        transport.registerProducer(self, True)
 
     def send(self, runs: list[bytes], frames: int, size: int) -> None:
         """Deliver C{runs}, holding C{frames} whole frames, or apply the policy."""
         if self.closed:
             if frames:  # the connection is closing: these never reach the client
-                self.relay.lost(self.client, frames, size)
+                self.accounting.lost(self.stats, frames, size)
             return
         if self.writable and not self.queue:
             self.write(runs, frames, size)
@@ -131,7 +157,7 @@ class Outbox:
         policy = self.settings.policy
         over = self.queued + size > self.settings.high_water
         if over and policy == "drop":
-            self.relay.dropped(self.client, frames, size)
+            self.accounting.dropped(self.stats, frames, size)
             return
         if over and policy == "disconnect":
             self.cut(
@@ -144,22 +170,21 @@ class Outbox:
         self.queued += size
         if over and not self.blocking:
             self.blocking = True
-            self.relay.gate.block(self)
+            self.gate.block(self)
 
     def write(self, runs: list[bytes], frames: int, size: int) -> None:
         """Hand C{runs} to the transport now, past the queue, and count them."""
-        transport = self.client.transport
         if len(runs) == 1:
-            transport.write(runs[0])
+            self.transport.write(runs[0])
         else:
-            transport.writeSequence(runs)
-        self.relay.delivered(self.client, frames, size)
+            self.transport.writeSequence(runs)
+        self.accounting.delivered(self.stats, frames, size)
 
-    def startReplay(self, replay: Replay) -> None:
+    def startReplay(self, replay: Replaying) -> None:
         """Hand the client to C{replay} once what is queued for it is written."""
         self.replay = replay
         if self.writable and not self.queue:
-            replay.begin(self.relay.cooperator)
+            replay.begin()
         else:
             self.queue.append(_REPLAY)
 
@@ -176,14 +201,14 @@ class Outbox:
             if item is _REPLAY:
                 # What follows in the queue is the relay's own frames (the
                 # client is off the live stream): they go out as before.
-                self.replay.begin(self.relay.cooperator)
+                self.replay.begin()
                 continue
             runs, frames, size = item
             self.queued -= size
             self.write(runs, frames, size)
         if self.blocking and self.queued <= self.settings.low_water:
             self.blocking = False
-            self.relay.gate.unblock(self)
+            self.gate.unblock(self)
         if self.replay is not None:
             self.replay.resume()
 
@@ -199,22 +224,22 @@ class Outbox:
         if self.replay is not None:
             self.replay.stop()
         if self.queue:
-            self.relay.lost(
-                self.client, sum(frames for _, frames, _ in self.queue), self.queued
+            self.accounting.lost(
+                self.stats, sum(frames for _, frames, _ in self.queue), self.queued
             )
         self.queue.clear()
         self.queued = 0
         if self.blocking:
             self.blocking = False
-            self.relay.gate.unblock(self)
+            self.gate.unblock(self)
 
     def cut(self, reason: str, detail: str) -> None:
         """Disconnect this client at once, without flushing, for C{reason}."""
         if self.closed:
             return
-        self.relay.cutOff(self.client, reason, detail)
+        self.accounting.cutOff(self.stats, reason, detail)
         self.close()
-        self.client.transport.abortConnection()
+        self.transport.abortConnection()
 
     def flushAndClose(self, deadline: float) -> None:
         """
@@ -231,10 +256,10 @@ class Outbox:
                 self.queued -= size
                 self.write(runs, frames, size)
         self.close()
-        transport = self.client.transport
+        transport = self.transport
         transport.unregisterProducer()
         transport.loseConnection()
-        self._closeDeadline = self.relay.clock.callLater(deadline, transport.abortConnection)
+        self._closeDeadline = self.clock.callLater(deadline, transport.abortConnection)
 
     def disconnected(self) -> None:
         """The connection is gone: no deadline is needed any more."""
@@ -250,13 +275,19 @@ class PublisherGate:
     outbox over its high-water mark (block policy), or the audit log when it
     cannot be written. A client stuck over the mark longer than the stall
     timeout is cut off, so no such pause lasts longer than that.
+
+    @param publishers: the transports to pause, read at each pause and resume.
     """
 
     log = Logger()
 
-    def __init__(self, relay: RelayFactory, clock: IReactorTime) -> None:
-        self.relay = relay
+    def __init__(
+        self, clock: IReactorTime, publishers: Callable[[], Iterable[IPushProducer]]
+    ) -> None:
         self.clock = clock
+        self.publishers = publishers
+        #: Set once the relay drains: the publishers are never resumed.
+        self.draining = False
         #: What holds the publishers back, with its stall timer if it has one.
         self.blockers: dict[object, IDelayedCall | None] = {}
         self.paused_since: float | None = None
@@ -273,7 +304,7 @@ class PublisherGate:
         timeout = outbox.settings.stall_timeout
         self.hold(
             outbox,
-            f"client {outbox.client.stats.client_id} is over the high-water mark "
+            f"client {outbox.stats.client_id} is over the high-water mark "
             f"({outbox.queued} bytes queued)",
             self.clock.callLater(timeout, self._stalled, outbox, timeout),
         )
@@ -287,8 +318,8 @@ class PublisherGate:
         self.paused_since = self.clock.seconds()
         self.pauses += 1
         self.log.info("publishers paused: {why}", why=why)
-        for client in self.relay.clients.values():
-            client.transport.pauseProducing()
+        for publisher in self.publishers():
+            publisher.pauseProducing()
 
     def unblock(self, holder: object) -> None:
         if holder not in self.blockers:
@@ -301,15 +332,15 @@ class PublisherGate:
             self.paused_since = None
             self.paused_seconds += pause
             self.longest_pause = max(self.longest_pause, pause)
-            if not self.relay.draining:
+            if not self.draining:
                 self.log.info("publishers resumed after {pause:.3f}s", pause=pause)
-                for client in self.relay.clients.values():
-                    client.transport.resumeProducing()
+                for publisher in self.publishers():
+                    publisher.resumeProducing()
 
-    def joined(self, client: RelayProtocol) -> None:
+    def joined(self, publisher: IPushProducer) -> None:
         """A client connecting while publishers are held back is held back too."""
         if self.paused:
-            client.transport.pauseProducing()
+            publisher.pauseProducing()
 
     def _stalled(self, outbox: Outbox, timeout: float) -> None:
         outbox.cut(

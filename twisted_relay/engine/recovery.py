@@ -14,22 +14,37 @@ replaying client, so a long replay holds no one back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Cooperator, TaskDone, TaskFailed, TaskStopped
+from twisted.internet.task import (
+    CooperativeTask,
+    Cooperator,
+    TaskDone,
+    TaskFailed,
+    TaskStopped,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..audit import AuditDamage, AuditFile, Record
-from ..control import NOTHING, REPLAYING, recovery_response_frame
+from ..control import REPLAYING, Subscription, recovery_response_frame
 from ..wire import unpack_header
+from .accounting import Accounting, ClientStats
+from .delivery import Outbox
+from .writeahead import WriteAhead
 
-if TYPE_CHECKING:
-    from .protocol import RelayProtocol
-    from .relay import RelayFactory
-    from .writeahead import WriteAhead
+
+class Replayed(Protocol):
+    """The client a replay is for (a L{protocol.RelayProtocol})."""
+
+    stats: ClientStats
+    outbox: Outbox
+    #: What it receives; taken off the live stream by the relay once its replay starts.
+    subscription: Subscription
+    #: The first audit record it could have received live.
+    audit_index: int
 
 #: Records read between two turns of the reactor.
 _STEP = 512
@@ -44,27 +59,39 @@ class Replay:
 
     def __init__(
         self,
-        relay: RelayFactory,
-        client: RelayProtocol,
+        client: Replayed,
         writeahead: WriteAhead,
         wanted: dict[int, int],
+        *,
+        accounting: Accounting,
+        cooperator: Cooperator,
+        domain: int,
+        echo: bool,
+        done: Callable[[Replay], None],
     ) -> None:
-        self.relay = relay
+        """
+        @param done: called when the replay reached the end of the log, in
+            the reactor turn the client must go back on the live stream.
+        """
         self.client = client
         self.writeahead = writeahead
         self.wanted = dict(wanted)
+        self.accounting = accounting
+        self.cooperator = cooperator
+        self.domain = domain
+        self.echo = echo
+        self.done = done
         #: What the client receives; it has it again once back on the live stream.
         self.subscription = client.subscription
         #: The first record the live stream did not give the client.
         self.detached_at = writeahead.forwarded
         self.frames = 0
         self._resumed: Deferred[None] | None = None
-        self._task = None
-        client.subscription = NOTHING  # off the live stream
+        self._task: CooperativeTask | None = None
 
-    def begin(self, cooperator: Cooperator) -> None:
+    def begin(self) -> None:
         """Start streaming: everything queued for the client before the request is written."""
-        self._task = cooperator.cooperate(self._steps())
+        self._task = self.cooperator.cooperate(self._steps())
         self._task.whenDone().addErrback(self._failed)
 
     def resume(self) -> None:
@@ -97,13 +124,13 @@ class Replay:
 
     def _steps(self) -> Iterator[Deferred[None] | None]:
         after = yield from self._starts()
-        domain = self.relay.logic.domain
         answers = [
-            recovery_response_frame(domain, s, q, REPLAYING) for s, q in sorted(self.wanted.items())
+            recovery_response_frame(self.domain, s, q, REPLAYING)
+            for s, q in sorted(self.wanted.items())
         ]
         self.client.outbox.write(answers, 0, sum(map(len, answers)))
         first = min([self.detached_at, *(index + 1 for index in after.values())])
-        own = None if self.relay.echo else self.client.stats.client_id
+        own = None if self.echo else self.client.stats.client_id
         connected_at = self.client.audit_index
         batch: list[bytes] = []
         size = count = 0
@@ -132,7 +159,7 @@ class Replay:
         # The forwarded records end here, in this reactor turn: back to live.
         if batch:
             self._send(batch, count)
-        self.relay.replayed(self.client, self)
+        self.done(self)
 
     def _files(self) -> list[AuditFile]:
         """The files of the log still there (old ones may be archived away)."""
@@ -212,6 +239,6 @@ class Replay:
             yield self._resumed
 
     def _send(self, frames: list[bytes], count: int) -> None:
-        self.client.transport.writeSequence(frames)
+        self.client.outbox.write(frames, count, sum(map(len, frames)))
         self.frames += count
-        self.relay.replayedOut(self.client, count, sum(map(len, frames)))
+        self.accounting.replayed(self.client.stats, count)

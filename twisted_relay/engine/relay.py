@@ -1,15 +1,14 @@
 """
-The relay proper: the registry of connected clients, their counters, and the
-fan-out of accepted frames to every client but the sender.
+The relay proper: the registry of connected clients, what each may do and
+receive, and the fan-out of accepted frames to every client but the sender.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -18,74 +17,36 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..access import Access, Peer, peer_of
+from ..access import Access, Peer
+from ..audit import AuditLog
 from ..control import (
     BUSY,
+    EVERYTHING,
     NO_AUDIT_LOG,
     NOT_SUBSCRIBED,
     NOTHING,
+    Control,
     Subscription,
     heartbeat_frame,
     recovery_response_frame,
+    relay_info_frame,
 )
 from ..interfaces import IRelayLogic
-from ..ratelimit import RateLimiter
 from ..validation import FramePolicy
-from ..wire import FrameError, Header, frame_spans
-from .delivery import DeliverySettings, Outbox, PublisherGate
+from ..wire import Header, frame_spans
+from .accounting import Accounting, Counters
+from .delivery import DeliverySettings, PublisherGate
+from .ingest import Ingest
 from .protocol import RelayProtocol
 from .recovery import Replay
-
-if TYPE_CHECKING:
-    from ..bridge.service import NatsBridge
-    from .writeahead import WriteAhead
-
-#: The subscription of a client that has not asked for anything else.
-EVERYTHING = Subscription()
+from .writeahead import Publisher, WriteAhead
 
 
-@dataclass(slots=True)
-class Counters:
-    """
-    Traffic counters. C{frames_in} counts accepted frames; C{bytes_in} every
-    byte read, accepted or not; C{frames_out} frames handed to a client's
-    transport; C{rejects} the refused frames by reason; C{frames_dropped} the
-    frames the drop policy did not deliver; C{frames_lost} the frames still
-    queued for a client when its connection ended; C{frames_replayed} the
-    frames sent from the audit log (also in C{frames_out}); C{heartbeats}
-    the heartbeats sent to idle clients; the sequence counters what
-    publishers' C{sequence} fields gave away (frames missing, repeated, going
-    backwards).
-    """
+class Outlet(Protocol):
+    """Where accepted frames also go besides the local clients (the NATS bridge)."""
 
-    frames_in: int = 0
-    bytes_in: int = 0
-    frames_out: int = 0
-    bytes_out: int = 0
-    frames_replayed: int = 0
-    heartbeats: int = 0
-    frames_dropped: int = 0
-    bytes_dropped: int = 0
-    frames_lost: int = 0
-    bytes_lost: int = 0
-    control_frames: int = 0
-    sequence_gaps: int = 0
-    sequence_duplicates: int = 0
-    sequence_regressions: int = 0
-    rejects: Counter[str] = field(default_factory=Counter)
-    cut_offs: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(slots=True)
-class ClientStats(Counters):
-    """One connected client: who it is, since when, and its traffic."""
-
-    client_id: int = 0
-    peer: str = ""
-    connected_at: float = 0.0
-    role: str = EVERYTHING.role
-    #: Why the relay closed this connection, if it did.
-    close_reason: str = ""
+    def publish(self, runs: list[bytes], frames: int) -> None:
+        """Take C{runs}, runs of whole frames holding C{frames} frames, to send on."""
 
 
 class RelayFactory(ServerFactory):
@@ -93,7 +54,12 @@ class RelayFactory(ServerFactory):
     Tracks the connected clients and broadcasts every accepted frame to all of
     them except its sender (unless C{echo}), each through its L{Outbox}.
 
-    L{broadcast} is the one place where accepted frames enter fan-out.
+    L{broadcast} is the one place where accepted frames enter fan-out. Its
+    counters are in C{accounting}; with an C{audit} log, accepted frames go
+    through the L{WriteAhead} first.
+
+    @ivar outlet: where accepted local frames also go (the NATS bridge), set
+        by whoever wires the relay.
     """
 
     protocol = RelayProtocol
@@ -109,58 +75,67 @@ class RelayFactory(ServerFactory):
         echo: bool = False,
         access: Access | None = None,
         heartbeat: float = 1.0,
+        audit: AuditLog | None = None,
+        fsync_interval: float | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
+        """
+        @param audit: the write-ahead audit log, if the relay keeps one.
+        @param fsync_interval: seconds between syncs of C{audit}; C{None}
+            syncs before every forward.
+        """
         if clock is None:
             from twisted.internet import reactor as clock
+        assert clock is not None
         self.logic = logic
         self.policy = policy
-        self.delivery = delivery or DeliverySettings.for_logic(logic)
+        self.delivery = delivery = delivery or DeliverySettings.for_logic(logic)
         self.echo = echo
         self.access = access or Access()
         #: Seconds of silence after which a client gets a heartbeat; 0: never.
         self.heartbeat_interval = heartbeat
-        #: Puts accepted frames in the audit log first, when there is one.
-        self.writeahead: WriteAhead | None = None
-        #: Carries the broadcast to and from other hosts (--nats), when there is one.
-        self.bridge: NatsBridge | None = None
-        #: The last sequence accepted per source.
-        self.sequences: dict[int, int] = {}
         self.clock = clock
+        self.accounting = Accounting(
+            clock, lossless=delivery.policy == "block", high_water=delivery.high_water
+        )
         self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
         #: Connected clients by id, in connection order.
         self.clients: dict[int, RelayProtocol] = {}
-        self.totals = Counters()
-        self.connections = 0
-        self.gate = PublisherGate(self, clock)
+        #: The last sequence accepted per source.
+        self.sequences: dict[int, int] = {}
+        self.gate = PublisherGate(clock, lambda: [c.transport for c in self.clients.values()])
+        self.writeahead = (
+            None
+            if audit is None
+            else WriteAhead(
+                audit,
+                fsync_interval,
+                clock,
+                gate=self.gate,
+                sequences=self.sequences,
+                forward=self.fanOut,
+            )
+        )
+        self.outlet: Outlet | None = None
         self.draining = False
-        #: When a client was last dropped from, cut off or lost frames.
-        self.last_trouble: float | None = None
-        self._ids = itertools.count(1)
         self._heartbeats = itertools.count(1)
-        self._sampledLog = RateLimiter(clock)
         self._drained: Deferred[None] | None = None
 
-    def register(self, client: RelayProtocol) -> ClientStats:
+    @property
+    def totals(self) -> Counters:
+        """The relay's counters, all clients together."""
+        return self.accounting.totals
+
+    def register(self, client: RelayProtocol, peer: Peer) -> None:
         """
-        Add a newly connected client; returns its counters. A TLS client's
-        rights are settled once its handshake is done (L{identified}); until
-        then it may neither publish nor receive.
+        Add a newly connected client. A TLS client's rights are settled once
+        its handshake is done (L{identified}); until then it may neither
+        publish nor receive.
         """
-        peer = peer_of(client.transport)
-        stats = ClientStats(
-            client_id=next(self._ids),
-            peer=peer.description,
-            connected_at=self.clock.seconds(),
-        )
-        client.stats = stats
-        client.subscription = EVERYTHING
-        client.outbox = Outbox(self, client)
-        #: The first audit record this client could have received live.
+        stats = client.stats
         client.audit_index = self.writeahead.audit.records if self.writeahead else 0
         self.clients[stats.client_id] = client
-        self.connections += 1
-        self.gate.joined(client)
+        self.gate.joined(client.transport)
         self.log.info(
             "client {client_id} connected ({peer}); {clients} connected",
             client_id=stats.client_id,
@@ -168,11 +143,9 @@ class RelayFactory(ServerFactory):
             clients=len(self.clients),
         )
         if client.handshaking:
-            client.may_publish = client.may_subscribe = False
-            client.subscription = NOTHING  # until it is known who it is
+            client.ingest.may_publish = client.may_subscribe = False
         else:
             self.identified(client, peer)
-        return stats
 
     def identified(self, client: RelayProtocol, peer: Peer) -> None:
         """
@@ -186,9 +159,9 @@ class RelayFactory(ServerFactory):
                 peer=peer.description,
             )
             client.stats.peer = peer.description
-        client.may_publish = self.access.may_publish(peer)
+        client.ingest.may_publish = self.access.may_publish(peer)
         client.may_subscribe = self.access.may_subscribe(peer)
-        if not (client.may_publish or client.may_subscribe):
+        if not (client.ingest.may_publish or client.may_subscribe):
             client.outbox.cut(
                 "not allowed",
                 f"{peer.description} may neither publish nor subscribe",
@@ -201,7 +174,7 @@ class RelayFactory(ServerFactory):
         stats = client.stats
         client.outbox.disconnected()
         del self.clients[stats.client_id]
-        self._sampledLog.forget(("dropped", stats.client_id))
+        self.accounting.disconnected(stats)
         self.log.info(
             "client {client_id} disconnected after {duration:.3f}s "
             "({reason}): {frames_in} frames in, {frames_out} out, "
@@ -221,6 +194,22 @@ class RelayFactory(ServerFactory):
         if self._drained is not None and not self.clients:
             self._drained.callback(None)
 
+    def controlReceived(self, client: RelayProtocol, control: Control) -> None:
+        """A new subscription, answered with the relay's RelayInfo; a replay."""
+        subscription = control.subscription
+        if subscription is not None:
+            self.subscribe(client, subscription)
+            self.log.info(
+                "client {client_id} is now a {role}{details}",
+                client_id=client.stats.client_id,
+                role=client.stats.role,
+                details=_describe(subscription),
+            )
+            answer = relay_info_frame(self.logic.domain, self.logic.name)
+            client.outbox.send([answer], 0, len(answer))
+        if control.recovery:
+            self.recover(client, control.recovery)
+
     def subscribe(self, client: RelayProtocol, subscription: Subscription) -> None:
         """
         Replace what C{client} receives (once its replay is over, if it is
@@ -238,27 +227,46 @@ class RelayFactory(ServerFactory):
 
     def recover(self, client: RelayProtocol, wanted: Mapping[int, int]) -> None:
         """Replay to C{client} each source of C{wanted} from the sequence given."""
-        log = self.log
-        refusal = None
-        if self.writeahead is None:
-            refusal, detail = NO_AUDIT_LOG, "this relay keeps no audit log"
+        writeahead = self.writeahead
+        if writeahead is None:
+            self._refuse(client, wanted, NO_AUDIT_LOG, "this relay keeps no audit log")
         elif client.outbox.replay is not None:
-            refusal, detail = BUSY, "a replay is already running for it"
+            self._refuse(client, wanted, BUSY, "a replay is already running for it")
         elif client.subscription.publish_only:
-            refusal, detail = NOT_SUBSCRIBED, "it receives nothing (publish-only or not allowed)"
-        if refusal is not None:
-            log.warn(
-                "client {client_id} asked for a replay of {wanted}: {detail}",
-                client_id=client.stats.client_id,
-                wanted=dict(wanted),
-                detail=detail,
+            self._refuse(
+                client, wanted, NOT_SUBSCRIBED, "it receives nothing (publish-only or not allowed)"
             )
-            for source, first in sorted(wanted.items()):
-                answer = recovery_response_frame(self.logic.domain, source, first, refusal)
-                client.outbox.send([answer], 0, len(answer))
-            return
-        replay = Replay(self, client, self.writeahead, dict(wanted))
-        log.info(
+        else:
+            self._replay(client, writeahead, wanted)
+
+    def _refuse(
+        self, client: RelayProtocol, wanted: Mapping[int, int], status: int, detail: str
+    ) -> None:
+        self.log.warn(
+            "client {client_id} asked for a replay of {wanted}: {detail}",
+            client_id=client.stats.client_id,
+            wanted=dict(wanted),
+            detail=detail,
+        )
+        for source, first in sorted(wanted.items()):
+            answer = recovery_response_frame(self.logic.domain, source, first, status)
+            client.outbox.send([answer], 0, len(answer))
+
+    def _replay(
+        self, client: RelayProtocol, writeahead: WriteAhead, wanted: Mapping[int, int]
+    ) -> None:
+        replay = Replay(
+            client,
+            writeahead,
+            dict(wanted),
+            accounting=self.accounting,
+            cooperator=self.cooperator,
+            domain=self.logic.domain,
+            echo=self.echo,
+            done=lambda replay: self._replayed(client, replay),
+        )
+        client.subscription = NOTHING  # off the live stream until the replay is done
+        self.log.info(
             "client {client_id} asked for a replay of {wanted} (source: first sequence); "
             "replaying from the audit log, live again after record {detached_at}",
             client_id=client.stats.client_id,
@@ -267,7 +275,7 @@ class RelayFactory(ServerFactory):
         )
         client.outbox.startReplay(replay)
 
-    def replayed(self, client: RelayProtocol, replay: Replay) -> None:
+    def _replayed(self, client: RelayProtocol, replay: Replay) -> None:
         """C{client}'s replay reached the end of the log: it is back on the live stream."""
         client.outbox.replay = None
         client.subscription = replay.subscription
@@ -276,41 +284,34 @@ class RelayFactory(ServerFactory):
             "{record}",
             client_id=client.stats.client_id,
             frames=replay.frames,
-            record=self.writeahead.forwarded,
+            record=replay.writeahead.forwarded,
         )
 
-    def received(self, sender: RelayProtocol, size: int) -> None:
-        """Count bytes read from C{sender}, before framing."""
-        sender.stats.bytes_in += size
-        self.totals.bytes_in += size
-
-    def broadcast(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
+    def broadcast(self, sender: Ingest, runs: list[bytes], frames: int) -> None:
         """
         Accept C{runs}, contiguous slices holding C{frames} frames from
         C{sender}: count them, log them in the audit log if there is one,
         and fan them out once they are logged.
         """
-        sender.stats.frames_in += frames
-        self.totals.frames_in += frames
+        self.accounting.accepted(sender.stats, frames)
         if self.writeahead is None or self.writeahead.admit(sender, runs, frames):
             self.fanOut(sender, runs, frames)
 
-    def fanOut(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> None:
+    def fanOut(self, sender: Publisher, runs: list[bytes], frames: int) -> None:
         """
         Send C{runs} to every client but C{sender}, each through its outbox,
-        and to the NATS bridge unless they came from it. A client with a
-        filtered subscription gets the frames it wants,
-        picked one by one. A client whose write fails is cut off; the others
-        are not affected.
+        and to the outlet unless they came from it. A client with a filtered
+        subscription gets the frames it wants, picked one by one. A client
+        whose write fails is cut off; the others are not affected.
         """
-        bridge = self.bridge
-        if bridge is not None and not sender.bridged:
-            bridge.publish(runs, frames)
+        outlet = self.outlet
+        if outlet is not None and not sender.bridged:
+            outlet.publish(runs, frames)
         size = sum(map(len, runs))
         echo = self.echo
         picking: list[tuple[bytes, int, int, Header]] | None = None
         for client in tuple(self.clients.values()):
-            if client is sender and not echo:
+            if client.ingest is sender and not echo:
                 continue
             subscription = client.subscription
             if subscription is EVERYTHING:
@@ -318,7 +319,9 @@ class RelayFactory(ServerFactory):
             elif not subscription.publish_only:
                 if picking is None:
                     picking = list(frame_spans(runs))
-                picked = [run[s:e] for run, s, e, header in picking if subscription.wants(run, s, e, header)]
+                picked = [
+                    run[s:e] for run, s, e, header in picking if subscription.wants(run, s, e, header)
+                ]
                 if picked:
                     self._deliver(client, picked, len(picked), sum(map(len, picked)))
 
@@ -332,20 +335,6 @@ class RelayFactory(ServerFactory):
             )
             client.outbox.close()
             client.transport.abortConnection()
-
-    def delivered(self, client: RelayProtocol, frames: int, size: int) -> None:
-        """Count frames handed to C{client}'s transport."""
-        stats, totals = client.stats, self.totals
-        stats.frames_out += frames
-        stats.bytes_out += size
-        totals.frames_out += frames
-        totals.bytes_out += size
-
-    def replayedOut(self, client: RelayProtocol, frames: int, size: int) -> None:
-        """Count frames sent to C{client} from the audit log."""
-        self.delivered(client, frames, size)
-        client.stats.frames_replayed += frames
-        self.totals.frames_replayed += frames
 
     def heartbeat(self) -> None:
         """
@@ -370,101 +359,14 @@ class RelayFactory(ServerFactory):
                 )
             self._deliver(client, [frame], 0, len(frame))
             client.heard = stats.bytes_out
-            stats.heartbeats += 1
-            self.totals.heartbeats += 1
-
-    def lost(self, client: RelayProtocol, frames: int, size: int) -> None:
-        """Count frames still queued for C{client} when its connection ended."""
-        self.last_trouble = self.clock.seconds()
-        stats, totals = client.stats, self.totals
-        stats.frames_lost += frames
-        stats.bytes_lost += size
-        totals.frames_lost += frames
-        totals.bytes_lost += size
-
-    def dropped(self, client: RelayProtocol, frames: int, size: int) -> None:
-        """Count frames the drop policy did not deliver to C{client}."""
-        self.last_trouble = self.clock.seconds()
-        stats, totals = client.stats, self.totals
-        stats.frames_dropped += frames
-        stats.bytes_dropped += size
-        totals.frames_dropped += frames
-        totals.bytes_dropped += size
-        self._sampledLog.log(
-            ("dropped", stats.client_id),
-            self.log.warn,
-            "slow client {client_id}: dropped {frames} frames ({frames_dropped} so "
-            "far), its queue is at the high-water mark of {high_water} bytes",
-            client_id=stats.client_id,
-            frames=frames,
-            frames_dropped=stats.frames_dropped,
-            high_water=self.delivery.high_water,
-        )
-
-    def cutOff(self, client: RelayProtocol, reason: str, detail: str) -> None:
-        """Count and log that C{client} is being disconnected by the relay."""
-        self.last_trouble = self.clock.seconds()
-        client.stats.cut_offs[reason] += 1
-        client.stats.close_reason = reason
-        self.totals.cut_offs[reason] += 1
-        self.log.warn(
-            "disconnecting client {client_id} ({reason}): {detail}",
-            client_id=client.stats.client_id,
-            reason=reason,
-            detail=detail,
-        )
-
-    def rejected(self, sender: RelayProtocol, error: FrameError) -> None:
-        """Count a refused frame and log it, at a bounded rate per reason."""
-        sender.stats.rejects[error.reason] += 1
-        self.totals.rejects[error.reason] += 1
-        if error.fatal:
-            self._sampledLog.log(
-                error.reason,
-                self.log.error,
-                sender.lostFramingLog + ": {error}; header bytes {header}",
-                client_id=sender.stats.client_id,
-                error=str(error),
-                reason=error.reason,
-                header=error.header.hex(" "),
-            )
-        else:
-            self._sampledLog.log(
-                error.reason,
-                self.log.warn,
-                "dropped frame ({reason}): {error}",
-                reason=error.reason,
-                error=str(error),
-                client_id=sender.stats.client_id,
-            )
-
-    def sequenceAnomaly(
-        self, sender: RelayProtocol, kind: str, source: int, sequence: int, last: int
-    ) -> None:
-        """
-        Log a gap, duplicate or regression in a publisher's sequence: every
-        one on a lossless (block) relay, a bounded number per second otherwise.
-        """
-        event = dict(
-            format="sequence {kind} from client {client_id}, source {source}: {sequence} "
-            "after {last}",
-            kind=kind,
-            client_id=sender.stats.client_id,
-            source=source,
-            sequence=sequence,
-            last=last,
-        )
-        if self.delivery.policy == "block":
-            self.log.warn(**event)
-        else:
-            self._sampledLog.log(("sequence", kind), self.log.warn, **event)
+            self.accounting.heartbeat(stats)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
         Stop reading from every client, give what is queued for them at most
         C{timeout} seconds to be written, then close whatever is left.
         """
-        self.draining = True
+        self.draining = self.gate.draining = True
         self._drained = drained = Deferred()
         if not self.clients:
             drained.callback(None)
@@ -490,3 +392,11 @@ class RelayFactory(ServerFactory):
             )
             client.transport.abortConnection()
 
+
+def _describe(subscription: Subscription) -> str:
+    parts = []
+    if subscription.sources is not None:
+        parts.append(f"sources {sorted(subscription.sources)}")
+    if subscription.tlv_types is not None:
+        parts.append(f"TLV types {sorted(subscription.tlv_types)}")
+    return f" ({', '.join(parts)})" if parts else ""

@@ -8,8 +8,9 @@ order, until it can; nothing is forwarded unlogged and nothing is lost.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -17,17 +18,27 @@ from twisted.logger import Logger
 
 from ..audit import AuditLog
 from ..wire import frame_spans
+from .accounting import ClientStats
+from .delivery import PublisherGate
 
-if TYPE_CHECKING:
-    from .protocol import RelayProtocol
-    from .relay import RelayFactory
+
+class Publisher(Protocol):
+    """Where accepted frames came from (an L{ingest.Ingest}), as the log records it."""
+
+    stats: ClientStats
+    #: Whether the frames came from another relay through NATS.
+    bridged: bool
+
+
+#: What the log calls with frames it logged late: sender, runs, frames.
+Forward = Callable[[Publisher, list[bytes], int], None]
 
 
 @dataclass
 class _Held:
     """Frames accepted while the log could not be written."""
 
-    sender: RelayProtocol
+    sender: Publisher
     runs: list[bytes]
     frames: int
     received_ns: int
@@ -49,20 +60,28 @@ class WriteAhead:
 
     @ivar fsync_interval: seconds between syncs of the log to disk; C{None}
         syncs before every forward (C{--audit-fsync always}).
+    @ivar sequences: the relay's last sequence accepted per source, which the
+        log fills in at the start and takes back with withdrawn frames.
+    @ivar forward: what fans frames out once they were logged late.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        relay: RelayFactory,
         audit: AuditLog,
         fsync_interval: float | None,
         clock: IReactorTime,
+        *,
+        gate: PublisherGate,
+        sequences: dict[int, int],
+        forward: Forward,
         retry_interval: float = 1.0,
     ) -> None:
-        self.relay = relay
         self.audit = audit
+        self.gate = gate
+        self.sequences = sequences
+        self.forward = forward
         self.fsync_interval = fsync_interval
         self.clock = clock
         self.retry_interval = retry_interval
@@ -84,7 +103,7 @@ class WriteAhead:
         """
         for warning in self.audit.open():
             self.log.warn("audit log: {warning}", warning=warning)
-        self.relay.sequences.update(self.audit.sequences)
+        self.sequences.update(self.audit.sequences)
         self.log.info(
             "audit log {directory}: {records} records, chain head 0x{head:08x}, "
             "fsync {fsync}",
@@ -125,7 +144,7 @@ class WriteAhead:
             head=self.audit.head,
         )
 
-    def holds(self, sender: RelayProtocol) -> bool:
+    def holds(self, sender: Publisher) -> bool:
         """Whether frames from C{sender} wait for the log."""
         return any(held.sender is sender for held in self.held)
 
@@ -141,7 +160,7 @@ class WriteAhead:
             (taken if held.sender.bridged and not held.logged else kept).append(held)
         if taken:
             self.held = kept
-            self.relay.sequences.update(_before(taken))
+            self.sequences.update(_before(taken))
         return sum(h.frames for h in taken)
 
     def forwardedSequences(self) -> dict[int, int]:
@@ -150,7 +169,7 @@ class WriteAhead:
         accepted, except that a source with frames held stops before the
         first of them (publishers' sequences run on by one).
         """
-        sequences = self.relay.sequences
+        sequences = self.sequences
         if not self.held:
             return sequences
         return {**sequences, **_before(self.held)}
@@ -165,7 +184,7 @@ class WriteAhead:
         """The records of the log that were forwarded: all but those still held."""
         return self.audit.records - sum(h.frames for h in self.held if h.logged)
 
-    def admit(self, sender: RelayProtocol, runs: list[bytes], frames: int) -> bool:
+    def admit(self, sender: Publisher, runs: list[bytes], frames: int) -> bool:
         """
         Log C{runs}; C{True} if they may be forwarded now. Otherwise they are
         held, and forwarded by the relay once they are logged.
@@ -202,7 +221,7 @@ class WriteAhead:
                 frames=self.held_frames,
                 retry=self.retry_interval,
             )
-            self.relay.gate.hold(self, self.failure)
+            self.gate.hold(self, self.failure)
         self._retry = self.clock.callLater(self.retry_interval, self._retryHeld)
 
     def _retryHeld(self) -> None:
@@ -222,8 +241,8 @@ class WriteAhead:
         )
         self.failure = None
         for batch in held:
-            self.relay.fanOut(batch.sender, batch.runs, batch.frames)
-        self.relay.gate.unblock(self)
+            self.forward(batch.sender, batch.runs, batch.frames)
+        self.gate.unblock(self)
 
     def _syncNow(self) -> None:
         """The interval's sync; one that fails holds the publishers like a failed write."""
