@@ -25,10 +25,10 @@ STOP_TIMEOUT = 15.0
 RECEIVE_TIMEOUT = 10.0
 
 
-def twistd() -> str:
-    """The twistd of the environment running the tests."""
-    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
-    return beside if os.path.exists(beside) else shutil.which("twistd")
+def script(name: str = "twistd") -> str:
+    """The command C{name} (twistd, twist) of the environment running the tests."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.exists(beside) else shutil.which(name)
 
 
 def limit_file_size() -> None:
@@ -37,10 +37,18 @@ def limit_file_size() -> None:
 
 
 class RelayProcess:
-    """One relay process, started in C{workdir}, logging to a file there."""
+    """
+    One relay process, started in C{workdir}, logging to a file there, run
+    by C{twistd -n} or, with C{runner="twist"}, by Twisted's modern runner.
+    """
 
     def __init__(
-        self, workdir: str, *args: str, env: dict[str, str] | None = None, preexec_fn=None
+        self,
+        workdir: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn=None,
+        runner: str = "twistd",
     ) -> None:
         self.workdir = workdir
         if "execution" in args and not {"--no-audit", "--audit-dir"} & {
@@ -48,7 +56,12 @@ class RelayProcess:
         }:
             # Each test's execution relay audits into its own directory.
             args = (*args, "--audit-dir", os.path.join(workdir, "audit"))
-        self.args = [twistd(), "-n", "--pidfile=", "relay", "--stats-interval", "0", *args]
+        command = (
+            [script("twistd"), "-n", "--pidfile="]
+            if runner == "twistd"
+            else [script(runner), "--log-format", "text"]
+        )
+        self.args = [*command, "relay", "--stats-interval", "0", *args]
         self.log_path = os.path.join(workdir, f"relay-{id(self)}.log")
         # The relay runs this checkout's code, not a copy installed earlier.
         self.env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}

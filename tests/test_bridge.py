@@ -13,7 +13,8 @@ import sys
 from nats.aio.msg import Msg
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.bridge.service import NatsBridge, _message_id, _pieces
+from twisted_relay.bridge.messages import Subjects, message_id, origin_of, pieces
+from twisted_relay.bridge.service import NatsBridge, State
 from twisted_relay.control import control_frame
 from twisted_relay.wire import Domain
 
@@ -34,7 +35,7 @@ class InboundTests(SynchronousTestCase):
     def receive(self, *messages: bytes, origin: str = "hostA") -> list[bytes]:
         """Deliver C{messages} from relay C{origin}; the frames the local subscriber got."""
         for data in messages:
-            self.bridge._deliver(Msg(None, subject=f"torq.execution.{origin}", data=data))
+            self.bridge.inbound.deliver(Msg(None, subject=f"torq.execution.{origin}", data=data))
         return published(self.subscriber.transport.value())
 
     def test_wholeCheckedFrames(self) -> None:
@@ -68,7 +69,7 @@ class InboundTests(SynchronousTestCase):
             before = self.receive()
             after = self.receive(data)
             self.assertEqual(after[len(before) :], delivered, reason)
-            rejects = self.bridge.peers["hostA"].stats.rejects
+            rejects = self.bridge.inbound.peers["hostA"].stats.rejects
             self.assertEqual(rejects, {reason: 1}, reason)
             rejects.clear()
         self.assertEqual(self.bridge.counters.malformed, len(cases))
@@ -118,12 +119,12 @@ class AcknowledgementTests(SynchronousTestCase):
         self.ours = frames_for(Domain.EXECUTION, 20, source=7)
 
     def logged(self, peer) -> bool:
-        return asyncio.run(asyncio.wait_for(self.bridge._logged(peer), 5))
+        return asyncio.run(asyncio.wait_for(self.bridge.inbound.logged(peer), 5))
 
     def test_ownFramesOnly(self) -> None:
         """Frames of local publishers still held do not hold a message back."""
         full = DiskFull(self.relay.writeahead.audit)
-        peer = self.bridge._deliver(Msg(None, "torq.execution.hostA", data=self.remote[0]))
+        peer = self.bridge.inbound.deliver(Msg(None, "torq.execution.hostA", data=self.remote[0]))
         self.local.dataReceived(self.ours[0])
         full.free()
         self.relay.clock.advance(1.0)  # the log is written again: both go out
@@ -138,15 +139,15 @@ class AcknowledgementTests(SynchronousTestCase):
         Stopping while the log holds frames from NATS takes them back, with
         their sequences, and keeps the local publishers' frames.
         """
-        self.bridge._deliver(Msg(None, "torq.execution.hostA", data=b"".join(self.remote[:5])))
+        self.bridge.inbound.deliver(Msg(None, "torq.execution.hostA", data=b"".join(self.remote[:5])))
         full = DiskFull(self.relay.writeahead.audit)
         self.addCleanup(full.free)
-        peer = self.bridge._deliver(
+        peer = self.bridge.inbound.deliver(
             Msg(None, "torq.execution.hostA", data=b"".join(self.remote[5:10]))
         )
         self.local.dataReceived(self.ours[0])
         self.assertEqual(self.relay.sequences, {42: 10, 7: 1})
-        self.bridge._receiving = False
+        self.bridge.state = State.DRAINING
         self.assertFalse(self.logged(peer))
         self.assertEqual([h.sender for h in self.relay.writeahead.held], [self.local.ingest])
         self.assertEqual(self.relay.sequences, {42: 5, 7: 1})
@@ -154,7 +155,7 @@ class AcknowledgementTests(SynchronousTestCase):
         # The stream delivers them again (after a reconnect, say): no anomaly.
         full.free()
         self.relay.clock.advance(1.0)
-        self.bridge._deliver(Msg(None, "torq.execution.hostA", data=b"".join(self.remote[5:10])))
+        self.bridge.inbound.deliver(Msg(None, "torq.execution.hostA", data=b"".join(self.remote[5:10])))
         self.assertEqual(self.relay.totals.sequence_regressions, 0)
         self.assertEqual(
             published(self.subscriber.transport.value()),
@@ -166,15 +167,24 @@ class MessageIdTests(SynchronousTestCase):
     def test_spans(self) -> None:
         """A message id names the origin and each source's first and last sequence."""
         data = b"".join(frames_for(Domain.EXECUTION, 5, source=42)[1:] + frames_for(3, 2, source=7))
-        self.assertEqual(_message_id("hostA:1:9", data), "hostA:1:9:7:1-2:42:2-5")
+        self.assertEqual(message_id("hostA:1:9", data), "hostA:1:9:7:1-2:42:2-5")
 
     def test_pieces(self) -> None:
         """Runs are cut at frame boundaries to fit a limit; a larger frame goes alone."""
         small, big = frames_for(3, 3), frames_for(3, 1, size=200)
         data = b"".join(small + big + small)
-        pieces = list(_pieces(data, 2 * len(small[0])))
-        self.assertEqual(b"".join(piece for piece, _ in pieces), data)
-        self.assertEqual([count for _, count in pieces], [2, 1, 1, 2, 1])
+        cut = list(pieces(data, 2 * len(small[0])))
+        self.assertEqual(b"".join(piece for piece, _ in cut), data)
+        self.assertEqual([count for _, count in cut], [2, 1, 1, 2, 1])
+
+    def test_subjects(self) -> None:
+        """A relay publishes to its origin's subject and receives its domain's, through one stream."""
+        names = Subjects("execution", "hostA")
+        self.assertEqual(
+            (names.publishing, names.receiving, names.stream, names.durable),
+            ("torq.execution.hostA", "torq.execution.>", "TORQ_EXECUTION", "relay-hostA"),
+        )
+        self.assertEqual(origin_of("torq.execution.hostB.extra"), "hostB")
 
 
 REACTOR_PROBE = """

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twisted_relay.access import Access, AccessList, peer_of
-from twisted_relay.app.tap import RelayService
+from twisted_relay.app.services import RelayService
 from twisted_relay.audit import AuditLog, audit_files
 from twisted_relay.client import Incoming
 from twisted_relay.control import (

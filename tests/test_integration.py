@@ -35,8 +35,8 @@ def relays(workdir):
     """Start relays in C{workdir}; every one still running is stopped afterwards."""
     started: list[RelayProcess] = []
 
-    def start(*args: str, wait: bool = True, env=None) -> RelayProcess:
-        relay = RelayProcess(workdir, *args, env=env).start()
+    def start(*args: str, wait: bool = True, env=None, runner: str = "twistd") -> RelayProcess:
+        relay = RelayProcess(workdir, *args, env=env, runner=runner).start()
         started.append(relay)
         return relay.wait_listening() if wait else relay
 
@@ -186,6 +186,17 @@ def test_socket_removed_on_signal(workdir, relays, sig):
     assert relay.stop(sig) == -sig
     assert not os.path.exists(path)
     assert "Server Shut Down." in relay.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twist_runner(workdir, relays):
+    """C{twist relay} serves, as C{twistd relay} does, and removes its socket on SIGTERM."""
+    path = sock(workdir)
+    relay = relays("--listen", f"unix:{path}", runner="twist")
+    await assert_relays(path)
+    relay.stop()
+    assert not os.path.exists(path)
+    assert "stopped: 1 frames accepted" in relay.log()
 
 
 @pytest.mark.parametrize("args, mode", [((), 0o660), (("--mode", "600"), 0o600)])

@@ -22,13 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_relay.app.endpoints import SocketPathUnavailable, UnixSocketEndpoint
-from twisted_relay.app.tap import (
-    ListeningService,
-    Options,
-    RelayService,
-    RelayServices,
-    makeService,
-)
+from twisted_relay.app.services import ListeningService, RelayService, RelayServices
+from twisted_relay.app.tap import Options, makeService
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.wire import Domain
 
@@ -61,7 +56,8 @@ class OptionsTests(SynchronousTestCase):
             (policy.max_frame_size, policy.verify_checksum, policy.strict_tlv),
             (16 * 1024 * 1024, False, False),
         )
-        [endpoint] = options["endpoints"]
+        [listener] = list(makeService(options, MemoryReactor()))[1:]
+        endpoint = listener.endpoint
         self.assertIsInstance(endpoint, UnixSocketEndpoint)
         self.assertEqual((endpoint.path, endpoint.mode), ("/tmp/torq/market_data.sock", 0o660))
 
@@ -76,7 +72,7 @@ class OptionsTests(SynchronousTestCase):
             "--domain", "signal", "--listen", "unix:/tmp/a/s.sock", "--listen", "tcp:7002",
             "--mode", "600",
         )
-        unix, tcp = options["endpoints"]
+        unix, tcp = [listener.endpoint for listener in list(makeService(options))[1:]]
         self.assertEqual((unix.path, unix.mode), ("/tmp/a/s.sock", 0o600))
         self.assertIsInstance(tcp, TCP4ServerEndpoint)
 
@@ -141,9 +137,11 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_services(self) -> None:
         """The relay service comes first, then one listener per --listen, in order."""
-        top = makeService(parse("--listen", "unix:/tmp/a/1.sock", "--listen", "tcp:7001"))
+        reactor = MemoryReactor()
+        top = makeService(parse("--listen", "unix:/tmp/a/1.sock", "--listen", "tcp:7001"), reactor)
         relay, *listeners = list(top)
         self.assertIsInstance(relay, RelayService)
+        self.assertIs(relay.factory.clock, reactor)
         self.assertEqual([l.description for l in listeners], ["unix:/tmp/a/1.sock", "tcp:7001"])
         self.assertTrue(all(l.factory is relay.factory for l in listeners))
 

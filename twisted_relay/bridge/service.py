@@ -1,85 +1,55 @@
 """
 The NATS bridge (C{--nats}): relays on several hosts share their streams
 through a NATS cluster. The bridge is one more peer of its relay's
-broadcast: accepted local frames go out to C{torq.<domain>.<origin>}, one
-NATS message per run of whole frames (never one per frame), and frames from
-other origins come in and are broadcast to the local clients through the
-same write-ahead log and delivery policies. No loops: the connection is
-C{no_echo}, each message's origin token is checked on receipt, and what came
-in from NATS is never published again.
+broadcast: what the relay accepts goes out through L{outbound}, frames from
+other origins come in through L{inbound}; this module is its life cycle:
+joining NATS (for as long as it takes), the connection's callbacks, and a
+stop in two steps.
 
-Lossless domains (slow-consumer policy C{block}: execution) go through
-JetStream: a file-backed stream on C{torq.<domain>.>}, each message with a
-C{Nats-Msg-Id} made of its origin and the first and last sequence of each
-source it carries; a message is published again, with the same id, until
-the stream acknowledges it (the stream drops the duplicates), one at a time
-so the stream keeps the relay's order; and while too much waits to be
-acknowledged the relay's publishers are held back rather than anything
-dropped. Each receiving relay reads with its own durable consumer, in stream
-order, and delivers each stream sequence once. Other domains use core NATS:
-over the bridge's high-water mark whole chunks are dropped and counted.
-
-It needs Twisted's asyncio reactor (nats-py runs on asyncio); this module is
-imported only when C{--nats} is given.
+It needs Twisted's asyncio reactor (nats-py runs on asyncio); the bridge
+package is imported only when C{--nats} is given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from enum import Enum
+from typing import Any
 
 import nats
 from nats.errors import Error as NatsError
 from nats.errors import SlowConsumerError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ..engine.accounting import ClientStats
 from ..engine.delivery import HIGH_WATER
-from ..engine.ingest import Ingest
 from ..engine.relay import RelayFactory
 from ..ratelimit import RateLimiter
-from ..wire import frame_spans
+from .inbound import Inbound
+from .messages import HEADER_ROOM, BridgeCounters, Subjects
+from .outbound import ACK_TIMEOUT, Outbound
 
-#: Bytes of a message's room kept for its headers within the server's max_payload.
-_HEADER_ROOM = 4096
-#: Seconds to wait for the stream's acknowledgement before publishing again.
-_ACK_TIMEOUT = 2.0
-#: Longest wait between two attempts: retrying goes on for as long as it takes.
-_MAX_BACKOFF = 2.0
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
-#: Other relays tracked at once; past that the longest known is forgotten.
-_MAX_ORIGINS = 1024
 #: How long the stream keeps messages.
 STREAM_MAX_AGE = 24 * 3600.0
 
 
-@dataclass
-class BridgeCounters:
-    """What crossed the bridge, and what did not."""
+class State(Enum):
+    """Where the bridge is in its life."""
 
-    frames_out: int = 0
-    chunks_out: int = 0
-    frames_in: int = 0
-    chunks_in: int = 0
-    chunks_dropped: int = 0
-    frames_dropped: int = 0
-    echoes: int = 0
-    malformed: int = 0
-    retries: int = 0
-    duplicates: int = 0
-    stream_gaps: int = 0
-    failures: int = 0
-    slow_consumer: int = 0
-    reconnects: int = 0
-    connected: bool = False
+    #: Connecting and setting up its subscription or stream, until it works.
+    JOINING = "joining"
+    #: Joined: sending and receiving (through nats-py's reconnections too).
+    JOINED = "joined"
+    #: A stop began: it takes nothing more from NATS, and sends what is left.
+    DRAINING = "draining"
+    #: Stopped.
+    STOPPED = "stopped"
 
 
 class NatsBridge(Service):
@@ -98,39 +68,49 @@ class NatsBridge(Service):
         self.relay = relay
         self.servers = servers
         self.origin = origin
-        self.high_water = high_water
         #: JetStream replicas; 0 picks 3 when 3 or more servers are known, else 1.
         self.replicas = replicas
         #: Lossless domains go through JetStream.
         self.durable = relay.logic.delivery == "block"
-        self.stream = f"TORQ_{relay.logic.name.upper()}"
-        self.subject = f"torq.{relay.logic.name}.{origin}"
-        #: What the bridge receives (and, for a lossless domain, what its stream holds).
-        self.receiving = f"torq.{relay.logic.name}.>"
-        #: The other relays heard from, by origin, in the order first heard.
-        self.peers: dict[str, Ingest] = {}
+        self.names = Subjects(relay.logic.name, origin)
+        self.subject = self.names.publishing
         self.counters = BridgeCounters()
-        self.queue: deque[tuple[bytes, int]] = deque()
-        self.queued = 0
-        self._nc = None
-        self._consumer = None
-        self._subscription = None
-        #: Whether messages from NATS are taken; no longer once a stop begins.
-        self._receiving = True
-        self._receiver: asyncio.Task | None = None
-        self._wakeup = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-        self._holding = False
-        #: The last stream sequence delivered locally (JetStream).
-        self._delivered = 0
-        self._boot = time.time_ns()
-        self._messages = 0
-        self._limit = 1024 * 1024 - _HEADER_ROOM
-        self._gapCheckedAt = 0.0
-        self._fetchFailing = False
-        #: Whether a connection was set up, so that its closing means joining again.
-        self._joined = False
-        self._sampled = RateLimiter(relay.clock)
+        self.state = State.JOINING
+        sampled = RateLimiter(relay.clock)
+        self.outbound = Outbound(
+            self.subject,
+            origin,
+            durable=self.durable,
+            high_water=high_water,
+            gate=relay.gate,
+            counters=self.counters,
+            sampled=sampled,
+        )
+        self.inbound = Inbound(
+            relay,
+            origin,
+            durable=self.durable,
+            own_prefix=f"{origin}:{self.outbound.boot}:",
+            counters=self.counters,
+            sampled=sampled,
+            receiving=lambda: self.state in (State.JOINING, State.JOINED),
+        )
+        self._sampled = sampled
+        self._nc: Any = None
+        self._js: Any = None
+        self._consumer: Any = None
+        self._subscription: Any = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting to be published to NATS."""
+        return self.outbound.queued
+
+    def publish(self, runs: list[bytes], frames: int) -> None:
+        """The relay accepted C{runs}: they go out to NATS (the relay's outlet)."""
+        self.outbound.publish(runs, frames)
 
     def startService(self) -> None:
         super().startService()
@@ -153,9 +133,9 @@ class NatsBridge(Service):
         Stream messages not taken yet stay in the stream (they are not
         acknowledged); core NATS messages already received are taken first.
         """
-        if not self._receiving:
+        if self.state in (State.DRAINING, State.STOPPED):
             return
-        self._receiving = False
+        self.state = State.DRAINING
         if self._receiver is not None:
             await asyncio.wait([self._receiver], timeout=_CLOSE_TIMEOUT)
         try:
@@ -185,7 +165,7 @@ class NatsBridge(Service):
                 delay = min(delay * 2, 5.0)
 
     async def _connect(self) -> None:
-        self._nc = await nats.connect(
+        self._nc = nc = await nats.connect(
             servers=self.servers,
             name=f"twisted_relay {self.relay.logic.name} {self.origin}",
             no_echo=True,
@@ -201,65 +181,78 @@ class NatsBridge(Service):
             closed_cb=self._closed,
         )
         # Room for the message's headers within the server's limit.
-        self._limit = self._nc.max_payload - _HEADER_ROOM
+        self.outbound.limit = nc.max_payload - HEADER_ROOM
         self.counters.connected = True
+
+        def current() -> bool:
+            """Whether C{nc} is still the bridge's: the loops end with their connection."""
+            return self._nc is nc
+
         if self.durable:
-            await self._joinStream()
+            await self._joinStream(current)
         else:
-            self._subscription = await self._nc.subscribe(
-                self.receiving,
-                cb=self._received,
+            self._subscription = await nc.subscribe(
+                self.names.receiving,
+                cb=self.inbound.received,
                 pending_bytes_limit=64 * 1024 * 1024,
             )
-            await self._nc.flush()
-            self._spawn(self._send, "publishing")
-        self._joined = True
+            await nc.flush()
+            self._spawn(lambda: self.outbound.send(nc, current), "publishing")
+        if self.state is State.JOINING:
+            self.state = State.JOINED
         self.log.info(
             "NATS bridge connected to {server} as origin {origin}: publishing to "
             "{subject}, receiving {receiving} ({mode})",
-            server=self._nc.connected_url.netloc if self._nc.connected_url else "?",
+            server=_server(nc),
             origin=self.origin,
             subject=self.subject,
-            receiving=self.receiving,
-            mode=f"JetStream stream {self.stream}" if self.durable else "core NATS",
+            receiving=self.names.receiving,
+            mode=f"JetStream stream {self.names.stream}" if self.durable else "core NATS",
         )
 
-    async def _joinStream(self) -> None:
+    async def _joinStream(self, current: Callable[[], bool]) -> None:
         """Create (or find) the domain's stream and this relay's durable consumer."""
-        self._js = self._nc.jetstream()
+        self._js = js = self._nc.jetstream()
+        stream = self.names.stream
         replicas = self.replicas or (3 if len(self._nc.servers) >= 3 else 1)
-        subjects = [self.receiving]
         try:
-            await self._js.add_stream(
-                name=self.stream,
-                subjects=subjects,
+            await js.add_stream(
+                name=stream,
+                subjects=[self.names.receiving],
                 storage=StorageType.FILE,
                 num_replicas=replicas,
                 max_age=STREAM_MAX_AGE,
             )
         except NatsError as e:
-            info = await self._js.stream_info(self.stream)
+            info = await js.stream_info(stream)
             self.log.warn(
                 "NATS bridge: using the existing stream {stream} ({replicas} replicas): {error}",
-                stream=self.stream,
+                stream=stream,
                 replicas=info.config.num_replicas,
                 error=str(e),
             )
-        self._consumer = await self._js.pull_subscribe(
-            self.receiving,
-            durable=f"relay-{self.origin}",
-            stream=self.stream,
+        self._consumer = consumer = await js.pull_subscribe(
+            self.names.receiving,
+            durable=self.names.durable,
+            stream=stream,
             config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.NEW, ack_wait=_ACK_TIMEOUT * 2, max_ack_pending=65536
+                deliver_policy=DeliverPolicy.NEW, ack_wait=ACK_TIMEOUT * 2, max_ack_pending=65536
             ),
         )
         # Where this relay's consumer got to before (a restart): every stream
         # message up to it was delivered here and acknowledged, in order.
-        self._delivered = (await self._consumer.consumer_info()).ack_floor.stream_seq
-        self._spawn(self._sendDurably, "publishing to the stream")
-        self._receiver = self._spawn(self._receiveDurably, "reading the stream")
+        self.inbound.delivered = (await consumer.consumer_info()).ack_floor.stream_seq
+        self._spawn(lambda: self.outbound.sendDurably(js, current), "publishing to the stream")
+        self._receiver = self._spawn(
+            lambda: self.inbound.receiveDurably(
+                consumer, js, stream, lambda: current() and self._consumer is consumer
+            ),
+            "reading the stream",
+        )
 
-    def _spawn(self, work, what: str) -> asyncio.Task:
+    def _spawn(
+        self, work: Callable[[], Coroutine[Any, Any, None]], what: str
+    ) -> asyncio.Task[None]:
         """
         Run C{work()} for the bridge's lifetime; if it fails, log the failure
         and run it again, so no part of the bridge stops silently.
@@ -303,9 +296,11 @@ class NatsBridge(Service):
     async def _close(self) -> None:
         """Send what is queued (bounded), end the bridge's tasks, and close the connection."""
         await self._stopReceiving()
+        outbound = self.outbound
         deadline = time.monotonic() + _CLOSE_TIMEOUT
-        while self.queue and self.counters.connected and time.monotonic() < deadline:
+        while outbound.queue and self.counters.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self.state = State.STOPPED
         await self._endTasks()
         if self._nc is not None and not self._nc.is_closed:
             try:
@@ -315,331 +310,12 @@ class NatsBridge(Service):
                     await asyncio.wait_for(self._nc.close(), _CLOSE_TIMEOUT)
                 except asyncio.TimeoutError:
                     self.log.error("NATS bridge: the connection did not close in time")
-        if self.queue:
+        if outbound.queue:
             self.log.warn(
                 "NATS bridge stopping with {frames} frames not published{how}",
-                frames=sum(frames for _, frames in self.queue),
+                frames=outbound.frames,
                 how=" (not acknowledged by the stream)" if self.durable else "",
             )
-
-    def publish(self, runs: list[bytes], frames: int) -> None:
-        """
-        Queue the frames the relay just accepted, as one message; over the
-        high-water mark the chunk is dropped whole and counted.
-        """
-        data = runs[0] if len(runs) == 1 else b"".join(runs)
-        if len(data) > self._limit:
-            for piece, count in _pieces(data, self._limit):
-                if len(piece) > self._limit:
-                    self._dropped(
-                        count,
-                        f"a frame of {len(piece)} bytes is over the NATS server's max_payload "
-                        f"(raise it to at least the domain's max frame + {_HEADER_ROOM} bytes)",
-                    )
-                else:
-                    self.publish([piece], count)
-            return
-        if self.durable:
-            self._enqueue(data, frames)
-            if self.queued > self.high_water and not self._holding:
-                self._holding = True
-                self.relay.gate.hold(
-                    self, f"{self.queued} bytes wait for the JetStream stream to acknowledge them"
-                )
-            return
-        if self.queued + len(data) > self.high_water:
-            self._dropped(
-                frames, f"its outbound queue is at the high-water mark of {self.high_water} bytes"
-            )
-            return
-        self._enqueue(data, frames)
-
-    def _dropped(self, frames: int, why: str) -> None:
-        counters = self.counters
-        counters.chunks_dropped += 1
-        counters.frames_dropped += frames
-        self._sampled.log(
-            "dropped",
-            self.log.warn,
-            "NATS bridge: dropped {frames} frames, {why} ({frames_dropped} dropped so far)",
-            frames=frames,
-            why=why,
-            frames_dropped=counters.frames_dropped,
-        )
-
-    def _enqueue(self, data: bytes, frames: int) -> None:
-        self.queue.append((data, frames))
-        self.queued += len(data)
-        self._wakeup.set()
-
-    def _sent(self, chunks: int) -> None:
-        """The first C{chunks} queued chunks went out as one message (acknowledged: JetStream)."""
-        self.counters.chunks_out += 1
-        for _ in range(chunks):
-            data, frames = self.queue.popleft()
-            self.queued -= len(data)
-            self.counters.frames_out += frames
-        if self._holding and self.queued <= self.high_water // 4:
-            self._holding = False
-            self.relay.gate.unblock(self)
-
-    async def _sendDurably(self) -> None:
-        """
-        Publish the queued chunks to the stream in order, several to a
-        message, each message again (same id) until it is acknowledged.
-        """
-        nc, js = self._nc, self._js
-        while self._nc is nc:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self.queue and self._nc is nc:
-                parts: list[bytes] = []
-                size = 0
-                for data, _ in self.queue:
-                    if parts and size + len(data) > self._limit:
-                        break
-                    parts.append(data)
-                    size += len(data)
-                chunks, message = len(parts), b"".join(parts)
-                if not await self._publishDurably(nc, js, message):
-                    return
-                self._sent(chunks)
-
-    async def _publishDurably(self, nc, js, message: bytes) -> bool:
-        """
-        Publish C{message} until the stream acknowledges it: C{True}; C{False}
-        if the connection was replaced first (the next sender publishes it).
-        """
-        # The bridge's start time and message count keep ids unique when a
-        # publisher's sequences start again.
-        self._messages += 1
-        headers = {
-            "Nats-Msg-Id": _message_id(f"{self.origin}:{self._boot}:{self._messages}", message)
-        }
-        delay = 0.1
-        while self._nc is nc:
-            try:
-                ack = await js.publish(
-                    self.subject, message, timeout=_ACK_TIMEOUT, headers=headers
-                )
-            except (NatsError, asyncio.TimeoutError) as e:
-                self.counters.retries += 1
-                self._sampled.log(
-                    "retry",
-                    self.log.warn,
-                    "NATS bridge: the stream did not acknowledge a message ({error}); "
-                    "publishing it again in {delay:.1f}s",
-                    error=repr(e),
-                    delay=delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
-                continue
-            if ack.duplicate:
-                self.counters.duplicates += 1
-            return self._nc is nc
-        return False
-
-    async def _receiveDurably(self) -> None:
-        """
-        Deliver the stream's messages from other relays, in stream order, once
-        each; a message is acknowledged only once its frames are in the audit
-        log, so what the stream lets go of is on this host.
-        """
-        consumer = self._consumer
-        while self._receiving and self._consumer is consumer:
-            if self.relay.gate.paused:
-                # Local subscribers or the audit log hold the relay back: the
-                # stream keeps the messages meanwhile.
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                messages = await self._consumer.fetch(256, timeout=1)
-            except (NatsTimeout, asyncio.TimeoutError):
-                continue
-            except NatsError as e:
-                self._sampled.log(
-                    "fetch",
-                    self.log.warn,
-                    "NATS bridge: reading the stream failed ({error}); trying again",
-                    error=repr(e),
-                )
-                self._fetchFailing = True
-                await asyncio.sleep(0.5)
-                continue
-            if self._fetchFailing:
-                self._fetchFailing = False
-                self.log.info("NATS bridge: reading the stream again")
-            for msg in messages:
-                if not self._receiving:
-                    return  # the rest is not acknowledged: the stream keeps it
-                sequence = msg.metadata.sequence.stream
-                if sequence <= self._delivered:
-                    self.counters.duplicates += 1
-                elif sequence != self._delivered + 1 and not await self._skipGap(sequence):
-                    # An earlier message is still to be redelivered: this one
-                    # comes again after it.
-                    continue
-                else:
-                    if not (self._receiving and self._consumer is consumer):
-                        return  # stopped while it looked for a gap
-                    # An unexpected error here restarts this loop with the
-                    # message unacknowledged and not counted as delivered.
-                    peer = self._deliver(msg)
-                    self._delivered = sequence
-                    if peer is not None and not await self._logged(peer):
-                        return
-                try:
-                    await msg.ack()
-                except NatsError:
-                    pass  # it will be redelivered, and left out as a duplicate
-
-    async def _logged(self, peer: Ingest) -> bool:
-        """
-        Wait while the audit log holds back the frames just taken from
-        C{peer}. C{False} if the bridge stops receiving first (or its
-        connection is replaced): then the frames from NATS not yet in the
-        log are taken back, since the stream, which had no acknowledgement
-        for them, delivers them again.
-        """
-        writeahead = self.relay.writeahead
-        try:
-            while writeahead is not None and writeahead.holds(peer):
-                if not self._receiving:
-                    self._withdraw()
-                    return False
-                await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            self._withdraw()
-            raise
-        return True
-
-    def _withdraw(self) -> None:
-        frames = self.relay.writeahead.withdraw()
-        # Their sequences come again: each origin's tracking starts afresh.
-        self.peers.clear()
-        if frames:
-            self.log.warn(
-                "NATS bridge: {frames} frames from NATS were not in the audit log yet; "
-                "left to the stream, which delivers them again",
-                frames=frames,
-            )
-
-    async def _skipGap(self, sequence: int) -> bool:
-        """
-        Whether the stream messages before C{sequence} that were not delivered
-        here are gone (removed by the stream's limits while this relay was
-        away): then they are counted and logged, and C{sequence} is next.
-        """
-        now = time.monotonic()
-        if now - self._gapCheckedAt < 1.0:
-            return False
-        self._gapCheckedAt = now
-        try:
-            first = (await self._js.stream_info(self.stream)).state.first_seq
-        except (NatsError, asyncio.TimeoutError):
-            return False  # the stream is electing a leader, say: wait
-        if first <= self._delivered + 1:
-            return False
-        self.counters.stream_gaps += first - self._delivered - 1
-        self.log.error(
-            "NATS bridge: stream {stream} messages {low}-{high} expired before this relay "
-            "read them",
-            stream=self.stream,
-            low=self._delivered + 1,
-            high=first - 1,
-        )
-        self._delivered = first - 1
-        return sequence == first
-
-    async def _send(self) -> None:
-        """Hand the queued chunks to nats-py, which pushes back while its buffer is full."""
-        nc = self._nc
-        while self._nc is nc:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self.queue and self._nc is nc:
-                data, frames = self.queue[0]
-                try:
-                    await self._nc.publish(self.subject, data)
-                except NatsError as e:
-                    # At most once: what NATS cannot take now (reconnecting with
-                    # its buffer full, say) is dropped whole and counted.
-                    self.queue.popleft()
-                    self.queued -= len(data)
-                    self._dropped(frames, repr(e))
-                    continue
-                self._sent(1)
-
-    async def _received(self, msg) -> None:
-        self._deliver(msg)
-
-    def _deliver(self, msg) -> Ingest | None:
-        """
-        Frames from another relay: checked, then broadcast like a local
-        publisher's; returns the peer they came through (C{None}: ignored).
-        """
-        # torq.<domain>.<origin>: anything after the origin is not the relays'.
-        origin = msg.subject.split(".")[2]
-        if origin == self.origin:
-            self.counters.echoes += 1
-            own = self.durable and (msg.headers or {}).get("Nats-Msg-Id", "").startswith(
-                f"{self.origin}:{self._boot}:"
-            )
-            if not own:
-                self._sampled.log(
-                    "relay id",
-                    self.log.error,
-                    "NATS bridge: another relay publishes as {origin}: its frames are "
-                    "ignored here; give each relay its own --relay-id",
-                    origin=origin,
-                )
-            return None
-        peer = self.peers.get(origin)
-        if peer is None:
-            if len(self.peers) >= _MAX_ORIGINS:
-                del self.peers[next(iter(self.peers))]
-            peer = self.peers[origin] = self._peer(origin)
-        stats = peer.stats
-        accepted, refused = stats.frames_in, sum(stats.rejects.values())
-        # A message holds whole frames: one that breaks off ends there.
-        peer.feed(msg.data)
-        peer.end("a NATS message ends")
-        counters = self.counters
-        counters.chunks_in += 1
-        counters.frames_in += stats.frames_in - accepted
-        refused = sum(stats.rejects.values()) - refused
-        if refused:
-            counters.malformed += 1
-            self._sampled.log(
-                "malformed",
-                self.log.error,
-                "NATS bridge: refused {refused} frames of a message of {size} bytes from "
-                "{origin} on {subject} (the reasons are logged as client 0's)",
-                refused=refused,
-                size=len(msg.data),
-                origin=origin,
-                subject=msg.subject,
-            )
-        return peer
-
-    def _peer(self, origin: str) -> Ingest:
-        """
-        The bridge as one publisher of its relay for the frames of C{origin},
-        client id 0 in the counters and the audit log. Each NATS message goes
-        through the relay's own scan and checks, as a local client's bytes do:
-        another relay checked its frames, but NATS is open to more than
-        relays. Control frames are a local client's: from NATS they are
-        filtered. One per origin, so each relay's sequences are tracked apart.
-        """
-        return Ingest(
-            self.relay,
-            ClientStats(client_id=0, peer=f"NATS bridge, origin {origin}"),
-            onControl=None,
-            onFramingLost=None,
-            bridged=True,
-            lost_framing="NATS bridge: dropped the rest of a message from client {client_id}",
-        )
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):
@@ -657,8 +333,8 @@ class NatsBridge(Service):
     async def _closed(self) -> None:
         """The connection is closed for good (not by a stop): start again."""
         self.counters.connected = False
-        if self.running and self._joined:
-            self._joined = False
+        if self.running and self.state is State.JOINED:
+            self.state = State.JOINING
             self.log.error("NATS bridge: the connection was closed; joining NATS again")
             await self._endTasks()
             self._spawn(self._join, "joining NATS")
@@ -671,33 +347,9 @@ class NatsBridge(Service):
     async def _reconnected(self) -> None:
         self.counters.connected = True
         self.counters.reconnects += 1
-        self.log.info(
-            "NATS bridge reconnected to {server}",
-            server=self._nc.connected_url.netloc if self._nc.connected_url else "?",
-        )
+        self.log.info("NATS bridge reconnected to {server}", server=_server(self._nc))
 
 
-def _pieces(data: bytes, limit: int) -> Iterator[tuple[bytes, int]]:
-    """
-    C{data}, runs of whole frames, cut at frame boundaries into C{(piece,
-    frames)} of at most C{limit} bytes (a frame larger than that alone).
-    """
-    first = count = 0
-    for _, start, end, _ in frame_spans([data]):
-        if count and end - first > limit:
-            yield data[first:start], count
-            first, count = start, 0
-        count += 1
-    if count:
-        yield data[first:], count
-
-
-def _message_id(origin: str, data: bytes) -> str:
-    """
-    C{origin}, then the first and last sequence of each source in C{data}:
-    the same for every attempt at one message, so the stream keeps one copy.
-    """
-    spans: dict[int, tuple[int, int]] = {}
-    for _, _, _, header in frame_spans([data]):
-        spans[header.source] = (spans.get(header.source, (header.sequence,))[0], header.sequence)
-    return origin + "".join(f":{s}:{a}-{b}" for s, (a, b) in sorted(spans.items()))
+def _server(nc: Any) -> str:
+    """The server C{nc} is connected to, for the log."""
+    return nc.connected_url.netloc if nc.connected_url else "?"

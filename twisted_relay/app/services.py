@@ -1,0 +1,339 @@
+"""
+The relay's services: one per listening endpoint, the relay's own (the
+domain's life cycle, the audit log, heartbeats and the stats line), and the
+L{RelayServices} that holds them and stops them in the order that loses
+nothing.
+
+Each service starts under C{twistd} (C{privilegedStartService}, before
+privileges are dropped, then C{startService}) and under C{twist}, which
+calls C{startService} alone: what the privileged step did not do yet is
+done there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..audit import AuditDamage
+from ..engine.relay import RelayFactory
+from ..scan import NATIVE as NATIVE_SCAN
+from .endpoints import UnixSocketEndpoint
+
+
+def _onOff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+class ListeningService(Service):
+    """
+    Listens on one endpoint. Failing to listen at start-up ends the process
+    with a one-line reason instead of a traceback.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, factory: Factory
+    ) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:  # twist: no privileged step came first
+            self._listen()
+
+    def _listen(self) -> None:
+        outcome: list = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise SystemExit(f"twistd relay: {self.description} did not listen at once")
+        if isinstance(outcome[0], Failure):
+            raise SystemExit(
+                f"twistd relay: cannot listen on {self.description}: "
+                f"{outcome[0].getErrorMessage()}"
+            )
+        self.port = outcome[0]
+        self.log.info(
+            "listening on {endpoint}",
+            endpoint=(
+                repr(self.endpoint)
+                if isinstance(self.endpoint, UnixSocketEndpoint)
+                else self.description
+            ),
+        )
+        if not isinstance(self.endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+            return
+        host = self.port.getHost()
+        if not ipaddress.ip_address(host.host).is_loopback:
+            self.log.warn(
+                "{description} is plain TCP on {host}, reachable from other hosts with "
+                "neither encryption nor a way to tell who connects: listen on "
+                "interface=127.0.0.1, or use ssl: with client certificates "
+                "(docs/execution.md)",
+                description=self.description,
+                host=host.host,
+            )
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+    def abandon(self) -> None:
+        """
+        Give the port up at once, for a start-up that failed: the reactor
+        will not run, so the socket file is removed here, not by the port.
+        """
+        if self.port is None:
+            return
+        self.port.stopListening()
+        self.port = None
+        if isinstance(self.endpoint, UnixSocketEndpoint):
+            try:
+                os.unlink(self.endpoint.path)
+            except FileNotFoundError:
+                pass
+
+
+class RelayServices(MultiService):
+    """
+    The relay's services; a start-up that fails part-way leaves no socket
+    behind, and a stop closes the audit log only once nothing can add a
+    frame to it.
+    """
+
+    log = Logger()
+    #: The NATS bridge, if the relay has one: its stop has two steps of the order.
+    bridge: IService | None = None
+
+    def privilegedStartService(self) -> None:
+        self._start(super().privilegedStartService)
+
+    def startService(self) -> None:
+        self._start(super().startService)
+
+    def _start(self, start: Callable[[], None]) -> None:
+        try:
+            start()
+        except SystemExit:
+            for service in self:
+                if isinstance(service, ListeningService):
+                    service.abandon()
+            raise
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop in the order that loses nothing: the listeners and the status
+        page; the NATS bridge stops receiving; the relay drains its clients;
+        the bridge sends what they published; the audit log closes. A step
+        that fails is logged and the next one still runs.
+        """
+        Service.stopService(self)
+        relay = next(service for service in self if isinstance(service, RelayService))
+        bridge = self.bridge
+        first = [service for service in reversed(self.services) if service not in (relay, bridge)]
+        steps = [relay.stopService, relay.close]
+        if bridge is not None:
+            steps = [bridge.stopReceiving, relay.stopService, bridge.stopService, relay.close]
+        stopping = DeferredList([maybeDeferred(service.stopService) for service in first])
+        for step in steps:
+            stopping.addBoth(self._next, step)
+        return stopping
+
+    def _next(self, result: object, step: Callable[[], object]) -> Deferred[object]:
+        if isinstance(result, Failure):
+            self.log.failure("a step of the stop failed; going on with the next", result)
+        return maybeDeferred(step)
+
+
+class RelayService(Service):
+    """Runs the domain's life-cycle hooks and the periodic stats line."""
+
+    log = Logger()
+    #: Whether the domain and the audit log are set up.
+    prepared = False
+
+    def __init__(
+        self, factory: RelayFactory, stats_interval: float, drain_timeout: float = 5.0
+    ) -> None:
+        self.factory = factory
+        self.stats_interval = stats_interval
+        self.drain_timeout = drain_timeout
+        self._stats = LoopingCall(self._report)
+        self._stats.clock = factory.clock
+        self._heartbeat = LoopingCall(factory.heartbeat)
+        self._heartbeat.clock = factory.clock
+        self._last = self._snapshot()
+
+    def privilegedStartService(self) -> None:
+        self._prepare()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self.prepared:  # twist: no privileged step came first
+            self._prepare()
+        super().startService()
+        if self.stats_interval:
+            self._last = self._snapshot()
+            self._stats.start(self.stats_interval, now=False)
+        if self.factory.heartbeat_interval:
+            self._heartbeat.start(self.factory.heartbeat_interval, now=False)
+
+    def _prepare(self) -> None:
+        """Initialise the domain and open the audit log before any listener binds."""
+        self.prepared = True
+        factory = self.factory
+        logic, policy = factory.logic, factory.policy
+        logic.initialize()
+        if factory.writeahead is not None:
+            audit = factory.writeahead.audit
+            try:
+                factory.writeahead.start()
+            except AuditDamage as e:
+                raise SystemExit(
+                    f"twistd relay: the audit log is damaged ({e}); run 'twisted-relay "
+                    f"audit verify {audit.directory}' and move the damaged file away"
+                ) from None
+            except OSError as e:
+                raise SystemExit(
+                    f"twistd relay: cannot use the audit directory {audit.directory}: "
+                    f"{e.strerror or e}"
+                ) from None
+            if audit.directory.startswith("/tmp/"):
+                self.log.warn(
+                    "the audit log is under /tmp, which may not survive a reboot: give "
+                    "--audit-dir on persistent storage in production"
+                )
+        self.log.info(
+            "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, "
+            "checksum {checksum}, strict TLV {strict_tlv}, slow consumers: {delivery} "
+            "(high-water {high_water} bytes, low-water {low_water}, stall timeout "
+            "{stall_timeout}s), echo {echo}, scan {scan}, audit log {audit}, heartbeat "
+            "{heartbeat}, may publish: {publishers}, may subscribe: {subscribers}",
+            name=logic.name,
+            domain=logic.domain,
+            max_frame=policy.max_frame_size,
+            checksum=_onOff(policy.verify_checksum),
+            strict_tlv=_onOff(policy.strict_tlv),
+            delivery=factory.delivery.policy,
+            high_water=factory.delivery.high_water,
+            low_water=factory.delivery.low_water,
+            stall_timeout=factory.delivery.stall_timeout,
+            echo=_onOff(factory.echo),
+            scan="native" if NATIVE_SCAN else "pure Python",
+            audit=(
+                f"{factory.writeahead.audit.directory} (fsync "
+                f"{factory.writeahead.fsync_description})"
+                if factory.writeahead is not None
+                else "off"
+            ),
+            heartbeat=f"{factory.heartbeat_interval:g}s" if factory.heartbeat_interval else "off",
+            publishers=factory.access.publish or "anyone",
+            subscribers=factory.access.subscribe or "anyone",
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Drain the clients, bounded by the drain timeout."""
+        for loop in (self._stats, self._heartbeat):
+            if loop.running:
+                loop.stop()
+        super().stopService()
+        factory = self.factory
+        self.log.info(
+            "stopping: draining {clients} clients for up to {timeout}s",
+            clients=len(factory.clients),
+            timeout=self.drain_timeout,
+        )
+        return factory.drain(self.drain_timeout).addCallback(self._stopped)
+
+    def _stopped(self, _: None) -> None:
+        totals, gate = self.factory.totals, self.factory.gate
+        self.log.info(
+            "stopped: {frames_in} frames accepted, {frames_out} delivered, "
+            "{frames_dropped} dropped, {frames_lost} lost, {rejected} rejected; "
+            "publishers paused {pauses} times, longest {longest_pause:.3f}s",
+            frames_in=totals.frames_in,
+            frames_out=totals.frames_out,
+            frames_dropped=totals.frames_dropped,
+            frames_lost=totals.frames_lost,
+            rejected=sum(totals.rejects.values()),
+            pauses=gate.pauses,
+            longest_pause=gate.longest_pause,
+        )
+
+    def close(self) -> None:
+        """Close the audit log and clean up the domain, once no frame can arrive."""
+        if self.factory.writeahead is not None:
+            self.factory.writeahead.stop()
+        self.factory.logic.cleanup()
+
+    def _snapshot(self) -> _Snapshot:
+        factory = self.factory
+        totals, gate, now = factory.totals, factory.gate, factory.clock.seconds()
+        return _Snapshot(
+            now,
+            totals.frames_in,
+            totals.bytes_in,
+            totals.frames_out,
+            totals.bytes_out,
+            sum(totals.rejects.values()),
+            totals.frames_dropped,
+            totals.sequence_gaps,
+            gate.paused_seconds + (now - gate.paused_since if gate.paused else 0.0),
+        )
+
+    def _report(self) -> None:
+        now, last = self._snapshot(), self._last
+        elapsed = (now.time - last.time) or 1e-9
+        self.log.info(
+            "stats: {clients} clients; in {in_fps:.1f} frames/s {in_mbps:.2f} MB/s; "
+            "out {out_fps:.1f} frames/s {out_mbps:.2f} MB/s; {new_rejects} rejects "
+            "({rejects} since start); {new_dropped} frames dropped, {new_gaps} sequence "
+            "gaps, publishers paused {paused:.3f}s",
+            clients=len(self.factory.clients),
+            in_fps=(now.frames_in - last.frames_in) / elapsed,
+            in_mbps=(now.bytes_in - last.bytes_in) / elapsed / 1e6,
+            out_fps=(now.frames_out - last.frames_out) / elapsed,
+            out_mbps=(now.bytes_out - last.bytes_out) / elapsed / 1e6,
+            new_rejects=now.rejects - last.rejects,
+            rejects=now.rejects,
+            reject_reasons=dict(self.factory.totals.rejects),
+            new_dropped=now.dropped - last.dropped,
+            new_gaps=now.gaps - last.gaps,
+            paused=now.paused - last.paused,
+        )
+        self._last = now
+
+
+class _Snapshot(NamedTuple):
+    """Totals at one instant, so the stats line can report differences."""
+
+    time: float
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    rejects: int
+    dropped: int
+    gaps: int
+    paused: float
