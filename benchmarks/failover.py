@@ -21,10 +21,14 @@ import threading
 import time
 import urllib.request
 
-from tests.helpers import orders
-from tests.natscluster import NatsCluster, bridged_relay, start_bridged
-from tests.relayprocess import RelayProcess
 from twisted_relay.client import BlockingClient
+from twisted_relay.testing import (
+    NatsCluster,
+    RelayProcess,
+    bridged_relay,
+    orders,
+    start_bridged,
+)
 
 
 def start(workdir: str, cluster: NatsCluster, name: str, node: int) -> tuple[str, str, RelayProcess]:

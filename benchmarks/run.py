@@ -202,7 +202,7 @@ def start_relays(case: Case, workdir: str, cluster) -> tuple[str, str, list[subp
 def run_case(case: Case, workdir: str) -> dict:
     cluster = None
     if case.relay == "bridge":
-        from tests.natscluster import NatsCluster
+        from twisted_relay.testing import NatsCluster
 
         cluster = NatsCluster(tempfile.mkdtemp(prefix="nats-", dir=workdir)).start()
     processes: list[subprocess.Popen] = []

@@ -18,8 +18,9 @@ import urllib.request
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.cli import describe, synthetic
+from twisted_relay.cli import describe
 from twisted_relay.domains import BUILTIN_DOMAINS
+from twisted_relay.testing import synthetic
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import build_frame, unpack_header
 

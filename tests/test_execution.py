@@ -39,6 +39,7 @@ from .helpers import (
     frames_in,
     make_relay,
     published,
+    temp_dir,
 )
 
 
@@ -329,9 +330,10 @@ class HeartbeatTests(SynchronousTestCase):
         /dev/full: ENOSPC), heartbeats carry the last sequence forwarded, not
         the last accepted; once the held frames go out, they catch up.
         """
-        relay = audited_relay(self)
+        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)))
         service = RelayService(relay, 0)
-        service.startService()
+        service.startService()  # as twist starts it: the audit log opens here
+        self.addCleanup(relay.writeahead.stop)
         self.addCleanup(service._heartbeat.stop)
         publisher, subscriber = connect(relay), connect(relay)
         publisher.dataReceived(control_frame(publish_only=True))

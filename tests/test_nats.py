@@ -19,10 +19,10 @@ import pytest
 
 from twisted_relay.audit import LogReader, audit_paths
 from twisted_relay.client import BlockingClient
+from twisted_relay.testing import NatsCluster, bridged_relay, start_bridged
 from twisted_relay.wire import build_frame
 
 from .helpers import orders
-from .natscluster import NatsCluster, bridged_relay, start_bridged
 from .relayprocess import RelayProcess, limit_file_size
 
 TIMEOUT = 30.0

@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -56,7 +56,7 @@ class OptionsTests(SynchronousTestCase):
             (policy.max_frame_size, policy.verify_checksum, policy.strict_tlv),
             (16 * 1024 * 1024, False, False),
         )
-        [listener] = list(makeService(options, MemoryReactor()))[1:]
+        [listener] = list(makeService(options, MemoryReactorClock()))[1:]
         endpoint = listener.endpoint
         self.assertIsInstance(endpoint, UnixSocketEndpoint)
         self.assertEqual((endpoint.path, endpoint.mode), ("/tmp/torq/market_data.sock", 0o660))
@@ -137,7 +137,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_services(self) -> None:
         """The relay service comes first, then one listener per --listen, in order."""
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         top = makeService(parse("--listen", "unix:/tmp/a/1.sock", "--listen", "tcp:7001"), reactor)
         relay, *listeners = list(top)
         self.assertIsInstance(relay, RelayService)
@@ -260,9 +260,25 @@ class ListeningServiceTests(SynchronousTestCase):
         service.privilegedStartService()
         service.startService()
         self.successResultOf(service.stopService())
-        service.startService()
         service.stopService()
         self.assertEqual(stopped, [True])
+
+    def test_listensOnceUnderEitherRunner(self) -> None:
+        """twistd's privileged step listens and startService does not again; twist's startService listens."""
+        listened: list[Factory] = []
+
+        @implementer(IStreamServerEndpoint)
+        class Endpoint:
+            def listen(self, factory):
+                listened.append(factory)
+                return succeed(MemoryReactor().listenTCP(0, factory))
+
+        twistd = ListeningService("x", Endpoint(), Factory())
+        twistd.privilegedStartService()
+        twistd.startService()
+        twist = ListeningService("y", Endpoint(), Factory())
+        twist.startService()
+        self.assertEqual(listened, [twistd.factory, twist.factory])
 
 
 class RecordingDomain:

@@ -18,13 +18,13 @@ from datetime import datetime, timedelta, timezone
 from .audit import AuditDamage, LogReader, Record, audit_paths, verify
 from .client import BlockingClient
 from .domains import UnknownDomain, find_domain
+from .testing import SYNTHETIC, synthetic
 from .wire import (
     HEADER_SIZE,
     Domain,
     FrameError,
     Header,
     Source,
-    build_frame,
     tlv_spans,
     unpack_header,
 )
@@ -37,13 +37,6 @@ TLV_NAMES = {
     45: "ExecutionReport", 60: "RiskDecision", 61: "PositionUpdate", 71: "CircuitBreaker",
     100: "Heartbeat", 101: "Snapshot", 102: "Error", 110: "RecoveryRequest",
     111: "RecoveryResponse", 112: "SequenceSync",
-}
-
-#: What the synthetic publisher sends per domain: its source and its TLVs.
-SYNTHETIC = {
-    Domain.MARKET_DATA: (Source.BINANCE, [(1, 40), (2, 52)]),
-    Domain.SIGNAL: (Source.ARBITRAGE_STRATEGY, [(20, 16), (22, 32)]),
-    Domain.EXECUTION: (Source.EXECUTION_ENGINE, [(40, 48)]),
 }
 
 EXAMPLES = {
@@ -216,16 +209,6 @@ def received(relay: BlockingClient, args: argparse.Namespace) -> Iterator[tuple[
         yield from relay.frames(timeout=args.timeout)
     except ConnectionError as e:
         raise Failed(f"lost the relay at {where(args)}: {e}") from None
-
-
-def synthetic(domain: int, count: int, source: int | None) -> Iterator[bytes]:
-    """Well-formed frames of C{domain}, sequences 1..count, CRC-32 filled in."""
-    default_source, kinds = SYNTHETIC[Domain(domain)]
-    source = default_source if source is None else source
-    for sequence in range(1, count + 1):
-        tlv_type, length = kinds[sequence % len(kinds)]
-        value = sequence.to_bytes(8, "little") * (length // 8)
-        yield build_frame(domain, source, sequence, [(tlv_type, value)])
 
 
 def publish(args: argparse.Namespace) -> None:
