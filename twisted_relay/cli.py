@@ -21,6 +21,7 @@ from .domains import UnknownDomain, find_domain
 from .testing import SYNTHETIC, synthetic
 from .wire import (
     HEADER_SIZE,
+    TLV_NAMES,
     Domain,
     FrameError,
     Header,
@@ -28,16 +29,6 @@ from .wire import (
     tlv_spans,
     unpack_header,
 )
-
-#: Names of the TLV types the tools print, from protocol-v2.md.
-TLV_NAMES = {
-    1: "Trade", 2: "Quote", 3: "OrderBook", 11: "PoolSwap", 16: "PoolSync", 18: "GasPrice",
-    20: "SignalIdentity", 22: "Economics", 32: "ArbitrageSignal",
-    40: "OrderRequest", 41: "OrderStatus", 42: "Fill", 43: "OrderCancel", 44: "OrderModify",
-    45: "ExecutionReport", 60: "RiskDecision", 61: "PositionUpdate", 71: "CircuitBreaker",
-    100: "Heartbeat", 101: "Snapshot", 102: "Error", 110: "RecoveryRequest",
-    111: "RecoveryResponse", 112: "SequenceSync",
-}
 
 EXAMPLES = {
     "tap": """examples:
@@ -58,8 +49,7 @@ EXAMPLES = {
   twisted-relay replay DIR --json --source 42 --from-sequence 1000 --to-sequence 1999
   twisted-relay replay DIR --since 2026-11-25T14:00:00 --until 2026-11-25T14:05:00
   twisted-relay replay DIR --since 1795615200000000000 --to unix:/tmp/x/e.sock""",
-    "audit verify": """examples:
-  twisted-relay audit verify /tmp/torq/audit/execution""",
+    "audit verify": "examples:\n  twisted-relay audit verify /tmp/torq/audit/execution",
 }
 
 #: Frames sent to the relay per write by publish and replay --to.

@@ -84,6 +84,16 @@ COMPLIANCE_TLVS = range(80, 100)
 SYSTEM_TLVS = range(100, 120)
 VENDOR_TLVS = range(200, 255)
 
+#: Names of the TLV types, from protocol-v2.md, as the tools print them.
+TLV_NAMES = {
+    1: "Trade", 2: "Quote", 3: "OrderBook", 11: "PoolSwap", 16: "PoolSync", 18: "GasPrice",
+    20: "SignalIdentity", 22: "Economics", 32: "ArbitrageSignal",
+    40: "OrderRequest", 41: "OrderStatus", 42: "Fill", 43: "OrderCancel", 44: "OrderModify",
+    45: "ExecutionReport", 60: "RiskDecision", 61: "PositionUpdate", 71: "CircuitBreaker",
+    100: "Heartbeat", 101: "Snapshot", 102: "Error", 110: "RecoveryRequest",
+    111: "RecoveryResponse", 112: "SequenceSync",
+}
+
 
 class Header(NamedTuple):
     """A decoded 32-byte Protocol V2 header, fields in wire order."""

@@ -17,10 +17,11 @@ wait in the outbox, counted in bytes against the high-water mark:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -347,3 +348,50 @@ class PublisherGate:
             STALLED_CONSUMER,
             f"over the high-water mark for {timeout:g}s with {outbox.queued} bytes queued",
         )
+
+
+class Draining(Protocol):
+    """A connected client as a drain sees it (a L{protocol.RelayProtocol})."""
+
+    stats: ClientStats
+    outbox: Outbox
+    transport: ITransport
+
+
+class Drain:
+    """
+    A relay's shutdown: stop reading from every client, give what is queued
+    for them at most C{timeout} seconds to be written, then close whatever
+    is left. C{done} fires once every client is gone.
+
+    @param clients: the connected clients, a live view: those left at the
+        timeout are closed.
+    """
+
+    log = Logger()
+
+    def __init__(self, clients: Collection[Draining], clock: IReactorTime, timeout: float) -> None:
+        self.done: Deferred[None] = Deferred()
+        if not clients:
+            self.done.callback(None)
+            return
+        for client in tuple(clients):
+            client.transport.pauseProducing()  # type: ignore[attr-defined]
+            client.outbox.flushAndClose(timeout)
+        timer = clock.callLater(timeout, self._timedOut, clients, timeout)
+        self.done.addCallback(lambda _: timer.cancel() if timer.active() else None)
+
+    def left(self, remaining: int) -> None:
+        """A client is gone; C{remaining} are still connected."""
+        if not remaining and not self.done.called:
+            self.done.callback(None)
+
+    def _timedOut(self, clients: Collection[Draining], timeout: float) -> None:
+        for client in tuple(clients):
+            self.log.error(
+                "client {client_id} did not take all its data within the drain "
+                "timeout of {timeout}s; closing it",
+                client_id=client.stats.client_id,
+                timeout=timeout,
+            )
+            client.transport.abortConnection()  # type: ignore[attr-defined]

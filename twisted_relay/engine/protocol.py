@@ -54,8 +54,8 @@ class RelayProtocol(Protocol):
     Twisted calls C{connectionMade}, C{dataReceived}, C{handshakeCompleted}
     and C{connectionLost}; the ingest calls back with a control frame or
     when the framing is lost. The relay reads C{stats}, C{outbox} and
-    C{ingest}, and is the only writer of C{subscription}, C{may_subscribe},
-    C{audit_index} and C{heard}.
+    C{ingest}, and is the only writer of C{subscription}, C{may_subscribe}
+    and C{audit_index}.
     """
 
     log = Logger()
@@ -66,8 +66,6 @@ class RelayProtocol(Protocol):
     #: What the client receives; nothing until the relay settles it.
     subscription: Subscription = NOTHING
     may_subscribe = True
-    #: The client's bytes_out when the heartbeat last looked at it.
-    heard = -1
     #: The first audit record this client could have received live.
     audit_index = 0
     _closing = False

@@ -5,7 +5,6 @@ receive, and the fan-out of accepted frames to every client but the sender.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Protocol
@@ -27,7 +26,6 @@ from ..control import (
     NOTHING,
     Control,
     Subscription,
-    heartbeat_frame,
     recovery_response_frame,
     relay_info_frame,
 )
@@ -35,7 +33,8 @@ from ..interfaces import IRelayLogic
 from ..validation import FramePolicy
 from ..wire import Header, frame_spans
 from .accounting import Accounting, Counters
-from .delivery import DeliverySettings, PublisherGate
+from .delivery import DeliverySettings, Drain, PublisherGate
+from .heartbeat import Heartbeats, Listener
 from .ingest import Ingest
 from .protocol import RelayProtocol
 from .recovery import Replay
@@ -52,14 +51,11 @@ class Outlet(Protocol):
 class RelayFactory(ServerFactory):
     """
     Tracks the connected clients and broadcasts every accepted frame to all of
-    them except its sender (unless C{echo}), each through its L{Outbox}.
+    them except its sender (unless C{echo}), each through its L{Outbox};
+    L{broadcast} is the one place where accepted frames enter fan-out, through
+    the L{WriteAhead} first if there is an C{audit} log.
 
-    L{broadcast} is the one place where accepted frames enter fan-out. Its
-    counters are in C{accounting}; with an C{audit} log, accepted frames go
-    through the L{WriteAhead} first.
-
-    @ivar outlet: where accepted local frames also go (the NATS bridge), set
-        by whoever wires the relay.
+    @ivar outlet: where accepted local frames also go (the NATS bridge).
     """
 
     protocol = RelayProtocol
@@ -80,9 +76,8 @@ class RelayFactory(ServerFactory):
         clock: IReactorTime | None = None,
     ) -> None:
         """
-        @param audit: the write-ahead audit log, if the relay keeps one.
-        @param fsync_interval: seconds between syncs of C{audit}; C{None}
-            syncs before every forward.
+        @param audit: the write-ahead audit log, if any, synced every
+            C{fsync_interval} seconds (C{None}: before every forward).
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -117,13 +112,20 @@ class RelayFactory(ServerFactory):
             )
         )
         self.outlet: Outlet | None = None
+        self.heartbeats = Heartbeats(
+            logic.domain,
+            heartbeat,
+            sequences=lambda: (
+                self.sequences if self.writeahead is None else self.writeahead.forwardedSequences()
+            ),
+            accounting=self.accounting,
+            deliver=self._deliver,
+        )
         self.draining = False
-        self._heartbeats = itertools.count(1)
-        self._drained: Deferred[None] | None = None
+        self._drain: Drain | None = None
 
     @property
     def totals(self) -> Counters:
-        """The relay's counters, all clients together."""
         return self.accounting.totals
 
     def register(self, client: RelayProtocol, peer: Peer) -> None:
@@ -191,8 +193,8 @@ class RelayFactory(ServerFactory):
             rejects=dict(stats.rejects),
             clients=len(self.clients),
         )
-        if self._drained is not None and not self.clients:
-            self._drained.callback(None)
+        if self._drain is not None:
+            self._drain.left(len(self.clients))
 
     def controlReceived(self, client: RelayProtocol, control: Control) -> None:
         """A new subscription, answered with the relay's RelayInfo; a replay."""
@@ -325,7 +327,7 @@ class RelayFactory(ServerFactory):
                 if picked:
                     self._deliver(client, picked, len(picked), sum(map(len, picked)))
 
-    def _deliver(self, client: RelayProtocol, runs: list[bytes], frames: int, size: int) -> None:
+    def _deliver(self, client: Listener, runs: list[bytes], frames: int, size: int) -> None:
         try:
             client.outbox.send(runs, frames, size)
         except Exception:
@@ -337,60 +339,14 @@ class RelayFactory(ServerFactory):
             client.transport.abortConnection()
 
     def heartbeat(self) -> None:
-        """
-        Send a heartbeat to every client that was sent nothing since the
-        last call (publish-only clients excepted).
-        """
-        frame = None
-        writeahead = self.writeahead
-        for client in tuple(self.clients.values()):
-            stats = client.stats
-            if client.outbox.replay is None and client.subscription.publish_only:
-                continue
-            if stats.bytes_out != client.heard:
-                client.heard = stats.bytes_out
-                continue
-            if frame is None:
-                frame = heartbeat_frame(
-                    self.logic.domain,
-                    next(self._heartbeats),
-                    self.heartbeat_interval,
-                    self.sequences if writeahead is None else writeahead.forwardedSequences(),
-                )
-            self._deliver(client, [frame], 0, len(frame))
-            client.heard = stats.bytes_out
-            self.accounting.heartbeat(stats)
+        """Send a heartbeat to every client that was sent nothing since the last call."""
+        self.heartbeats.beat(self.clients.values())
 
     def drain(self, timeout: float) -> Deferred[None]:
-        """
-        Stop reading from every client, give what is queued for them at most
-        C{timeout} seconds to be written, then close whatever is left.
-        """
+        """Shut down: what is queued for the clients gets C{timeout} seconds (L{Drain})."""
         self.draining = self.gate.draining = True
-        self._drained = drained = Deferred()
-        if not self.clients:
-            drained.callback(None)
-            return drained
-        for client in tuple(self.clients.values()):
-            client.transport.pauseProducing()
-            client.outbox.flushAndClose(timeout)
-        timer = self.clock.callLater(timeout, self._drainTimedOut, timeout)
-
-        def finished(result: None) -> None:
-            if timer.active():
-                timer.cancel()
-
-        return drained.addCallback(finished)
-
-    def _drainTimedOut(self, timeout: float) -> None:
-        for client in tuple(self.clients.values()):
-            self.log.error(
-                "client {client_id} did not take all its data within the drain "
-                "timeout of {timeout}s; closing it",
-                client_id=client.stats.client_id,
-                timeout=timeout,
-            )
-            client.transport.abortConnection()
+        self._drain = Drain(self.clients.values(), self.clock, timeout)
+        return self._drain.done
 
 
 def _describe(subscription: Subscription) -> str:
