@@ -142,8 +142,8 @@ class MakeServiceTests(SynchronousTestCase):
         relay, *listeners = list(top)
         self.assertIsInstance(relay, RelayService)
         self.assertIs(relay.factory.clock, reactor)
-        self.assertEqual([l.description for l in listeners], ["unix:/tmp/a/1.sock", "tcp:7001"])
-        self.assertTrue(all(l.factory is relay.factory for l in listeners))
+        self.assertEqual([s.description for s in listeners], ["unix:/tmp/a/1.sock", "tcp:7001"])
+        self.assertTrue(all(s.factory is relay.factory for s in listeners))
 
 
 class UmaskReactor(MemoryReactor):

@@ -17,10 +17,14 @@ import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.interfaces import ISSLTransport, ITransport
 
 from .wire import FramingLost
+
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
 
 _PEERCRED = struct.Struct("3i")
 
@@ -60,8 +64,9 @@ def peer_of(transport: ITransport) -> Peer:
     peer = transport.getPeer()
     host, port = getattr(peer, "host", None), getattr(peer, "port", None)
     address = f"{host}:{port}" if host is not None else str(peer)
-    certificate = (
-        transport.getPeerCertificate() if ISSLTransport.providedBy(transport) else None
+    certificate = cast(
+        "X509 | None",
+        transport.getPeerCertificate() if ISSLTransport.providedBy(transport) else None,
     )
     if certificate is None:
         return Peer(address)

@@ -13,12 +13,14 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .control import (
     REPLAYING,
@@ -32,6 +34,16 @@ from .control import (
 from .domains import MARKET
 from .framing import Framer
 from .wire import HEADER_SIZE, FramingLost, Header
+
+__all__ = [
+    "BlockingClient",
+    "DEFAULT_MAX_FRAME",
+    "Incoming",
+    "MISSED_HEARTBEATS",
+    "RelayClientProtocol",
+    "RelayDead",
+    "relay_service",
+]
 
 #: The largest frame any shipped domain carries (market data).
 DEFAULT_MAX_FRAME = MARKET.max_frame_size
@@ -139,6 +151,8 @@ class RelayClientProtocol(Declaring, Protocol):
     max_frame_size = DEFAULT_MAX_FRAME
     clock: IReactorTime | None = None
     _silence: IDelayedCall | None = None
+    #: Set by Twisted before C{connectionMade}.
+    transport: ITransport
 
     def connectionMade(self) -> None:
         self._framer = Framer(self.max_frame_size)
@@ -165,18 +179,20 @@ class RelayClientProtocol(Declaring, Protocol):
         if self._silence is not None and self._silence.active():
             self._silence.reset(interval * MISSED_HEARTBEATS)
         else:
+            assert self.clock is not None
             self._silence = self.clock.callLater(interval * MISSED_HEARTBEATS, self._dead)
 
     def _dead(self) -> None:
+        assert self.incoming.heartbeat_interval is not None
         self.log.warn(
             "nothing from the relay for {seconds:g}s ({missed} heartbeat intervals): "
             "taking it for dead and disconnecting",
             seconds=self.incoming.heartbeat_interval * MISSED_HEARTBEATS,
             missed=MISSED_HEARTBEATS,
         )
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
 

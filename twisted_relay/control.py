@@ -45,6 +45,39 @@ from .wire import (
     tlv_spans,
 )
 
+__all__ = [
+    "BUSY",
+    "BadControlFrame",
+    "CONTROL_TLVS",
+    "Control",
+    "EVERYTHING",
+    "HEARTBEAT",
+    "NOTHING",
+    "NOT_SUBSCRIBED",
+    "NO_AUDIT_LOG",
+    "RECOVERY_REQUEST",
+    "RECOVERY_RESPONSE",
+    "RELAY_INFO",
+    "RELAY_ROLE",
+    "RELAY_SOURCES",
+    "REPLAYING",
+    "ROLE_BOTH",
+    "ROLE_PUBLISH_ONLY",
+    "SUBSCRIBE_SOURCES",
+    "SUBSCRIBE_TLV_TYPES",
+    "Subscription",
+    "control_frame",
+    "heartbeat_frame",
+    "is_control",
+    "parse_control",
+    "parse_heartbeat",
+    "parse_recovery_response",
+    "parse_relay_info",
+    "recovery_frame",
+    "recovery_response_frame",
+    "relay_info_frame",
+]
+
 RELAY_ROLE = 250
 SUBSCRIBE_SOURCES = 251
 SUBSCRIBE_TLV_TYPES = 252
@@ -68,7 +101,7 @@ NOT_SUBSCRIBED = 3
 _RECOVERY_RESPONSE = struct.Struct("<BQB")
 
 #: The source type the relay of each domain puts on the frames it makes.
-RELAY_SOURCES = {
+RELAY_SOURCES: dict[int, int] = {
     Domain.MARKET_DATA: Source.MARKET_DATA_RELAY,
     Domain.SIGNAL: Source.SIGNAL_RELAY,
     Domain.EXECUTION: Source.EXECUTION_RELAY,

@@ -22,6 +22,17 @@ from .wire import (
     MiB,
 )
 
+__all__ = [
+    "BUILTIN_DOMAINS",
+    "EXECUTION",
+    "MARKET",
+    "RelayDomain",
+    "SIGNAL",
+    "UnknownDomain",
+    "available_domains",
+    "find_domain",
+]
+
 
 @implementer(IRelayLogic, IPlugin)
 @dataclass(frozen=True)

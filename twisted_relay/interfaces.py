@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
+__all__ = [
+    "DELIVERY_POLICIES",
+    "IRelayLogic",
+]
+
 #: Names of the slow-consumer policies a domain may ask for.
 DELIVERY_POLICIES = ("drop", "disconnect", "block")
 

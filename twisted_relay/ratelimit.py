@@ -5,8 +5,13 @@ Rate limiting for log events, so a flood of bad frames cannot flood the log.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import Protocol
 
-from twisted.internet.interfaces import IReactorTime
+
+class Clock(Protocol):
+    """What a rate limiter reads the time from (a Twisted reactor or C{Clock})."""
+
+    def seconds(self) -> float: ...
 
 
 class RateLimiter:
@@ -16,7 +21,7 @@ class RateLimiter:
     held back: nothing is hidden, only summarised.
     """
 
-    def __init__(self, clock: IReactorTime, burst: int = 5, interval: float = 1.0) -> None:
+    def __init__(self, clock: Clock, burst: int = 5, interval: float = 1.0) -> None:
         self._clock = clock
         self._burst = burst
         self._interval = interval

@@ -49,7 +49,7 @@ def scan_run_python(
 
 
 try:
-    from ._cscan import scan_run
+    from ._cscan import scan_run  # type: ignore[import-not-found]
 except ImportError:  # no compiler where this was installed
     scan_run = scan_run_python
     NATIVE = False

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import cast
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
@@ -53,7 +54,7 @@ __all__ = [
     "synthetic",
 ]
 
-TLV_FOR_DOMAIN = {Domain.MARKET_DATA: 1, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
+TLV_FOR_DOMAIN: dict[int, int] = {Domain.MARKET_DATA: 1, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
 DOMAINS = {MARKET.domain: MARKET, SIGNAL.domain: SIGNAL, EXECUTION.domain: EXECUTION}
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -168,7 +169,7 @@ def free_ports(count: int) -> list[int]:
 def script(name: str = "twistd") -> str:
     """The command C{name} (twistd, twist) of the environment running the tests."""
     beside = os.path.join(os.path.dirname(sys.executable), name)
-    return beside if os.path.exists(beside) else shutil.which(name)
+    return beside if os.path.exists(beside) else cast(str, shutil.which(name))
 
 
 def limit_file_size() -> None:
@@ -225,6 +226,7 @@ class RelayProcess:
 
     def wait_listening(self, count: int = 1) -> RelayProcess:
         """Block until the relay logged C{count} 'listening on' lines."""
+        assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while self.log().count("listening on ") < count:
             if self.process.poll() is not None:
@@ -236,6 +238,7 @@ class RelayProcess:
 
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
         """The exit code, once the process has ended."""
+        assert self.process is not None
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -247,6 +250,7 @@ class RelayProcess:
         return self.process.returncode
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(sig)
         result = self.wait_exit(timeout)
@@ -259,7 +263,7 @@ READY_TIMEOUT = 30.0
 
 def nats_server() -> str:
     beside = os.path.join(os.path.dirname(sys.executable), "nats-server")
-    return beside if os.path.exists(beside) else shutil.which("nats-server")
+    return beside if os.path.exists(beside) else cast(str, shutil.which("nats-server"))
 
 
 class Node:
@@ -291,12 +295,14 @@ class Node:
 
     def kill(self) -> None:
         """kill -9, by pid."""
+        assert self.process is not None
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
         self._log.close()
 
     def stop(self) -> None:
+        assert self.process is not None
         if self.process.poll() is None:
             self.process.terminate()
             try:

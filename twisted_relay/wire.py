@@ -15,6 +15,55 @@ from collections.abc import Iterable, Iterator
 from enum import IntEnum
 from typing import ClassVar, NamedTuple
 
+__all__ = [
+    "BadChecksum",
+    "BadMagic",
+    "CHECKED_HEADER_SIZE",
+    "CHECKSUM_OFFSET",
+    "COMPLIANCE_TLVS",
+    "Domain",
+    "EXECUTION_TLVS",
+    "EXTENDED_TLV",
+    "FrameError",
+    "FrameRejected",
+    "FrameTooLarge",
+    "FramingLost",
+    "HEADER",
+    "HEADER_SIZE",
+    "Header",
+    "IncompleteFrame",
+    "KiB",
+    "MAGIC",
+    "MAGIC_BYTES",
+    "MARKET_DATA_TLVS",
+    "MAX_EXTENDED_TLV",
+    "MAX_STANDARD_TLV",
+    "MiB",
+    "NotForwarded",
+    "PAYLOAD_SIZE_OFFSET",
+    "PORTFOLIO_RISK_TLVS",
+    "REJECT_REASONS",
+    "ROUTING",
+    "SIGNAL_TLVS",
+    "SOURCE_SEQUENCE",
+    "SYSTEM_TLVS",
+    "Source",
+    "TLV_NAMES",
+    "TruncatedTLV",
+    "UINT32",
+    "UnknownTLVType",
+    "UnsupportedVersion",
+    "VENDOR_TLVS",
+    "VERSION",
+    "build_frame",
+    "encode_tlvs",
+    "frame_checksum",
+    "frame_spans",
+    "iter_tlvs",
+    "tlv_spans",
+    "unpack_header",
+]
+
 MAGIC = 0xDEADBEEF
 VERSION = 1
 HEADER = struct.Struct("<IBBBBQQII")
@@ -195,7 +244,9 @@ def frame_spans(runs: Iterable[bytes]) -> Iterator[tuple[bytes, int, int, Header
             offset = end
 
 
-def tlv_spans(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
+def tlv_spans(
+    buf: bytes | bytearray | memoryview, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, int, int]]:
     """
     Walk the TLVs of the payload C{buf[start:end]}, yielding C{(type,
     value_start, value_end)} offsets into C{buf} for standard and extended

@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import stat
+from typing import cast
 
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import (
@@ -37,6 +38,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IListeningPort,
+    IProtocolFactory,
     IReactorSSL,
     IReactorUNIX,
     IStreamServerEndpoint,
@@ -95,10 +97,10 @@ class UnixSocketEndpoint:
     def __repr__(self) -> str:
         return f"unix:{self.path} (mode {self.mode:04o})"
 
-    def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return execute(self._listen, protocolFactory)
 
-    def _listen(self, protocolFactory: Factory) -> IListeningPort:
+    def _listen(self, protocolFactory: IProtocolFactory) -> IListeningPort:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
         lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -108,7 +110,7 @@ class UnixSocketEndpoint:
             previous = os.umask(0o777 & ~self.mode)
             try:
                 return self._reactor.listenUNIX(
-                    self.path, protocolFactory, backlog=self.backlog, mode=self.mode
+                    self.path, cast(Factory, protocolFactory), backlog=self.backlog, mode=self.mode
                 )
             finally:
                 os.umask(previous)

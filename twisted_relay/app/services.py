@@ -15,13 +15,13 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +30,9 @@ from ..audit import AuditDamage
 from ..engine.relay import RelayFactory
 from ..scan import NATIVE as NATIVE_SCAN
 from .endpoints import UnixSocketEndpoint
+
+if TYPE_CHECKING:
+    from ..bridge.service import NatsBridge
 
 
 def _onOff(flag: bool) -> str:
@@ -45,7 +48,7 @@ class ListeningService(Service):
     log = Logger()
 
     def __init__(
-        self, description: str, endpoint: IStreamServerEndpoint, factory: Factory
+        self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
     ) -> None:
         self.description = description
         self.endpoint = endpoint
@@ -82,7 +85,7 @@ class ListeningService(Service):
         )
         if not isinstance(self.endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
             return
-        host = self.port.getHost()
+        host = cast("IPv4Address | IPv6Address", self.port.getHost())
         if not ipaddress.ip_address(host.host).is_loopback:
             self.log.warn(
                 "{description} is plain TCP on {host}, reachable from other hosts with "
@@ -124,7 +127,7 @@ class RelayServices(MultiService):
 
     log = Logger()
     #: The NATS bridge, if the relay has one: its stop has two steps of the order.
-    bridge: IService | None = None
+    bridge: NatsBridge | None = None
 
     def privilegedStartService(self) -> None:
         self._start(super().privilegedStartService)
@@ -158,7 +161,8 @@ class RelayServices(MultiService):
         stopping = DeferredList([maybeDeferred(service.stopService) for service in first])
         for step in steps:
             stopping.addBoth(self._next, step)
-        return stopping
+        # Fires with what the last step, relay.close, returns: None.
+        return cast("Deferred[None]", stopping)
 
     def _next(self, result: object, step: Callable[[], object]) -> Deferred[object]:
         if isinstance(result, Failure):
@@ -299,7 +303,7 @@ class RelayService(Service):
             sum(totals.rejects.values()),
             totals.frames_dropped,
             totals.sequence_gaps,
-            gate.paused_seconds + (now - gate.paused_since if gate.paused else 0.0),
+            gate.paused_seconds + (now - cast(float, gate.paused_since) if gate.paused else 0.0),
         )
 
     def _report(self) -> None:

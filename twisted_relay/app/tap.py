@@ -6,14 +6,15 @@ services from it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import socket
 import sys
+from typing import cast
 
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorCore
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore, IReactorTime
 from twisted.python import usage
 
 from ..access import Access, AccessList
@@ -261,12 +262,10 @@ Examples:
         another one was chosen (twistd -r).
         """
         self["nats"] = [url.strip() for url in self["nats"].split(",") if url.strip()]
-        try:
-            import nats  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("nats") is None:  # imported by the bridge alone
             raise usage.UsageError(
                 "--nats needs the NATS client: pip install 'twisted_relay[nats]'"
-            ) from None
+            )
         if "twisted.internet.reactor" not in sys.modules:
             from twisted.internet import asyncioreactor
 
@@ -336,7 +335,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         from twisted.internet import reactor
     assert reactor is not None
 
-    def listening(description: str, factory: Factory) -> ListeningService:
+    def listening(description: str, factory: IProtocolFactory) -> ListeningService:
         endpoint = server_endpoint(reactor, description, options["mode"])
         return ListeningService(description, endpoint, factory)
 
@@ -354,7 +353,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         heartbeat=options["heartbeat"],
         audit=audit,
         fsync_interval=options["audit-fsync"],
-        clock=reactor,
+        clock=cast(IReactorTime, reactor),
     )
     top = RelayServices()
     RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)

@@ -55,7 +55,7 @@ _READ_SIZE = 1 << 20
 class Record(NamedTuple):
     """One audited frame and where it is."""
 
-    index: int
+    index: int  # type: ignore[assignment]
     received_ns: int
     client_id: int
     frame: bytes

@@ -223,7 +223,7 @@ def audit_records_python(
 
 
 try:
-    from .._cscan import audit_records
+    from .._cscan import audit_records  # type: ignore[import-not-found]
 except ImportError:
     audit_records = audit_records_python
 

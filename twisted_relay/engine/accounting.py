@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -219,7 +220,7 @@ class Accounting:
             stats.sequence_regressions += 1
             totals.sequence_regressions += 1
             kind = "regression"
-        event = dict(
+        event: dict[str, Any] = dict(
             format="sequence {kind} from client {client_id}, source {source}: {sequence} "
             "after {last}",
             kind=kind,

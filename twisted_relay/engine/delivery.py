@@ -19,13 +19,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
+    ITCPTransport,
     ITransport,
 )
 from twisted.logger import Logger
@@ -144,7 +146,7 @@ class Outbox:
         #: The replay that has the client, once what is queued is written.
         self.replay: Replaying | None = None
         self._closeDeadline: IDelayedCall | None = None
-        transport.registerProducer(self, True)
+        cast(IConsumer, transport).registerProducer(self, True)
 
     def send(self, runs: list[bytes], frames: int, size: int) -> None:
         """Deliver C{runs}, holding C{frames} whole frames, or apply the policy."""
@@ -202,6 +204,7 @@ class Outbox:
             if item is _REPLAY:
                 # What follows in the queue is the relay's own frames (the
                 # client is off the live stream): they go out as before.
+                assert self.replay is not None
                 self.replay.begin()
                 continue
             runs, frames, size = item
@@ -240,7 +243,7 @@ class Outbox:
             return
         self.accounting.cutOff(self.stats, reason, detail)
         self.close()
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def flushAndClose(self, deadline: float) -> None:
         """
@@ -258,9 +261,11 @@ class Outbox:
                 self.write(runs, frames, size)
         self.close()
         transport = self.transport
-        transport.unregisterProducer()
+        cast(IConsumer, transport).unregisterProducer()
         transport.loseConnection()
-        self._closeDeadline = self.clock.callLater(deadline, transport.abortConnection)
+        self._closeDeadline = self.clock.callLater(
+            deadline, cast(ITCPTransport, transport).abortConnection
+        )
 
     def disconnected(self) -> None:
         """The connection is gone: no deadline is needed any more."""

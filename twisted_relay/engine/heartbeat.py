@@ -10,6 +10,8 @@ import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
+from twisted.internet.interfaces import ITransport
+
 from ..control import Subscription, heartbeat_frame
 from .accounting import Accounting, ClientStats
 from .delivery import Outbox
@@ -21,6 +23,7 @@ class Listener(Protocol):
     stats: ClientStats
     outbox: Outbox
     subscription: Subscription
+    transport: ITransport
 
 
 class Heartbeats:

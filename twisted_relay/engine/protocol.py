@@ -8,8 +8,15 @@ life through the few calls of L{Relay}.
 from __future__ import annotations
 
 from typing import Protocol as TypingProtocol
+from typing import cast
 
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,6 +67,8 @@ class RelayProtocol(Protocol):
 
     log = Logger()
     factory: Relay
+    #: Set by Twisted before C{connectionMade}.
+    transport: ITransport
     stats: ClientStats
     outbox: Outbox
     ingest: Ingest
@@ -112,9 +121,9 @@ class RelayProtocol(Protocol):
             self._closing = True
             self.stats.close_reason = "internal error"
             self.outbox.close()
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if not (self._closing or self.factory.draining):
             self.ingest.end("connection closed")
         self.factory.unregister(self, reason)

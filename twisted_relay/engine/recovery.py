@@ -14,7 +14,7 @@ replaying client, so a long replay holds no one back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -165,7 +165,7 @@ class Replay:
         """The files of the log still there (old ones may be archived away)."""
         return [f for f in self.writeahead.audit.files if f.exists()]
 
-    def _starts(self) -> Iterator[None]:
+    def _starts(self) -> Generator[None, None, dict[int, int]]:
         """
         For each source wanted, the index of its last record with a sequence
         below the first one wanted (-1 if there is none): the replay of that

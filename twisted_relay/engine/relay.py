@@ -5,12 +5,12 @@ receive, and the fan-out of accepted frames to every client but the sender.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -58,7 +58,7 @@ class RelayFactory(ServerFactory):
     @ivar outlet: where accepted local frames also go (the NATS bridge).
     """
 
-    protocol = RelayProtocol
+    protocol: Callable[..., Any] = RelayProtocol
     log = Logger()
     noisy = False
 
@@ -98,7 +98,9 @@ class RelayFactory(ServerFactory):
         self.clients: dict[int, RelayProtocol] = {}
         #: The last sequence accepted per source.
         self.sequences: dict[int, int] = {}
-        self.gate = PublisherGate(clock, lambda: [c.transport for c in self.clients.values()])
+        self.gate = PublisherGate(
+            clock, lambda: [cast(IPushProducer, c.transport) for c in self.clients.values()]
+        )
         self.writeahead = (
             None
             if audit is None
@@ -137,7 +139,7 @@ class RelayFactory(ServerFactory):
         stats = client.stats
         client.audit_index = self.writeahead.audit.records if self.writeahead else 0
         self.clients[stats.client_id] = client
-        self.gate.joined(client.transport)
+        self.gate.joined(cast(IPushProducer, client.transport))
         self.log.info(
             "client {client_id} connected ({peer}); {clients} connected",
             client_id=stats.client_id,
@@ -336,7 +338,7 @@ class RelayFactory(ServerFactory):
                 client_id=client.stats.client_id,
             )
             client.outbox.close()
-            client.transport.abortConnection()
+            cast(ITCPTransport, client.transport).abortConnection()
 
     def heartbeat(self) -> None:
         """Send a heartbeat to every client that was sent nothing since the last call."""

@@ -227,8 +227,8 @@ class WriteAhead:
     def _retryHeld(self) -> None:
         try:
             self.audit.sync()
-            for held in self.held:
-                self._log(held)
+            for entry in self.held:
+                self._log(entry)
         except OSError as e:
             self._failed(e)
             return
