@@ -11,7 +11,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_relay.wire import MAGIC, Domain, Header, build_frame
+from twisted_relay import scan
+from twisted_relay.engine import ingest
+from twisted_relay.wire import MAGIC, Domain, Header, build_frame, frame_checksum
 
 from .helpers import RecordingTransport, connect, frames_for, make_relay, split
 
@@ -308,3 +310,52 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual((totals.frames_in, totals.bytes_in), (3, len(data)))
         self.assertEqual((totals.frames_out, totals.bytes_out), (6, 2 * accepted))
         self.assertEqual(dict(totals.rejects), {"filtered": 1})
+
+
+#: Frames a checked relay may see: (relay_domain, source, sequence step, TLVs, damage).
+checked_frames = st.lists(
+    st.tuples(
+        st.sampled_from([Domain.SIGNAL] * 4 + [Domain.MARKET_DATA]),
+        st.sampled_from([5, 5, 5, 6]),
+        st.sampled_from([1, 1, 1, 0, 2]),
+        st.lists(st.tuples(st.sampled_from([20, 21, 60, 40]), st.integers(0, 300)), max_size=3),
+        st.sampled_from([None] * 6 + ["crc", "tlv"]),
+    ),
+    max_size=25,
+)
+
+
+class ScanFallbackTests(SynchronousTestCase):
+    """A checked relay counts and forwards the same with the native scan or without."""
+
+    if not scan.NATIVE:
+        skip = "the native scan is not built here"
+
+    def run_relay(self, data: list[bytes], scan) -> tuple[bytes, object]:
+        self.patch(ingest, "scan_run", scan)
+        relay = make_relay(Domain.SIGNAL)
+        publisher, subscriber = connect(relay), connect(relay)
+        for chunk in data:
+            publisher.dataReceived(chunk)
+        return subscriber.transport.value(), relay.totals
+
+    @settings(max_examples=150, deadline=None)
+    @given(specs=checked_frames, cuts=st.lists(st.integers(0, 10_000), max_size=4))
+    def test_sameOutcome(self, specs, cuts) -> None:
+        """Same frames out, same refusals by reason, same sequence counters."""
+        frames, sequences = [], {}
+        for domain, source, step, tlvs, damage in specs:
+            sequences[source] = sequences.get(source, 0) + step
+            frame = bytearray(
+                build_frame(domain, source, sequences[source], [(t, b"t" * n) for t, n in tlvs])
+            )
+            if damage == "crc":
+                frame[28] ^= 0x40
+            elif damage == "tlv" and len(frame) > 33:
+                frame[33] = 250
+                frame[28:32] = frame_checksum(frame).to_bytes(4, "little")
+            frames.append(bytes(frame))
+        data = split(b"".join(frames), cuts)
+        self.assertEqual(
+            self.run_relay(data, scan.scan_run_python), self.run_relay(data, scan.scan_run)
+        )

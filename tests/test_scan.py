@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.audit import audit_records_python
-from twisted_relay.scan import scan_run_python
-from twisted_relay.wire import build_frame
+from twisted_relay.domains import EXECUTION, SIGNAL
+from twisted_relay.scan import NO_WALK, allowed_types, scan_run_python
+from twisted_relay.validation import FramePolicy
+from twisted_relay.wire import HEADER_SIZE, FrameRejected, build_frame, unpack_header
 
 from .relayprocess import REPO
 
@@ -64,11 +66,20 @@ def stream(specs, first: int = 1) -> bytes:
     return b"".join(frames)
 
 
+#: The scan's checks when the domain asks for none (the market relay).
+UNCHECKED = (False, NO_WALK)
+
+
+def both(test: SynchronousTestCase, *args):
+    """The native scan's answer, checked equal to the pure-Python one's."""
+    python = scan_run_python(*args)
+    test.assertEqual(NATIVE.scan_run(*args), python)
+    return python
+
+
 class ScanTests(SynchronousTestCase):
     def both(self, *args):
-        python = scan_run_python(*args)
-        self.assertEqual(NATIVE.scan_run(*args), python)
-        return python
+        return both(self, *args, *UNCHECKED)
 
     def test_run(self) -> None:
         """A run of one source's consecutive frames is passed over whole."""
@@ -113,6 +124,118 @@ class ScanTests(SynchronousTestCase):
         data = bytes(data)
         start = min(start, len(data))
         self.both(data, start, len(data), max_payload, 1, source, last)
+
+
+#: TLVs a checked relay sees: allowed and not, standard and extended.
+tlv_specs = st.lists(
+    st.tuples(st.sampled_from([20, 21, 40, 60, 200, 1, 90]), st.integers(0, 300)),
+    max_size=4,
+)
+
+
+def checked_stream(domain: int, specs) -> bytes:
+    return b"".join(
+        build_frame(domain, 9, sequence, [(t, b"v" * size) for t, size in tlvs])
+        for sequence, tlvs in enumerate(specs, start=1)
+    )
+
+
+class CheckedScanTests(SynchronousTestCase):
+    """The scan running a checked domain's CRC-32 and strict TLV walk."""
+
+    def scan(self, policy: FramePolicy, data: bytes, domain: int = SIGNAL.domain):
+        return both(
+            self, data, 0, len(data), policy.max_frame_size, domain, 9, 0, *policy.scan_checks
+        )
+
+    def policy(self, logic=SIGNAL, verify: bool = True) -> FramePolicy:
+        return FramePolicy.for_logic(logic, verify_checksum=verify)
+
+    def test_run(self) -> None:
+        """Valid signal frames, standard and extended TLVs, pass in one call."""
+        data = checked_stream(2, [[(20, 10)], [(21, 300), (60, 0)], [], [(200, 255)]])
+        self.assertEqual(self.scan(self.policy(), data), (len(data), 4, 4))
+
+    def test_stops(self) -> None:
+        """It stops at a bad checksum, a type not allowed, a truncated TLV."""
+        good = build_frame(2, 9, 1, [(20, b"x")])
+        bad_crc = bytearray(build_frame(2, 9, 2, [(20, b"x")]))
+        bad_crc[-1] ^= 1
+        for second in (
+            bytes(bad_crc),
+            build_frame(2, 9, 2, [(40, b"x")]),  # an execution type
+            build_frame(2, 9, 2, b"\x14\x05ab"),  # declares 5 bytes, has 2
+            build_frame(2, 9, 2, b"\xff\x00\x14\x01"),  # extended header cut short
+        ):
+            data = good + second
+            self.assertEqual(self.scan(self.policy(), data), (len(good), 1, 1))
+
+    def test_unchecked(self) -> None:
+        """With no checks asked for, a bad checksum or TLV is passed over."""
+        data = build_frame(1, 9, 1, b"\x01\x05ab")
+        self.assertEqual(
+            both(self, data, 0, len(data), 1000, 1, 9, 0, *UNCHECKED), (len(data), 1, 1)
+        )
+
+    def verdict(self, policy: FramePolicy, frame: bytes, domain: int) -> bool:
+        """Whether the relay's reference checks accept C{frame} in a run."""
+        header = unpack_header(frame, 0)
+        if (header.relay_domain, header.source, header.sequence) != (domain, 9, 1):
+            return False
+        if header.payload_size != len(frame) - HEADER_SIZE or header.magic != 0xDEADBEEF:
+            return False
+        if header.version != 1:
+            return False
+        try:
+            policy.check(frame, 0, len(frame))
+        except FrameRejected:
+            return False
+        return True
+
+    def test_everyBitFlip(self) -> None:
+        """
+        Every single-bit flip of valid signal and execution frames: native and
+        Python agree, each passes exactly the frames the reference checks
+        accept, and with the CRC-32 on none passes.
+        """
+        for logic, tlvs in (
+            (SIGNAL, [(20, b"s" * 12), (200, b"e" * 300)]),
+            (EXECUTION, [(40, b"o" * 20), (60, b"r" * 3)]),
+        ):
+            frame = build_frame(logic.domain, 9, 1, tlvs)
+            for verify in (True, False):
+                policy = self.policy(logic, verify)
+                passed = 0
+                for bit in range(len(frame) * 8):
+                    flipped = bytearray(frame)
+                    flipped[bit // 8] ^= 1 << bit % 8
+                    flipped = bytes(flipped)
+                    _, frames, _ = self.scan(policy, flipped, logic.domain)
+                    expected = self.verdict(policy, flipped, logic.domain)
+                    self.assertEqual(frames == 1, expected, (logic.name, verify, bit))
+                    passed += frames
+                if verify:
+                    self.assertEqual(passed, 0)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        specs=st.lists(tlv_specs, max_size=8),
+        damage=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=3),
+        strict=st.booleans(),
+        verify=st.booleans(),
+    )
+    def test_sameAnswers(self, specs, damage, strict, verify) -> None:
+        """On any checked stream, damaged anywhere, both versions agree."""
+        data = bytearray(checked_stream(2, specs))
+        for position, value in damage:
+            if data:
+                data[position % len(data)] = value
+        allowed = allowed_types(SIGNAL.allowed_tlv_types) if strict else NO_WALK
+        both(self, bytes(data), 0, len(data), SIGNAL.max_frame_size, 2, 9, 0, verify, allowed)
+
+    def test_allowedSize(self) -> None:
+        """The native scan refuses an C{allowed} that is not a 256-byte table."""
+        self.assertRaises(ValueError, NATIVE.scan_run, b"", 0, 0, 10, 1, 1, 0, False, b"x")
 
 
 class AuditRecordsTests(SynchronousTestCase):

@@ -1,10 +1,13 @@
 /*
  * Native versions of the relay's two per-frame loops: scan_run (scan.py), over
- * frames that need nothing but the scan, and audit_records (audit.py), which
- * makes the audit log's records. Optional: when this cannot be built, the
- * pure-Python versions are used, with the same results (tests check both
- * against each other).
+ * frames that need nothing but the scan and the domain's checks, and
+ * audit_records (audit/format.py), which makes the audit log's records.
+ * Optional: when this cannot be built, the pure-Python versions are used, with
+ * the same results (tests check both against each other).
+ *
+ * Written to the limited API, so one build (abi3) serves every Python from 3.11.
  */
+#define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -18,38 +21,6 @@ static uint32_t le32(const unsigned char *p)
 static uint64_t le64(const unsigned char *p)
 {
     return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
-static PyObject *
-scan_run(PyObject *module, PyObject *args)
-{
-    Py_buffer view;
-    Py_ssize_t offset, end, frames = 0;
-    unsigned long long max_payload, last;
-    long domain, source;
-
-    if (!PyArg_ParseTuple(args, "y*nnKllK:scan_run", &view, &offset, &end, &max_payload,
-                          &domain, &source, &last))
-        return NULL;
-    if (end > view.len)
-        end = view.len;
-    const unsigned char *buf = view.buf;
-    while (offset >= 0 && end - offset >= 32) {
-        const unsigned char *h = buf + offset;
-        uint32_t size = le32(h + 24);
-        uint64_t sequence = le64(h + 8);
-        if (le32(h) != 0xDEADBEEFu || h[5] != 1 || size > max_payload
-            || (uint64_t)(end - offset - 32) < size)
-            break;
-        Py_ssize_t frame_end = offset + 32 + (Py_ssize_t)size;
-        if (h[4] != domain || h[6] != source || sequence == 0 || sequence - 1 != last)
-            break;
-        frames++;
-        last = sequence;
-        offset = frame_end;
-    }
-    PyBuffer_Release(&view);
-    return Py_BuildValue("nnK", offset, frames, last);
 }
 
 /* CRC-32 (IEEE 802.3, as zlib.crc32), eight bytes at a time. */
@@ -85,6 +56,81 @@ crc32_update(uint32_t crc, const unsigned char *p, size_t n)
     while (n--)
         crc = crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
     return ~crc;
+}
+
+/*
+ * The strict TLV walk of wire.tlv_spans over the payload p[0:n]: every TLV
+ * whole, and its type allowed (allowed[type] != 0).
+ */
+static int
+tlvs_allowed(const unsigned char *p, size_t n, const unsigned char *allowed)
+{
+    const unsigned char *end = p + n;
+    while (p < end) {
+        unsigned type = p[0];
+        size_t length;
+        if (type == 255) {
+            if (end - p < 5)
+                return 0;
+            type = p[2];
+            length = (size_t)p[3] | (size_t)p[4] << 8;
+            p += 5;
+        } else {
+            if (end - p < 2)
+                return 0;
+            length = p[1];
+            p += 2;
+        }
+        if ((size_t)(end - p) < length || !allowed[type])
+            return 0;
+        p += length;
+    }
+    return 1;
+}
+
+static PyObject *
+scan_run(PyObject *module, PyObject *args)
+{
+    Py_buffer view, allowed;
+    Py_ssize_t offset, end, frames = 0;
+    unsigned long long max_payload, last;
+    long domain, source;
+    int verify;
+
+    if (!PyArg_ParseTuple(args, "y*nnKllKpy*:scan_run", &view, &offset, &end, &max_payload,
+                          &domain, &source, &last, &verify, &allowed))
+        return NULL;
+    if (allowed.len != 0 && allowed.len != 256) {
+        PyBuffer_Release(&view);
+        PyBuffer_Release(&allowed);
+        PyErr_SetString(PyExc_ValueError, "allowed must be empty or 256 bytes");
+        return NULL;
+    }
+    if (end > view.len)
+        end = view.len;
+    const unsigned char *buf = view.buf;
+    const unsigned char *types = allowed.len ? allowed.buf : NULL;
+    while (offset >= 0 && end - offset >= 32) {
+        const unsigned char *h = buf + offset;
+        uint32_t size = le32(h + 24);
+        uint64_t sequence = le64(h + 8);
+        if (le32(h) != 0xDEADBEEFu || h[5] != 1 || size > max_payload
+            || (uint64_t)(end - offset - 32) < size)
+            break;
+        Py_ssize_t frame_end = offset + 32 + (Py_ssize_t)size;
+        if (h[4] != domain || h[6] != source || sequence == 0 || sequence - 1 != last)
+            break;
+        if (verify && crc32_update(crc32_update(0, h, 28), h + 32, size) != le32(h + 28))
+            break;
+        if (types != NULL && !tlvs_allowed(h + 32, size, types))
+            break;
+        frames++;
+        last = sequence;
+        offset = frame_end;
+    }
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&allowed);
+    return Py_BuildValue("nnK", offset, frames, last);
 }
 
 static void
@@ -124,10 +170,10 @@ audit_records(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!Kkk:audit_records", &PyList_Type, &runs, &received, &client,
                           &crc))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(runs);
+    Py_ssize_t n = PyList_Size(runs);
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer view;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(runs, i), &view, PyBUF_SIMPLE) < 0)
+        if (PyObject_GetBuffer(PyList_GetItem(runs, i), &view, PyBUF_SIMPLE) < 0)
             return NULL;
         Py_ssize_t size = run_size(view.buf, view.len, &frames);
         PyBuffer_Release(&view);
@@ -140,11 +186,11 @@ audit_records(PyObject *module, PyObject *args)
     PyObject *data = PyBytes_FromStringAndSize(NULL, total);
     if (data == NULL)
         return NULL;
-    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(data);
+    unsigned char *out = (unsigned char *)PyBytes_AsString(data);
     uint32_t chain = (uint32_t)crc;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer view;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(runs, i), &view, PyBUF_SIMPLE) < 0)
+        if (PyObject_GetBuffer(PyList_GetItem(runs, i), &view, PyBUF_SIMPLE) < 0)
             goto done;
         const unsigned char *buf = view.buf;
         Py_ssize_t offset = 0;
@@ -188,7 +234,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"scan_run", scan_run, METH_VARARGS,
-     "scan_run(buf, offset, end, max_payload, domain, source, last) -> (offset, frames, last)"},
+     "scan_run(buf, offset, end, max_payload, domain, source, last, verify, allowed)"
+     " -> (offset, frames, last)"},
     {"audit_records", audit_records, METH_VARARGS,
      "audit_records(runs, received_ns, client_id, crc) -> (records, crc, count, sequences)"},
     {NULL, NULL, 0, NULL},

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .interfaces import IRelayLogic
+from .scan import NO_WALK, allowed_types
 from .wire import (
     CHECKSUM_OFFSET,
     HEADER_SIZE,
@@ -56,6 +57,12 @@ class FramePolicy:
             strict_tlv=logic.strict_tlv,
             allowed_tlv_types=frozenset(logic.allowed_tlv_types),
         )
+
+    @property
+    def scan_checks(self) -> tuple[bool, bytes]:
+        """L{check} as the scan runs it: C{(verify, allowed)} of L{scan_run}."""
+        allowed = allowed_types(self.allowed_tlv_types) if self.strict_tlv else NO_WALK
+        return self.verify_checksum, allowed
 
     @property
     def inspects_frames(self) -> bool:

@@ -102,6 +102,7 @@ class Ingest:
         policy = relay.policy
         self._framer = Framer(policy.max_frame_size)
         self._check = policy.check if policy.inspects_frames else None
+        self._verify, self._allowed = policy.scan_checks
         #: The relay_domain the domain forwards, when that is all its
         #: should_forward decides (a RelayDomain): the scan then compares it
         #: itself. None when should_forward must see every frame.
@@ -129,10 +130,10 @@ class Ingest:
         track sequences, and broadcast the accepted frames as contiguous runs.
 
         This is the hot path. Runs of frames that need nothing but the scan
-        (the relay's own domain with no checks to run, continuing their
-        source's sequence: nearly all of the market relay's) are passed over
+        (the relay's own domain, passing the policy's checks, continuing
+        their source's sequence: nearly all of every relay's) are passed over
         by L{scan_run}, natively when it is built. Every other frame is
-        handled here, one at a time.
+        handled here, one at a time, and refused here if it must be.
         """
         relay = self.relay
         self.accounting.received(self.stats, len(data))
@@ -142,8 +143,11 @@ class Ingest:
             return
         unpack, max_payload = ROUTING.unpack_from, framer.max_payload_size
         routed = self._routedDomain
-        # Frames of this domain are accepted by the scan alone.
-        unchecked = routed if self._check is None and self.may_publish else None
+        # Frames of this domain are accepted by the scan, which runs the
+        # policy's checks itself; the one it stops at is looked at below.
+        scanned = routed if self.may_publish else None
+        unchecked = scanned if self._check is None else None
+        verify, allowed = self._verify, self._allowed
         source, last = self._source, self._last
         runs: list[bytes] = []
         frames = run_start = offset = 0
@@ -152,9 +156,9 @@ class Ingest:
         lost = None
         try:
             while offset <= last_start:
-                if unchecked is not None:
+                if scanned is not None:
                     offset, skimmed, last = scan_run(
-                        buf, offset, end, max_payload, unchecked, source, last
+                        buf, offset, end, max_payload, scanned, source, last, verify, allowed
                     )
                     frames += skimmed
                     if offset > last_start:
