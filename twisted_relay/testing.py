@@ -34,6 +34,7 @@ from .audit import AuditLog
 from .domains import EXECUTION, MARKET, SIGNAL
 from .engine.protocol import RelayProtocol
 from .engine.relay import RelayFactory
+from .engine.writeahead import Offload
 from .validation import FramePolicy
 from .wire import Domain, Source, build_frame, unpack_header
 
@@ -133,9 +134,13 @@ def make_relay(
     echo: bool = False,
     delivery=None,
     audit: AuditLog | None = None,
+    audit_writer: Offload | None = None,
     **overrides,
 ) -> RelayFactory:
-    """A relay factory of the shipped domain C{domain}, on a fake clock."""
+    """
+    A relay factory of the shipped domain C{domain}, on a fake clock;
+    C{overrides} go to its L{FramePolicy}.
+    """
     logic = DOMAINS[domain]
     return RelayFactory(
         logic,
@@ -143,6 +148,7 @@ def make_relay(
         delivery=delivery,
         echo=echo,
         audit=audit,
+        audit_writer=audit_writer,
         clock=Clock(),
     )
 

@@ -14,7 +14,12 @@ import sys
 from typing import cast
 
 from twisted.application.service import IService
-from twisted.internet.interfaces import IProtocolFactory, IReactorCore, IReactorTime
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.python import usage
 
 from ..access import Access, AccessList
@@ -22,6 +27,7 @@ from ..audit import ROTATE_SIZE, AuditLog
 from ..domains import UnknownDomain, available_domains, find_domain
 from ..engine.delivery import HIGH_WATER, DeliverySettings
 from ..engine.relay import RelayFactory
+from ..engine.writeahead import WriterThread
 from ..interfaces import IRelayLogic
 from ..validation import FramePolicy
 from .endpoints import server_endpoint
@@ -353,6 +359,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         heartbeat=options["heartbeat"],
         audit=audit,
         fsync_interval=options["audit-fsync"],
+        audit_writer=None if audit is None else WriterThread(cast(IReactorFromThreads, reactor)),
         clock=cast(IReactorTime, reactor),
     )
     top = RelayServices()

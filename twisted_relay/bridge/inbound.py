@@ -207,7 +207,11 @@ class Inbound:
                 if not self.receiving():
                     self.withdraw()
                     return False
-                await asyncio.sleep(0.05)
+                if writeahead.failure is None:
+                    # With the log's writer: back as soon as the batch landed.
+                    await writeahead.settled(0.05).asFuture(asyncio.get_running_loop())
+                else:
+                    await asyncio.sleep(0.05)
         except asyncio.CancelledError:
             self.withdraw()
             raise

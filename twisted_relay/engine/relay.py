@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Cooperator
@@ -38,7 +38,7 @@ from .heartbeat import Heartbeats, Listener
 from .ingest import Ingest
 from .protocol import RelayProtocol
 from .recovery import Replay
-from .writeahead import Publisher, WriteAhead
+from .writeahead import Offload, Publisher, WriteAhead
 
 
 class Outlet(Protocol):
@@ -73,11 +73,14 @@ class RelayFactory(ServerFactory):
         heartbeat: float = 1.0,
         audit: AuditLog | None = None,
         fsync_interval: float | None = None,
+        audit_writer: Offload | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
         """
         @param audit: the write-ahead audit log, if any, synced every
             C{fsync_interval} seconds (C{None}: before every forward).
+        @param audit_writer: where the log is written and synced before every
+            forward, pipelined (a L{WriterThread}); C{None}: in line.
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -111,6 +114,7 @@ class RelayFactory(ServerFactory):
                 gate=self.gate,
                 sequences=self.sequences,
                 forward=self.fanOut,
+                offload=audit_writer,
             )
         )
         self.outlet: Outlet | None = None
@@ -137,7 +141,7 @@ class RelayFactory(ServerFactory):
         publish nor receive.
         """
         stats = client.stats
-        client.audit_index = self.writeahead.audit.records if self.writeahead else 0
+        client.audit_index = self.writeahead.forwarded if self.writeahead else 0
         self.clients[stats.client_id] = client
         self.gate.joined(cast(IPushProducer, client.transport))
         self.log.info(
@@ -345,8 +349,21 @@ class RelayFactory(ServerFactory):
         self.heartbeats.beat(self.clients.values())
 
     def drain(self, timeout: float) -> Deferred[None]:
-        """Shut down: what is queued for the clients gets C{timeout} seconds (L{Drain})."""
+        """
+        Shut down: stop reading, let the frames with the audit log's writer
+        fan out, then what is queued for the clients gets C{timeout} seconds
+        (L{Drain}). Each of the two waits is bounded by C{timeout}.
+        """
         self.draining = self.gate.draining = True
+        for client in self.clients.values():
+            client.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self.writeahead is None:
+            settled: Deferred[None] = succeed(None)
+        else:
+            settled = self.writeahead.settled(timeout)
+        return settled.addCallback(lambda _: self._drainClients(timeout))
+
+    def _drainClients(self, timeout: float) -> Deferred[None]:
         self._drain = Drain(self.clients.values(), self.clock, timeout)
         return self._drain.done
 

@@ -3,6 +3,12 @@ The relay's side of the audit log: no frame is forwarded before it is in
 the log (and, with C{--audit-fsync always}, on disk). When the log cannot be
 written the publishers are held back and the frames already read wait, in
 order, until it can; nothing is forwarded unlogged and nothing is lost.
+
+With C{--audit-fsync always} the writes and syncs run on a thread of their
+own (L{WriterThread}), as a group commit: while one batch is being written
+and synced, the reactor goes on reading and checking the next, which then
+goes to disk in one write and one sync; each batch fans out once its sync
+returned.
 """
 
 from __future__ import annotations
@@ -10,14 +16,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from ..audit import AuditLog
-from ..wire import frame_spans
+from ..wire import MiB, frame_spans
 from .accounting import ClientStats
 from .delivery import PublisherGate
 
@@ -33,6 +43,37 @@ class Publisher(Protocol):
 #: What the log calls with frames it logged late: sender, runs, frames.
 Forward = Callable[[Publisher, list[bytes], int], None]
 
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Where the log's writes run, one after another (a L{WriterThread})."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Wait for the work in progress to finish, then run no more."""
+
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """Run C{work} after the work given before; its result, in the reactor thread."""
+
+
+class WriterThread:
+    """One thread running the audit log's writes and syncs, in order."""
+
+    def __init__(self, reactor: IReactorFromThreads) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="audit log writer")
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
+        return deferToThreadPool(self.reactor, self.pool, work)
+
 
 @dataclass
 class _Held:
@@ -43,6 +84,14 @@ class _Held:
     frames: int
     received_ns: int
     logged: bool = False
+
+
+def _timedOut(failure: Failure) -> None:
+    failure.trap(TimeoutError)
+
+
+def _size(held: _Held) -> int:
+    return sum(map(len, held.runs))
 
 
 def _before(held: list[_Held]) -> dict[int, int]:
@@ -63,6 +112,13 @@ class WriteAhead:
     @ivar sequences: the relay's last sequence accepted per source, which the
         log fills in at the start and takes back with withdrawn frames.
     @ivar forward: what fans frames out once they were logged late.
+    @ivar offload: where C{--audit-fsync always} writes and syncs, pipelined;
+        C{None}: in the reactor thread, before C{admit} returns.
+    @ivar batch_limit: bytes of accepted frames that may wait for the write
+        in progress; past it the publishers are held back until it returns.
+    @ivar held: the accepted frames not forwarded yet, in order: the first
+        C{flying} of them are with the writer now.
+    @ivar forwarded: the records of the log that were forwarded.
     """
 
     log = Logger()
@@ -76,6 +132,8 @@ class WriteAhead:
         gate: PublisherGate,
         sequences: dict[int, int],
         forward: Forward,
+        offload: Offload | None = None,
+        batch_limit: int = 4 * MiB,
         retry_interval: float = 1.0,
     ) -> None:
         self.audit = audit
@@ -85,7 +143,16 @@ class WriteAhead:
         self.fsync_interval = fsync_interval
         self.clock = clock
         self.retry_interval = retry_interval
+        self.offload = offload if fsync_interval is None else None
+        self.batch_limit = batch_limit
         self.held: list[_Held] = []
+        self.flying = 0
+        self.forwarded = 0
+        #: Bytes held and not with the writer.
+        self._waiting = 0
+        #: The gate's key while the publishers wait for the writer.
+        self._behind = object()
+        self._settled: list[Deferred[None]] = []
         #: Why the log cannot be written now, or None.
         self.failure: str | None = None
         self.failures = 0
@@ -104,6 +171,9 @@ class WriteAhead:
         for warning in self.audit.open():
             self.log.warn("audit log: {warning}", warning=warning)
         self.sequences.update(self.audit.sequences)
+        self.forwarded = self.audit.records
+        if self.offload is not None:
+            self.offload.start()
         self.log.info(
             "audit log {directory}: {records} records, chain head 0x{head:08x}, "
             "fsync {fsync}",
@@ -118,21 +188,41 @@ class WriteAhead:
     @property
     def fsync_description(self) -> str:
         if self.fsync_interval is None:
-            return "always"
+            return "always" + (", pipelined" if self.offload is not None else "")
         return f"every {self.fsync_interval * 1000:g} ms"
 
+    def settled(self, timeout: float) -> Deferred[None]:
+        """
+        Fires once no frame is with the writer or waiting for it (or the log
+        is failing, so none will be forwarded), at most C{timeout} seconds
+        from now.
+        """
+        waiting: Deferred[None] = Deferred()
+        if not self.held or self.failure is not None:
+            waiting.callback(None)
+            return waiting
+        self._settled.append(waiting)
+        waiting.addTimeout(timeout, self.clock)
+        return waiting.addErrback(_timedOut)
+
     def stop(self) -> None:
-        """Sync and close the log; frames still held are reported as lost."""
+        """
+        Wait for the write in progress, sync and close the log; frames still
+        held are reported as not forwarded.
+        """
         if self._sync.running:
             self._sync.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
+        if self.offload is not None:
+            self.offload.stop()
+            self.offload = None
         if self.held:
             self.log.error(
-                "stopping with {frames} frames never written to the audit log "
-                "({reason}); they were not forwarded",
+                "stopping with {frames} accepted frames not forwarded ({reason}); "
+                "those the log holds are replayed on request",
                 frames=self.held_frames,
-                reason=self.failure,
+                reason=self.failure or "the audit log's write had not returned",
             )
         try:
             self.audit.close()
@@ -155,11 +245,12 @@ class WriteAhead:
         them, delivers them again. Returns the frames taken back.
         """
         taken: list[_Held] = []
-        kept: list[_Held] = []
-        for held in self.held:
+        kept = self.held[: self.flying]
+        for held in self.held[self.flying :]:
             (taken if held.sender.bridged and not held.logged else kept).append(held)
         if taken:
             self.held = kept
+            self._waiting = sum(_size(h) for h in kept[self.flying :])
             self.sequences.update(_before(taken))
         return sum(h.frames for h in taken)
 
@@ -179,11 +270,6 @@ class WriteAhead:
         """The frames waiting for the log."""
         return sum(held.frames for held in self.held)
 
-    @property
-    def forwarded(self) -> int:
-        """The records of the log that were forwarded: all but those still held."""
-        return self.audit.records - sum(h.frames for h in self.held if h.logged)
-
     def admit(self, sender: Publisher, runs: list[bytes], frames: int) -> bool:
         """
         Log C{runs}; C{True} if they may be forwarded now. Otherwise they are
@@ -193,13 +279,89 @@ class WriteAhead:
         if self.failure is not None:
             self.held.append(held)
             return False
+        if self.offload is not None:
+            self.held.append(held)
+            self._waiting += _size(held)
+            if not self.flying:
+                self._flush()
+            elif self._waiting > self.batch_limit and self._behind not in self.gate.blockers:
+                self.gate.hold(self._behind, "the audit log's writes are behind")
+            return False
         try:
             self._log(held)
         except OSError as e:
             self.held.append(held)
             self._failed(e)
             return False
+        self.forwarded += frames
         return True
+
+    def _flush(self) -> None:
+        """Give the writer everything held: one write and one sync for it all."""
+        batch = self.held[:]
+        self.flying, self._waiting = len(batch), 0
+        self.gate.unblock(self._behind)
+        assert self.offload is not None
+        self.offload(lambda: self._write(batch)).addCallbacks(self._landed, self._crashed)
+
+    def _write(self, batch: list[_Held]) -> tuple[int, int, OSError | None]:
+        """
+        In the writer's thread: append C{batch} and sync. Returns how many of
+        its entries were appended, how many of those are on disk, and the
+        error that stopped it, if any. After a failed append, what was
+        appended before it is synced, so that much can go out.
+        """
+        written = 0
+        try:
+            for held in batch:
+                if not held.logged:
+                    self.audit.append(held.sender.stats.client_id, held.runs, held.received_ns)
+                written += 1
+        except OSError as e:
+            try:
+                self.audit.sync()
+            except OSError:
+                return written, 0, e
+            return written, written, e
+        try:
+            self.audit.sync()
+        except OSError as e:
+            return written, 0, e
+        return written, written, None
+
+    def _landed(self, result: tuple[int, int, OSError | None]) -> None:
+        """The writer is done with the batch in flight: forward what is on disk."""
+        if self.offload is None:
+            return  # stopped meanwhile
+        written, durable, error = result
+        batch = self.held[: self.flying]
+        self.flying = 0
+        for held in batch[:written]:
+            held.logged = True
+        del self.held[:durable]
+        self._forward(batch[:durable])
+        if error is not None:
+            self._failed(error)
+            self._settle()
+        elif self.held:
+            self._flush()
+        else:
+            self._settle()
+
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("the audit log writer failed", failure)
+        self._landed((0, 0, OSError(str(failure.value))))
+
+    def _forward(self, batch: list[_Held]) -> None:
+        for held in batch:
+            self.forwarded += held.frames
+            self.forward(held.sender, held.runs, held.frames)
+
+    def _settle(self) -> None:
+        waiting, self._settled = self._settled, []
+        for settled in waiting:
+            if not settled.called:
+                settled.callback(None)
 
     def _log(self, held: _Held) -> None:
         if not held.logged:
@@ -232,7 +394,7 @@ class WriteAhead:
         except OSError as e:
             self._failed(e)
             return
-        held, self.held = self.held, []
+        held, self.held, self._waiting = self.held, [], 0
         self.log.info(
             "audit log writable again after {outage:.3f}s: {frames} held frames "
             "logged and forwarded",
@@ -240,8 +402,8 @@ class WriteAhead:
             frames=sum(h.frames for h in held),
         )
         self.failure = None
-        for batch in held:
-            self.forward(batch.sender, batch.runs, batch.frames)
+        self._forward(held)
+        self.gate.unblock(self._behind)
         self.gate.unblock(self)
 
     def _syncNow(self) -> None:

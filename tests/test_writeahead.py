@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_writeahead -*-
+"""
+Tests for L{twisted_relay.engine.writeahead}'s pipelined log (C{--audit-fsync
+always} with a writer): batches written and synced off the reactor thread,
+forwarded only once synced, in order, growing while a write is in progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from twisted_relay.audit import AuditLog, audit_files
+from twisted_relay.engine.writeahead import WriterThread
+from twisted_relay.wire import Domain
+
+from .helpers import DiskFull, connect, frames_for, make_relay, published, temp_dir
+
+
+class StepWriter:
+    """An offload that runs each piece of work when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.jobs.append((work, done))
+        return done
+
+    def step(self) -> None:
+        """Run the oldest piece of work, and hand its result back."""
+        work, done = self.jobs.pop(0)
+        done.callback(work())
+
+
+def logged(relay) -> list[bytes]:
+    directory = relay.writeahead.audit.directory
+    return [r.frame for f in audit_files(directory) for r in f.records()]
+
+
+class PipelineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.writer = StepWriter()
+        self.relay = make_relay(
+            Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=self.writer
+        )
+        self.relay.writeahead.start()
+        self.addCleanup(self.relay.writeahead.stop)
+        self.publisher, self.subscriber = connect(self.relay), connect(self.relay)
+        self.frames = frames_for(Domain.EXECUTION, 30, source=42)
+
+    def received(self) -> list[bytes]:
+        return published(self.subscriber.transport.value())
+
+    def test_forwardedOnceSynced(self) -> None:
+        """Nothing reaches a subscriber before the writer wrote and synced it."""
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        self.assertEqual(self.received(), [])
+        self.assertEqual(logged(self.relay), [])
+        self.assertEqual(self.relay.writeahead.forwarded, 0)
+        self.writer.step()
+        self.assertEqual(logged(self.relay), self.frames[:10])
+        self.assertFalse(self.relay.writeahead.audit.dirty)
+        self.assertEqual(self.received(), self.frames[:10])
+        self.assertEqual(self.relay.writeahead.forwarded, 10)
+        self.assertEqual(self.writer.jobs, [])
+
+    def test_batchGrowsWhileWriting(self) -> None:
+        """What arrives during a write goes out in the next one, all together, in order."""
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        other = connect(self.relay)
+        self.publisher.dataReceived(b"".join(self.frames[10:20]))
+        other.dataReceived(b"".join(frames_for(Domain.EXECUTION, 5, source=7)))
+        self.publisher.dataReceived(b"".join(self.frames[20:]))
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.step()
+        self.assertEqual(self.received(), self.frames[:10])
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.step()
+        expected = self.frames[:20] + frames_for(Domain.EXECUTION, 5, source=7) + self.frames[20:]
+        self.assertEqual(self.received(), expected)
+        self.assertEqual(logged(self.relay), expected)
+        self.assertEqual(self.writer.jobs, [])
+
+    def test_boundedBatch(self) -> None:
+        """Past the batch limit, the publishers wait for the write in progress."""
+        self.relay.writeahead.batch_limit = 1000
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        self.publisher.dataReceived(b"".join(self.frames[10:]))
+        self.assertTrue(self.relay.gate.paused)
+        self.assertTrue(self.publisher.transport.producerState == "paused")
+        self.writer.step()
+        self.assertFalse(self.relay.gate.paused)
+        self.writer.step()
+        self.assertEqual(self.received(), self.frames)
+
+    def test_failedWriteHolds(self) -> None:
+        """
+        A write that fails in the writer holds the publishers and keeps the
+        frames, in order, until the log can be written again.
+        """
+        full = DiskFull(self.relay.writeahead.audit)
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        self.writer.step()
+        self.assertTrue(self.relay.gate.paused)
+        self.assertIn("No space left", self.relay.writeahead.failure)
+        self.publisher.dataReceived(b"".join(self.frames[10:]))
+        self.assertEqual(self.writer.jobs, [])
+        self.assertEqual(self.received(), [])
+        full.free()
+        self.relay.clock.advance(1.0)
+        self.assertIsNone(self.relay.writeahead.failure)
+        self.assertFalse(self.relay.gate.paused)
+        self.assertEqual(self.received(), self.frames)
+        self.assertEqual(logged(self.relay), self.frames)
+        self.assertEqual(self.relay.writeahead.forwarded, 30)
+
+    def test_drainWaitsForTheWriter(self) -> None:
+        """A stop first lets the batch with the writer land and fan out."""
+        self.publisher.dataReceived(b"".join(self.frames))
+        self.relay.drain(5.0)
+        self.assertFalse(self.subscriber.transport.disconnecting)
+        self.writer.step()
+        self.assertEqual(self.received(), self.frames)
+        self.assertTrue(self.subscriber.transport.disconnecting)
+
+    def test_drainBounded(self) -> None:
+        """A writer that never returns holds a stop no longer than its timeout."""
+        self.publisher.dataReceived(b"".join(self.frames))
+        self.relay.drain(2.0)
+        self.relay.clock.advance(1.9)
+        self.assertFalse(self.subscriber.transport.disconnecting)
+        self.relay.clock.advance(0.1)
+        self.assertTrue(self.subscriber.transport.disconnecting)
+        self.assertEqual(self.received(), [])
+
+
+class WriterThreadTests(TestCase):
+    """The pipelined log on its real thread, under a real reactor."""
+
+    @inlineCallbacks
+    def test_throughTheThread(self):
+        """Frames published while writes run on the thread all arrive, in order, logged."""
+        writer = WriterThread(reactor)
+        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=writer)
+        relay.writeahead.start()
+        self.addCleanup(relay.writeahead.stop)
+        publisher, subscriber = connect(relay), connect(relay)
+        frames = frames_for(Domain.EXECUTION, 2000, source=42)
+        for first in range(0, 2000, 100):
+            publisher.dataReceived(b"".join(frames[first : first + 100]))
+        for _ in range(500):
+            if relay.writeahead.forwarded == 2000:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(published(subscriber.transport.value()), frames)
+        self.assertEqual(logged(relay), frames)
