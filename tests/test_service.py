@@ -15,12 +15,13 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from twisted_relay import scan
 from twisted_relay.app.endpoints import SocketPathUnavailable, UnixSocketEndpoint
 from twisted_relay.app.services import ListeningService, RelayService, RelayServices
 from twisted_relay.app.tap import Options, makeService
@@ -318,6 +319,21 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual(
             (summary["name"], summary["checksum"], summary["delivery"]), ("market", "off", "drop")
         )
+
+    def test_pythonScanWarned(self) -> None:
+        """Without the native scan, the start says so in a warning of its own."""
+        for native, warnings in ((True, []), (False, ["not built"])):
+            self.events.clear()
+            self.patch(scan, "NATIVE", native)
+            RelayService(make_relay(), 0).privilegedStartService()
+            [summary] = [e for e in self.events if "starting" in e.get("log_format", "")]
+            self.assertEqual(summary["scan"], "native" if native else "pure Python")
+            found = [
+                "not built"
+                for e in self.events
+                if e["log_level"] is LogLevel.warn and "not built" in e["log_format"]
+            ]
+            self.assertEqual(found, warnings)
 
     def test_statsLine(self) -> None:
         """Every interval, one event gives the rates over that interval."""
