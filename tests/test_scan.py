@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 from hypothesis import given, settings
@@ -262,3 +264,19 @@ class AuditRecordsTests(SynchronousTestCase):
         frame = build_frame(3, 42, 1, b"x" * 10)
         for broken in (frame[:-1], frame + frame[:20]):
             self.assertRaises(ValueError, NATIVE.audit_records, [broken], 0, 0, 0)
+
+
+class PurePythonTests(SynchronousTestCase):
+    def test_askedFor(self) -> None:
+        """TWISTED_RELAY_PURE_PYTHON=1 makes the relay run the pure-Python loops, and say why."""
+        code = (
+            "from twisted_relay import scan; from twisted_relay.audit import writer; "
+            "print(scan.NATIVE, scan.scan_run is scan.scan_run_python, "
+            "writer.audit_records is writer.audit_records_python, scan.FALLBACK_REASON)"
+        )
+        env = {**os.environ, "TWISTED_RELAY_PURE_PYTHON": "1"}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+            timeout=60, check=True,
+        ).stdout
+        self.assertEqual(out, "False True True TWISTED_RELAY_PURE_PYTHON=1 asks for it\n")

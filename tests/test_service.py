@@ -321,19 +321,16 @@ class RelayServiceTests(SynchronousTestCase):
         )
 
     def test_pythonScanWarned(self) -> None:
-        """Without the native scan, the start says so in a warning of its own."""
-        for native, warnings in ((True, []), (False, ["not built"])):
+        """Without the native scan, the start says so, and why, in a warning of its own."""
+        for native, why in ((True, None), (False, "no C compiler")):
             self.events.clear()
             self.patch(scan, "NATIVE", native)
+            self.patch(scan, "FALLBACK_REASON", why)
             RelayService(make_relay(), 0).privilegedStartService()
             [summary] = [e for e in self.events if "starting" in e.get("log_format", "")]
             self.assertEqual(summary["scan"], "native" if native else "pure Python")
-            found = [
-                "not built"
-                for e in self.events
-                if e["log_level"] is LogLevel.warn and "not built" in e["log_format"]
-            ]
-            self.assertEqual(found, warnings)
+            warned = [e.get("why") for e in self.events if e["log_level"] is LogLevel.warn]
+            self.assertEqual(warned, [why] if why else [])
 
     def test_statsLine(self) -> None:
         """Every interval, one event gives the rates over that interval."""

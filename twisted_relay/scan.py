@@ -11,10 +11,14 @@ caller then handles in Python, refusing and counting it if it must.
 
 A native version (C{_cscan}, built when a compiler is available) runs the
 same loop 20-50 times faster; this module's pure-Python version is the
-reference, used otherwise, with the same results.
+reference, used otherwise (or when the environment sets
+C{TWISTED_RELAY_PURE_PYTHON=1}), with the same results.
 """
 
 from __future__ import annotations
+
+import os
+from types import ModuleType
 
 from .wire import (
     CHECKSUM_OFFSET,
@@ -88,10 +92,18 @@ def scan_run_python(
     return offset, frames, last
 
 
-try:
-    from ._cscan import scan_run  # type: ignore[import-not-found]
-except ImportError:  # no compiler where this was installed
-    scan_run = scan_run_python
-    NATIVE = False
-else:
-    NATIVE = True
+def _native() -> tuple[ModuleType | None, str | None]:
+    """The native loops, or why the pure-Python ones run instead."""
+    if os.environ.get("TWISTED_RELAY_PURE_PYTHON") == "1":
+        return None, "TWISTED_RELAY_PURE_PYTHON=1 asks for it"
+    try:
+        from . import _cscan  # type: ignore[attr-defined]
+    except ImportError:
+        return None, "the native scan was not built: no C compiler when the package was installed"
+    return _cscan, None
+
+
+#: The native loops (C{_cscan}), or C{None} and why not.
+NATIVE_LOOPS, FALLBACK_REASON = _native()
+NATIVE = NATIVE_LOOPS is not None
+scan_run = scan_run_python if NATIVE_LOOPS is None else NATIVE_LOOPS.scan_run

@@ -11,6 +11,7 @@ import fcntl
 import os
 import zlib
 
+from ..scan import NATIVE_LOOPS
 from ..wire import HEADER_SIZE, PAYLOAD_SIZE_OFFSET, ROUTING, UINT32
 from .format import (
     RECORD,
@@ -222,10 +223,7 @@ def audit_records_python(
     return b"".join(parts), crc, count, sequences
 
 
-try:
-    from .._cscan import audit_records  # type: ignore[import-not-found]
-except ImportError:
-    audit_records = audit_records_python
+audit_records = audit_records_python if NATIVE_LOOPS is None else NATIVE_LOOPS.audit_records
 
 
 def _write_all(fd: int, data: bytes) -> None:
