@@ -120,6 +120,7 @@ async def test_audit_in_status(http_relay):
         health = json.loads(await (await treq.get(f"{url}/health")).text())
         audit = health["audit"]
         assert (audit["records"], audit["fsync"], audit["failing"]) == (7, "always", None)
+        assert audit["pipelined"] is True
         values = samples(await (await treq.get(f"{url}/metrics")).text())
         execution = (("domain", "execution"),)
         assert values[("torq_relay_audit_records", execution)] == 7

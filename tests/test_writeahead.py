@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.audit import AuditLog, audit_files
 from twisted_relay.engine.writeahead import WriterThread
@@ -148,16 +149,13 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(self.received(), [])
 
 
-class WriterThreadTests(TestCase):
-    """The pipelined log on its real thread, under a real reactor."""
-
-    @inlineCallbacks
-    def test_throughTheThread(self):
-        """Frames published while writes run on the thread all arrive, in order, logged."""
-        writer = WriterThread(reactor)
-        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=writer)
-        relay.writeahead.start()
-        self.addCleanup(relay.writeahead.stop)
+@pytest_twisted.ensureDeferred
+async def test_throughTheWriterThread(tmp_path) -> None:
+    """Frames published while writes run on the real thread all arrive, in order, logged."""
+    writer = WriterThread(reactor)
+    relay = make_relay(Domain.EXECUTION, audit=AuditLog(str(tmp_path)), audit_writer=writer)
+    relay.writeahead.start()
+    try:
         publisher, subscriber = connect(relay), connect(relay)
         frames = frames_for(Domain.EXECUTION, 2000, source=42)
         for first in range(0, 2000, 100):
@@ -165,6 +163,8 @@ class WriterThreadTests(TestCase):
         for _ in range(500):
             if relay.writeahead.forwarded == 2000:
                 break
-            yield deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(published(subscriber.transport.value()), frames)
-        self.assertEqual(logged(relay), frames)
+            await deferLater(reactor, 0.01, lambda: None)
+        assert published(subscriber.transport.value()) == frames
+        assert logged(relay) == frames
+    finally:
+        relay.writeahead.stop()

@@ -134,6 +134,7 @@ def _audit(factory: RelayFactory) -> dict | None:
         "records": audit.records,
         "chain_head": f"0x{audit.head:08x}",
         "fsync": writeahead.fsync_description,
+        "pipelined": writeahead.pipelined,
         "failing": writeahead.failure,
         "write_failures": writeahead.failures,
         "held_frames": writeahead.held_frames,

@@ -176,11 +176,12 @@ class WriteAhead:
             self.offload.start()
         self.log.info(
             "audit log {directory}: {records} records, chain head 0x{head:08x}, "
-            "fsync {fsync}",
+            "fsync {fsync}{writer}",
             directory=self.audit.directory,
             records=self.audit.records,
             head=self.audit.head,
             fsync=self.fsync_description,
+            writer=", pipelined on a writer thread" if self.pipelined else "",
         )
         if self.fsync_interval is not None:
             self._sync.start(self.fsync_interval, now=False)
@@ -188,8 +189,13 @@ class WriteAhead:
     @property
     def fsync_description(self) -> str:
         if self.fsync_interval is None:
-            return "always" + (", pipelined" if self.offload is not None else "")
+            return "always"
         return f"every {self.fsync_interval * 1000:g} ms"
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the writes and syncs run on the writer, pipelined."""
+        return self.offload is not None
 
     def settled(self, timeout: float) -> Deferred[None]:
         """
