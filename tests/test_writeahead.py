@@ -123,6 +123,8 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(self.received(), [])
         full.free()
         self.relay.clock.advance(1.0)
+        self.assertEqual(self.received(), [])
+        self.writer.step()  # the retry, on the writer too
         self.assertIsNone(self.relay.writeahead.failure)
         self.assertFalse(self.relay.gate.paused)
         self.assertEqual(self.received(), self.frames)
@@ -168,3 +170,52 @@ async def test_throughTheWriterThread(tmp_path) -> None:
         assert logged(relay) == frames
     finally:
         relay.writeahead.stop()
+
+
+class IntervalTests(SynchronousTestCase):
+    """C{--audit-fsync MS} on the writer: forwarded once written, synced every interval."""
+
+    def test_writeThenSync(self) -> None:
+        """Frames go out once written; the interval's sync runs on the writer, in order."""
+        writer = StepWriter()
+        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=writer)
+        relay.writeahead.fsync_interval = 0.01
+        relay.writeahead.start()
+        self.addCleanup(relay.writeahead.stop)
+        publisher, subscriber = connect(relay), connect(relay)
+        frames = frames_for(Domain.EXECUTION, 5, source=42)
+        publisher.dataReceived(b"".join(frames))
+        writer.step()
+        self.assertEqual(published(subscriber.transport.value()), frames)
+        self.assertTrue(relay.writeahead.audit.dirty)
+        relay.clock.advance(0.01)
+        self.assertEqual(len(writer.jobs), 1)
+        writer.step()
+        self.assertFalse(relay.writeahead.audit.dirty)
+
+    def test_failedSyncHolds(self) -> None:
+        """An interval's sync that fails holds the publishers until a retry succeeds."""
+        writer = StepWriter()
+        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=writer)
+        relay.writeahead.fsync_interval = 0.01
+        relay.writeahead.start()
+        self.addCleanup(relay.writeahead.stop)
+        publisher, subscriber = connect(relay), connect(relay)
+        frames = frames_for(Domain.EXECUTION, 10, source=42)
+        publisher.dataReceived(b"".join(frames[:5]))
+        writer.step()
+        relay.writeahead.audit.sync = failing_sync
+        relay.clock.advance(0.01)
+        writer.step()
+        self.assertTrue(relay.gate.paused)
+        publisher.dataReceived(b"".join(frames[5:]))
+        self.assertEqual(writer.jobs, [])
+        del relay.writeahead.audit.sync
+        relay.clock.advance(1.0)
+        writer.step()
+        self.assertFalse(relay.gate.paused)
+        self.assertEqual(published(subscriber.transport.value()), frames)
+
+
+def failing_sync() -> None:
+    raise OSError(5, "Input/output error")

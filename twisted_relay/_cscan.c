@@ -157,13 +157,18 @@ run_size(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *frames)
     return size;
 }
 
+/*
+ * The records are built with the GIL released (the runs are bytes, which
+ * nobody can change meanwhile), so the reactor thread runs while the audit
+ * log's writer thread builds them.
+ */
 static PyObject *
 audit_records(PyObject *module, PyObject *args)
 {
-    PyObject *runs, *result = NULL, *sequences = NULL;
+    PyObject *runs, *result = NULL, *sequences = NULL, *data = NULL;
     unsigned long long received;
     unsigned long client, crc;
-    Py_ssize_t frames = 0, total = 0;
+    Py_ssize_t frames = 0, total = 0, held = 0;
     int64_t last[256];
     char seen[256] = {0};
 
@@ -171,30 +176,30 @@ audit_records(PyObject *module, PyObject *args)
                           &crc))
         return NULL;
     Py_ssize_t n = PyList_Size(runs);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(PyList_GetItem(runs, i), &view, PyBUF_SIMPLE) < 0)
-            return NULL;
-        Py_ssize_t size = run_size(view.buf, view.len, &frames);
-        PyBuffer_Release(&view);
+    Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    if (views == NULL)
+        return PyErr_NoMemory();
+    for (; held < n; held++) {
+        if (PyObject_GetBuffer(PyList_GetItem(runs, held), &views[held], PyBUF_SIMPLE) < 0)
+            goto done;
+        Py_ssize_t size = run_size(views[held].buf, views[held].len, &frames);
         if (size < 0) {
+            PyBuffer_Release(&views[held]);
             PyErr_SetString(PyExc_ValueError, "a run does not hold whole frames");
-            return NULL;
+            goto done;
         }
         total += size;
     }
-    PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+    data = PyBytes_FromStringAndSize(NULL, total);
     if (data == NULL)
-        return NULL;
+        goto done;
     unsigned char *out = (unsigned char *)PyBytes_AsString(data);
     uint32_t chain = (uint32_t)crc;
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(PyList_GetItem(runs, i), &view, PyBUF_SIMPLE) < 0)
-            goto done;
-        const unsigned char *buf = view.buf;
+        const unsigned char *buf = views[i].buf;
         Py_ssize_t offset = 0;
-        while (offset < view.len) {
+        while (offset < views[i].len) {
             const unsigned char *h = buf + offset;
             uint32_t frame = 32 + le32(h + 24);
             put32(out, frame);
@@ -209,8 +214,8 @@ audit_records(PyObject *module, PyObject *args)
             seen[h[6]] = 1;
             offset += frame;
         }
-        PyBuffer_Release(&view);
     }
+    Py_END_ALLOW_THREADS
     sequences = PyDict_New();
     if (sequences == NULL)
         goto done;
@@ -227,7 +232,10 @@ audit_records(PyObject *module, PyObject *args)
     }
     result = Py_BuildValue("OknO", data, (unsigned long)chain, frames, sequences);
 done:
-    Py_DECREF(data);
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    Py_XDECREF(data);
     Py_XDECREF(sequences);
     return result;
 }

@@ -302,8 +302,10 @@ class RelayFactory(ServerFactory):
         and fan them out once they are logged.
         """
         self.accounting.accepted(sender.stats, frames)
-        if self.writeahead is None or self.writeahead.admit(sender, runs, frames):
+        if self.writeahead is None:
             self.fanOut(sender, runs, frames)
+        else:
+            self.writeahead.admit(sender, runs, frames)
 
     def fanOut(self, sender: Publisher, runs: list[bytes], frames: int) -> None:
         """

@@ -4,11 +4,12 @@ the log (and, with C{--audit-fsync always}, on disk). When the log cannot be
 written the publishers are held back and the frames already read wait, in
 order, until it can; nothing is forwarded unlogged and nothing is lost.
 
-With C{--audit-fsync always} the writes and syncs run on a thread of their
-own (L{WriterThread}), as a group commit: while one batch is being written
-and synced, the reactor goes on reading and checking the next, which then
-goes to disk in one write and one sync; each batch fans out once its sync
-returned.
+The relay runs the writes and syncs on a thread of their own
+(L{WriterThread}), as a group commit: while one batch is being written (and,
+with C{--audit-fsync always}, synced), the reactor goes on reading and
+checking the next, which then goes to disk in one write and one sync; each
+batch fans out once it is written (and synced). The interval's syncs run on
+the same thread, in order with the writes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -40,14 +41,14 @@ class Publisher(Protocol):
     bridged: bool
 
 
-#: What the log calls with frames it logged late: sender, runs, frames.
+#: What the log calls with frames once they are logged: sender, runs, frames.
 Forward = Callable[[Publisher, list[bytes], int], None]
 
 _T = TypeVar("_T")
 
 
 class Offload(Protocol):
-    """Where the log's writes run, one after another (a L{WriterThread})."""
+    """Where the log's writes run, one after another (L{WriterThread}, L{InLine})."""
 
     def start(self) -> None: ...
 
@@ -75,9 +76,22 @@ class WriterThread:
         return deferToThreadPool(self.reactor, self.pool, work)
 
 
+class InLine:
+    """The log's writes and syncs run in the reactor thread, there and then."""
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing is ever in progress."""
+
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
+        return succeed(work())
+
+
 @dataclass
 class _Held:
-    """Frames accepted while the log could not be written."""
+    """Accepted frames not forwarded yet."""
 
     sender: Publisher
     runs: list[bytes]
@@ -107,13 +121,19 @@ class WriteAhead:
     """
     Logs accepted frames before the relay forwards them.
 
+    Every accepted batch is L{held} until the writer has written it (and,
+    C{fsync_interval} being C{None}, synced it); the writer takes everything
+    held at once, so one write and one sync cover whatever arrived while the
+    previous ones ran. A write that fails keeps its frames and the rest held,
+    in order, and holds the publishers back until a retry succeeds.
+
     @ivar fsync_interval: seconds between syncs of the log to disk; C{None}
         syncs before every forward (C{--audit-fsync always}).
     @ivar sequences: the relay's last sequence accepted per source, which the
         log fills in at the start and takes back with withdrawn frames.
-    @ivar forward: what fans frames out once they were logged late.
-    @ivar offload: where C{--audit-fsync always} writes and syncs, pipelined;
-        C{None}: in the reactor thread, before C{admit} returns.
+    @ivar forward: what fans frames out once they are logged.
+    @ivar offload: where the writes and syncs run (L{InLine}: before
+        L{admit} returns).
     @ivar batch_limit: bytes of accepted frames that may wait for the write
         in progress; past it the publishers are held back until it returns.
     @ivar held: the accepted frames not forwarded yet, in order: the first
@@ -143,16 +163,11 @@ class WriteAhead:
         self.fsync_interval = fsync_interval
         self.clock = clock
         self.retry_interval = retry_interval
-        self.offload = offload if fsync_interval is None else None
+        self.offload: Offload = InLine() if offload is None else offload
         self.batch_limit = batch_limit
         self.held: list[_Held] = []
         self.flying = 0
         self.forwarded = 0
-        #: Bytes held and not with the writer.
-        self._waiting = 0
-        #: The gate's key while the publishers wait for the writer.
-        self._behind = object()
-        self._settled: list[Deferred[None]] = []
         #: Why the log cannot be written now, or None.
         self.failure: str | None = None
         self.failures = 0
@@ -160,6 +175,14 @@ class WriteAhead:
         self._retry: IDelayedCall | None = None
         self._sync = LoopingCall(self._syncNow)
         self._sync.clock = clock
+        self._syncing = False
+        self._retrying = False
+        self._stopped = False
+        #: Bytes held and not with the writer.
+        self._waiting = 0
+        #: The gate's key while the publishers wait for the writer.
+        self._behind = object()
+        self._settled: list[Deferred[None]] = []
 
     def start(self) -> None:
         """
@@ -172,8 +195,7 @@ class WriteAhead:
             self.log.warn("audit log: {warning}", warning=warning)
         self.sequences.update(self.audit.sequences)
         self.forwarded = self.audit.records
-        if self.offload is not None:
-            self.offload.start()
+        self.offload.start()
         self.log.info(
             "audit log {directory}: {records} records, chain head 0x{head:08x}, "
             "fsync {fsync}{writer}",
@@ -194,8 +216,8 @@ class WriteAhead:
 
     @property
     def pipelined(self) -> bool:
-        """Whether the writes and syncs run on the writer, pipelined."""
-        return self.offload is not None
+        """Whether the writes and syncs run on a writer of their own."""
+        return not isinstance(self.offload, InLine)
 
     def settled(self, timeout: float) -> Deferred[None]:
         """
@@ -220,9 +242,8 @@ class WriteAhead:
             self._sync.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        if self.offload is not None:
-            self.offload.stop()
-            self.offload = None
+        self._stopped = True
+        self.offload.stop()
         if self.held:
             self.log.error(
                 "stopping with {frames} accepted frames not forwarded ({reason}); "
@@ -276,46 +297,38 @@ class WriteAhead:
         """The frames waiting for the log."""
         return sum(held.frames for held in self.held)
 
-    def admit(self, sender: Publisher, runs: list[bytes], frames: int) -> bool:
-        """
-        Log C{runs}; C{True} if they may be forwarded now. Otherwise they are
-        held, and forwarded by the relay once they are logged.
-        """
+    def admit(self, sender: Publisher, runs: list[bytes], frames: int) -> None:
+        """Log C{runs}; they are forwarded once logged, after those admitted before."""
         held = _Held(sender, runs, frames, time.time_ns())
+        self.held.append(held)
         if self.failure is not None:
-            self.held.append(held)
-            return False
-        if self.offload is not None:
-            self.held.append(held)
-            self._waiting += _size(held)
-            if not self.flying:
-                self._flush()
-            elif self._waiting > self.batch_limit and self._behind not in self.gate.blockers:
-                self.gate.hold(self._behind, "the audit log's writes are behind")
-            return False
-        try:
-            self._log(held)
-        except OSError as e:
-            self.held.append(held)
-            self._failed(e)
-            return False
-        self.forwarded += frames
-        return True
+            return
+        if not self.flying:
+            self._flush()
+            return
+        self._waiting += _size(held)
+        if self._waiting > self.batch_limit and self._behind not in self.gate.blockers:
+            self.gate.hold(self._behind, "the audit log's writes are behind")
 
-    def _flush(self) -> None:
-        """Give the writer everything held: one write and one sync for it all."""
+    def _flush(self, sync: bool | None = None) -> None:
+        """
+        Give the writer everything held: one write for it all, then one sync
+        if C{sync} (by default: with C{--audit-fsync always}).
+        """
+        if sync is None:
+            sync = self.fsync_interval is None
         batch = self.held[:]
         self.flying, self._waiting = len(batch), 0
         self.gate.unblock(self._behind)
-        assert self.offload is not None
-        self.offload(lambda: self._write(batch)).addCallbacks(self._landed, self._crashed)
+        self.offload(lambda: self._write(batch, sync)).addCallbacks(self._landed, self._crashed)
 
-    def _write(self, batch: list[_Held]) -> tuple[int, int, OSError | None]:
+    def _write(self, batch: list[_Held], sync: bool) -> tuple[int, int, OSError | None]:
         """
-        In the writer's thread: append C{batch} and sync. Returns how many of
-        its entries were appended, how many of those are on disk, and the
-        error that stopped it, if any. After a failed append, what was
-        appended before it is synced, so that much can go out.
+        On the writer: append C{batch}, then sync if C{sync}. Returns how
+        many of its entries were appended, how many of those may be
+        forwarded, and the error that stopped it, if any. After a failed
+        append, what was appended before it is synced, so that much can go
+        out.
         """
         written = 0
         try:
@@ -324,21 +337,23 @@ class WriteAhead:
                     self.audit.append(held.sender.stats.client_id, held.runs, held.received_ns)
                 written += 1
         except OSError as e:
+            return written, written if self._syncIf(sync) is None else 0, e
+        error = self._syncIf(sync)
+        return written, 0 if error else written, error
+
+    def _syncIf(self, sync: bool) -> OSError | None:
+        """On the writer: sync if asked to; the error, if that failed."""
+        if sync:
             try:
                 self.audit.sync()
-            except OSError:
-                return written, 0, e
-            return written, written, e
-        try:
-            self.audit.sync()
-        except OSError as e:
-            return written, 0, e
-        return written, written, None
+            except OSError as e:
+                return e
+        return None
 
     def _landed(self, result: tuple[int, int, OSError | None]) -> None:
-        """The writer is done with the batch in flight: forward what is on disk."""
-        if self.offload is None:
-            return  # stopped meanwhile
+        """The writer is done with the batch in flight: forward what may go out."""
+        if self._stopped:
+            return
         written, durable, error = result
         batch = self.held[: self.flying]
         self.flying = 0
@@ -346,10 +361,12 @@ class WriteAhead:
             held.logged = True
         del self.held[:durable]
         self._forward(batch[:durable])
+        retried, self._retrying = self._retrying, False
         if error is not None:
             self._failed(error)
-            self._settle()
-        elif self.held:
+        elif retried:
+            self._recovered(sum(h.frames for h in batch))
+        if self.held and self.failure is None:
             self._flush()
         else:
             self._settle()
@@ -369,13 +386,6 @@ class WriteAhead:
             if not settled.called:
                 settled.callback(None)
 
-    def _log(self, held: _Held) -> None:
-        if not held.logged:
-            self.audit.append(held.sender.stats.client_id, held.runs, held.received_ns)
-            held.logged = True
-        if self.fsync_interval is None:
-            self.audit.sync()
-
     def _failed(self, error: OSError) -> None:
         first = self.failure is None
         self.failure = f"audit log write failed: {error.strerror or error}"
@@ -393,30 +403,32 @@ class WriteAhead:
         self._retry = self.clock.callLater(self.retry_interval, self._retryHeld)
 
     def _retryHeld(self) -> None:
-        try:
-            self.audit.sync()
-            for entry in self.held:
-                self._log(entry)
-        except OSError as e:
-            self._failed(e)
+        """Try the log again: write what is held and not written, and sync."""
+        if self.flying:
+            # A write that began before an interval's sync failed: after it.
+            self._retry = self.clock.callLater(self.retry_interval, self._retryHeld)
             return
-        held, self.held, self._waiting = self.held, [], 0
+        self._retrying = True
+        self._flush(sync=True)
+
+    def _recovered(self, frames: int) -> None:
         self.log.info(
             "audit log writable again after {outage:.3f}s: {frames} held frames "
             "logged and forwarded",
             outage=self.clock.seconds() - self._failedAt,
-            frames=sum(h.frames for h in held),
+            frames=frames,
         )
         self.failure = None
-        self._forward(held)
-        self.gate.unblock(self._behind)
         self.gate.unblock(self)
 
     def _syncNow(self) -> None:
         """The interval's sync; one that fails holds the publishers like a failed write."""
-        if self.failure is not None:
+        if self.failure is not None or self._syncing:
             return
-        try:
-            self.audit.sync()
-        except OSError as e:
-            self._failed(e)
+        self._syncing = True
+        self.offload(lambda: self._syncIf(True)).addCallback(self._intervalSynced)
+
+    def _intervalSynced(self, error: OSError | None) -> None:
+        self._syncing = False
+        if error is not None and not self._stopped and self.failure is None:
+            self._failed(error)
