@@ -7,6 +7,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -25,6 +26,7 @@ from twisted_relay import scan
 from twisted_relay.app.endpoints import SocketPathUnavailable, UnixSocketEndpoint
 from twisted_relay.app.services import ListeningService, RelayService, RelayServices
 from twisted_relay.app.tap import Options, makeService
+from twisted_relay.audit import AuditLog
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
 from twisted_relay.wire import Domain
 
@@ -242,6 +244,30 @@ class ListeningServiceTests(SynchronousTestCase):
             str(error),
             f"twistd relay: cannot listen on unix:{path}: a relay is already listening on {path}",
         )
+
+    def test_failedStartLetsGo(self) -> None:
+        """
+        A start-up that fails after the audit log opened closes it and stops
+        its writer thread, which would otherwise keep the process alive.
+        """
+        dir = short_tempdir(self)
+        path = os.path.join(dir, "busy.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.listen(1)
+        audit = os.path.join(dir, "audit")
+        options = Options()
+        options.parseOptions(
+            ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"]
+        )
+        services = makeService(options, MemoryReactorClock())
+        self.assertRaises(SystemExit, services.privilegedStartService)
+        writers = [t for t in threading.enumerate() if "audit log writer" in t.name]
+        self.assertEqual(writers, [])
+        again = AuditLog(audit)
+        again.open()
+        again.close()
 
     def test_stopsListening(self) -> None:
         """Stopping the service closes its port, and only once."""

@@ -140,7 +140,7 @@ class RelayServices(MultiService):
             start()
         except SystemExit:
             for service in self:
-                if isinstance(service, ListeningService):
+                if isinstance(service, (ListeningService, RelayService)):
                     service.abandon()
             raise
 
@@ -296,6 +296,15 @@ class RelayService(Service):
         if self.factory.writeahead is not None:
             self.factory.writeahead.stop()
         self.factory.logic.cleanup()
+
+    def abandon(self) -> None:
+        """
+        For a start-up that failed: let go of what was set up (the audit
+        log, its writer thread, which would keep the process from exiting,
+        and the domain).
+        """
+        if self.prepared:
+            self.close()
 
     def _snapshot(self) -> _Snapshot:
         factory = self.factory

@@ -178,6 +178,8 @@ class WriteAhead:
         self._syncing = False
         self._retrying = False
         self._stopped = False
+        #: Whether the log was opened (by L{start}), so L{stop} has one to close.
+        self.opened = False
         #: Bytes held and not with the writer.
         self._waiting = 0
         #: The gate's key while the publishers wait for the writer.
@@ -193,6 +195,7 @@ class WriteAhead:
         """
         for warning in self.audit.open():
             self.log.warn("audit log: {warning}", warning=warning)
+        self.opened = True
         self.sequences.update(self.audit.sequences)
         self.forwarded = self.audit.records
         self.offload.start()
@@ -238,6 +241,9 @@ class WriteAhead:
         Wait for the write in progress, sync and close the log; frames still
         held are reported as not forwarded.
         """
+        if not self.opened:
+            return
+        self.opened = False
         if self._sync.running:
             self._sync.stop()
         if self._retry is not None and self._retry.active():
