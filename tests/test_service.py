@@ -228,14 +228,18 @@ class UnixSocketEndpointTests(SynchronousTestCase):
 
 
 class ListeningServiceTests(SynchronousTestCase):
-    def test_failureIsOneLine(self) -> None:
-        """A listener that cannot listen ends start-up with a one-line reason."""
-        dir = short_tempdir(self)
-        path = os.path.join(dir, "busy.sock")
+    def busy_socket(self) -> str:
+        """The path of a Unix socket something listens on, for this test."""
+        path = os.path.join(short_tempdir(self), "busy.sock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
         sock.bind(path)
         sock.listen(1)
+        return path
+
+    def test_failureIsOneLine(self) -> None:
+        """A listener that cannot listen ends start-up with a one-line reason."""
+        path = self.busy_socket()
         service = ListeningService(
             f"unix:{path}", UnixSocketEndpoint(MemoryReactor(), path), Factory()
         )
@@ -250,13 +254,8 @@ class ListeningServiceTests(SynchronousTestCase):
         A start-up that fails after the audit log opened closes it and stops
         its writer thread, which would otherwise keep the process alive.
         """
-        dir = short_tempdir(self)
-        path = os.path.join(dir, "busy.sock")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(sock.close)
-        sock.bind(path)
-        sock.listen(1)
-        audit = os.path.join(dir, "audit")
+        path = self.busy_socket()
+        audit = os.path.join(os.path.dirname(path), "audit")
         options = Options()
         options.parseOptions(
             ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"]

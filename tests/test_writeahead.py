@@ -52,12 +52,18 @@ def logged(relay) -> list[bytes]:
     return [r.frame for f in audit_files(directory) for r in f.records()]
 
 
-class PipelineTests(SynchronousTestCase):
+class WriterTestCase(SynchronousTestCase):
+    """An execution relay whose audit log's writer runs when the test says."""
+
+    #: The log's fsync interval (None: always).
+    interval: float | None = None
+
     def setUp(self) -> None:
         self.writer = StepWriter()
         self.relay = make_relay(
             Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=self.writer
         )
+        self.relay.writeahead.fsync_interval = self.interval
         self.relay.writeahead.start()
         self.addCleanup(self.relay.writeahead.stop)
         self.publisher, self.subscriber = connect(self.relay), connect(self.relay)
@@ -66,6 +72,8 @@ class PipelineTests(SynchronousTestCase):
     def received(self) -> list[bytes]:
         return published(self.subscriber.transport.value())
 
+
+class PipelineTests(WriterTestCase):
     def test_forwardedOnceSynced(self) -> None:
         """Nothing reaches a subscriber before the writer wrote and synced it."""
         self.publisher.dataReceived(b"".join(self.frames[:10]))
@@ -172,49 +180,38 @@ async def test_throughTheWriterThread(tmp_path) -> None:
         relay.writeahead.stop()
 
 
-class IntervalTests(SynchronousTestCase):
+class IntervalTests(WriterTestCase):
     """C{--audit-fsync MS} on the writer: forwarded once written, synced every interval."""
+
+    interval = 0.01
 
     def test_writeThenSync(self) -> None:
         """Frames go out once written; the interval's sync runs on the writer, in order."""
-        writer = StepWriter()
-        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=writer)
-        relay.writeahead.fsync_interval = 0.01
-        relay.writeahead.start()
-        self.addCleanup(relay.writeahead.stop)
-        publisher, subscriber = connect(relay), connect(relay)
-        frames = frames_for(Domain.EXECUTION, 5, source=42)
-        publisher.dataReceived(b"".join(frames))
-        writer.step()
-        self.assertEqual(published(subscriber.transport.value()), frames)
-        self.assertTrue(relay.writeahead.audit.dirty)
-        relay.clock.advance(0.01)
-        self.assertEqual(len(writer.jobs), 1)
-        writer.step()
-        self.assertFalse(relay.writeahead.audit.dirty)
+        self.publisher.dataReceived(b"".join(self.frames))
+        self.writer.step()
+        self.assertEqual(self.received(), self.frames)
+        self.assertTrue(self.relay.writeahead.audit.dirty)
+        self.relay.clock.advance(0.01)
+        self.assertEqual(len(self.writer.jobs), 1)
+        self.writer.step()
+        self.assertFalse(self.relay.writeahead.audit.dirty)
 
     def test_failedSyncHolds(self) -> None:
         """An interval's sync that fails holds the publishers until a retry succeeds."""
-        writer = StepWriter()
-        relay = make_relay(Domain.EXECUTION, audit=AuditLog(temp_dir(self)), audit_writer=writer)
-        relay.writeahead.fsync_interval = 0.01
-        relay.writeahead.start()
-        self.addCleanup(relay.writeahead.stop)
-        publisher, subscriber = connect(relay), connect(relay)
-        frames = frames_for(Domain.EXECUTION, 10, source=42)
-        publisher.dataReceived(b"".join(frames[:5]))
-        writer.step()
-        relay.writeahead.audit.sync = failing_sync
-        relay.clock.advance(0.01)
-        writer.step()
-        self.assertTrue(relay.gate.paused)
-        publisher.dataReceived(b"".join(frames[5:]))
-        self.assertEqual(writer.jobs, [])
-        del relay.writeahead.audit.sync
-        relay.clock.advance(1.0)
-        writer.step()
-        self.assertFalse(relay.gate.paused)
-        self.assertEqual(published(subscriber.transport.value()), frames)
+        audit = self.relay.writeahead.audit
+        self.publisher.dataReceived(b"".join(self.frames[:15]))
+        self.writer.step()
+        audit.sync = failing_sync
+        self.relay.clock.advance(0.01)
+        self.writer.step()
+        self.assertTrue(self.relay.gate.paused)
+        self.publisher.dataReceived(b"".join(self.frames[15:]))
+        self.assertEqual(self.writer.jobs, [])
+        del audit.sync
+        self.relay.clock.advance(1.0)
+        self.writer.step()
+        self.assertFalse(self.relay.gate.paused)
+        self.assertEqual(self.received(), self.frames)
 
 
 def failing_sync() -> None:
