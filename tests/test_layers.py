@@ -148,7 +148,7 @@ class LayerTests(SynchronousTestCase):
 #: The public surface of the modules the docs name.
 SURFACE = {
     "wire": [
-        "BadChecksum", "BadMagic", "CHECKED_HEADER_SIZE", "CHECKSUM_OFFSET", "COMPLIANCE_TLVS",
+        "BadChecksum", "BadMagic", "BadTLV", "CHECKED_HEADER_SIZE", "CHECKSUM_OFFSET", "COMPLIANCE_TLVS",
         "Domain", "EXECUTION_TLVS", "EXTENDED_TLV", "FrameError", "FrameRejected",
         "FrameTooLarge", "FramingLost", "HEADER", "HEADER_SIZE", "Header", "IncompleteFrame",
         "KiB", "MAGIC", "MAGIC_BYTES", "MARKET_DATA_TLVS", "MAX_EXTENDED_TLV", "MAX_STANDARD_TLV",

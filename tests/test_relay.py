@@ -190,6 +190,12 @@ class RejectTests(SynchronousTestCase):
             Domain.EXECUTION, build_frame(Domain.EXECUTION, 42, 5, bytes([40, 9, 1])), "truncated_tlv"
         )
 
+    def test_extendedReservedByte(self) -> None:
+        """An extended TLV whose reserved byte is not 0 is dropped with the frame."""
+        for domain, tlv in ((Domain.SIGNAL, 20), (Domain.EXECUTION, 40)):
+            payload = bytes([255, 1, tlv, 3, 0]) + b"abc"
+            self.assertDropped(domain, build_frame(domain, 42, 5, payload), "bad_tlv")
+
     def test_badMagic(self) -> None:
         """Bad magic closes the sender, after forwarding what came before."""
         self.assertClosed(Domain.MARKET_DATA, b"\x12\x34\x56\x78" + b"\x00" * 28, "bad_magic")

@@ -159,7 +159,7 @@ class CheckedScanTests(SynchronousTestCase):
         self.assertEqual(self.scan(self.policy(), data), (len(data), 4, 4))
 
     def test_stops(self) -> None:
-        """It stops at a bad checksum, a type not allowed, a truncated TLV."""
+        """It stops at a bad checksum, a type not allowed, a truncated or malformed TLV."""
         good = build_frame(2, 9, 1, [(20, b"x")])
         bad_crc = bytearray(build_frame(2, 9, 2, [(20, b"x")]))
         bad_crc[-1] ^= 1
@@ -168,6 +168,7 @@ class CheckedScanTests(SynchronousTestCase):
             build_frame(2, 9, 2, [(40, b"x")]),  # an execution type
             build_frame(2, 9, 2, b"\x14\x05ab"),  # declares 5 bytes, has 2
             build_frame(2, 9, 2, b"\xff\x00\x14\x01"),  # extended header cut short
+            build_frame(2, 9, 2, b"\xff\x01\x14\x01\x00x"),  # reserved byte set
         ):
             data = good + second
             self.assertEqual(self.scan(self.policy(), data), (len(good), 1, 1))

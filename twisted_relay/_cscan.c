@@ -60,7 +60,8 @@ crc32_update(uint32_t crc, const unsigned char *p, size_t n)
 
 /*
  * The strict TLV walk of wire.tlv_spans over the payload p[0:n]: every TLV
- * whole, and its type allowed (allowed[type] != 0).
+ * whole, an extended TLV's reserved byte 0, and its type allowed
+ * (allowed[type] != 0).
  */
 static int
 tlvs_allowed(const unsigned char *p, size_t n, const unsigned char *allowed)
@@ -70,7 +71,7 @@ tlvs_allowed(const unsigned char *p, size_t n, const unsigned char *allowed)
         unsigned type = p[0];
         size_t length;
         if (type == 255) {
-            if (end - p < 5)
+            if (end - p < 5 || p[1] != 0)  /* cut short, or reserved byte set */
                 return 0;
             type = p[2];
             length = (size_t)p[3] | (size_t)p[4] << 8;

@@ -27,7 +27,7 @@ from .wire import (
     ROUTING,
     UINT32,
     VERSION,
-    TruncatedTLV,
+    FrameRejected,
     frame_checksum,
     tlv_spans,
 )
@@ -56,7 +56,7 @@ def scan_run_python(
     Advance from C{offset} over whole frames of C{buf[:end]} whose header is
     intact, whose relay_domain is C{domain}, whose source is C{source}, whose
     sequence follows C{last}, whose CRC-32 matches (if C{verify}) and whose
-    TLVs are whole and of allowed types (if C{allowed}, 256 bytes: non-zero
+    TLVs are well formed and of allowed types (if C{allowed}, 256 bytes: non-zero
     at each allowed type; L{NO_WALK} for no walk). Returns C{(offset,
     frames, last)}: where it stopped, how many frames it passed, and the last
     sequence among them.
@@ -84,7 +84,7 @@ def scan_run_python(
             try:
                 if not all(allowed[t] for t, _, _ in tlv_spans(buf, offset + HEADER_SIZE, frame_end)):
                     break
-            except TruncatedTLV:
+            except FrameRejected:
                 break
         frames += 1
         last = sequence

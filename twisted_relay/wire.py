@@ -17,6 +17,7 @@ from typing import ClassVar, NamedTuple
 
 __all__ = [
     "BadChecksum",
+    "BadTLV",
     "BadMagic",
     "CHECKED_HEADER_SIZE",
     "CHECKSUM_OFFSET",
@@ -253,6 +254,7 @@ def tlv_spans(
     TLVs alike, without copying anything.
 
     @raise TruncatedTLV: a TLV runs past the end of the payload.
+    @raise BadTLV: an extended TLV's reserved byte is not 0.
     """
     if end is None:
         end = len(buf)
@@ -266,7 +268,12 @@ def tlv_spans(
                     f"extended TLV header at payload offset {offset - start} needs "
                     f"{_EXTENDED.size} bytes, {end - offset} left"
                 )
-            _, _, tlv_type, length = _EXTENDED.unpack_from(buf, offset)
+            _, reserved, tlv_type, length = _EXTENDED.unpack_from(buf, offset)
+            if reserved:
+                raise BadTLV(
+                    f"extended TLV at payload offset {offset - start} has reserved byte "
+                    f"{reserved}, which must be 0"
+                )
             value = offset + _EXTENDED.size
         else:
             if offset + 2 > end:
@@ -376,6 +383,12 @@ class TruncatedTLV(FrameRejected):
     reason = "truncated_tlv"
 
 
+class BadTLV(FrameRejected):
+    """A TLV that breaks the format otherwise (an extended TLV's reserved byte set)."""
+
+    reason = "bad_tlv"
+
+
 #: Every reason a frame can be refused for, in a stable order for reports.
 REJECT_REASONS: tuple[str, ...] = tuple(
     cls.reason
@@ -388,5 +401,6 @@ REJECT_REASONS: tuple[str, ...] = tuple(
         BadChecksum,
         UnknownTLVType,
         TruncatedTLV,
+        BadTLV,
     )
 )
