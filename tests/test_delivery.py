@@ -16,9 +16,10 @@ from twisted_relay.control import (
     SUBSCRIBE_SOURCES,
     control_frame,
     parse_relay_info,
+    recovery_frame,
 )
 from twisted_relay.domains import MARKET
-from twisted_relay.engine.delivery import DeliverySettings
+from twisted_relay.engine.delivery import OWN_LIMIT, UNREAD_ANSWERS, DeliverySettings
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import connect, frames_for, make_relay
@@ -363,3 +364,45 @@ class DrainTests(SynchronousTestCase):
         relay.drain(3)
         relay.clock.advance(3)
         self.assertTrue(client.transport.disconnected)
+
+
+class OwnFramesTests(SynchronousTestCase):
+    """
+    The relay's answers to a client's own control frames never hold the
+    publishers back; a client that asks and does not read is cut off alone.
+    """
+
+    def setUp(self) -> None:
+        self.high_water = 64 * 1024
+        self.relay = make_relay(
+            Domain.EXECUTION,
+            delivery=DeliverySettings("block", high_water=self.high_water, low_water=16 * 1024),
+        )
+        self.publisher, self.subscriber = connect(self.relay), connect(self.relay)
+        self.asker = connect(self.relay)
+        self.asker.outbox.pauseProducing()  # its transport is full: it does not read
+        self.request = recovery_frame({source: 1 for source in range(1, 256)})
+
+    def test_answersHoldNobody(self) -> None:
+        """Answers queued past the high-water mark do not pause the publishers."""
+        while self.asker.outbox.queued <= 2 * self.high_water:
+            self.asker.dataReceived(self.request)
+        frames = frames_for(Domain.EXECUTION, 10, source=42)
+        self.publisher.dataReceived(b"".join(frames))
+        self.assertFalse(self.relay.gate.paused)
+        self.assertEqual(self.subscriber.transport.value(), b"".join(frames))
+        self.assertEqual(dict(self.asker.stats.cut_offs), {})
+
+    def test_unreadAnswersCut(self) -> None:
+        """Past the limit of the relay's own frames, the client alone is cut off."""
+        for _ in range(10):
+            for _ in range(100):
+                self.asker.dataReceived(self.request)
+            self.relay.clock.advance(1.0)
+        self.assertEqual(dict(self.asker.stats.cut_offs), {UNREAD_ANSWERS: 1})
+        self.assertTrue(self.asker.outbox.closed)
+        self.assertLessEqual(self.relay.totals.bytes_out, OWN_LIMIT)
+        self.assertFalse(self.relay.gate.paused)
+        frames = frames_for(Domain.EXECUTION, 10, source=42)
+        self.publisher.dataReceived(b"".join(frames))
+        self.assertEqual(self.subscriber.transport.value(), b"".join(frames))

@@ -159,7 +159,8 @@ SURFACE = {
         "tlv_spans", "unpack_header",
     ],
     "control": [
-        "BUSY", "BadControlFrame", "CONTROL_TLVS", "Control", "EVERYTHING", "HEARTBEAT",
+        "BUSY", "BadControlFrame", "CONTROL_TLVS", "Control", "ControlFlood", "EVERYTHING",
+        "HEARTBEAT",
         "NOTHING", "NOT_SUBSCRIBED", "NO_AUDIT_LOG", "RECOVERY_REQUEST", "RECOVERY_RESPONSE",
         "RELAY_INFO", "RELAY_ROLE", "RELAY_SOURCES", "REPLAYING", "ROLE_BOTH",
         "ROLE_PUBLISH_ONLY", "SUBSCRIBE_SOURCES", "SUBSCRIBE_TLV_TYPES", "Subscription",

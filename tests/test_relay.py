@@ -8,11 +8,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay import scan
+from twisted_relay.control import control_frame
 from twisted_relay.engine import ingest
+from twisted_relay.engine.accounting import CONTROL_RATE
 from twisted_relay.wire import MAGIC, Domain, Header, build_frame, frame_checksum
 
 from .helpers import RecordingTransport, connect, frames_for, make_relay, split
@@ -365,3 +368,27 @@ class ScanFallbackTests(SynchronousTestCase):
         self.assertEqual(
             self.run_relay(data, scan.scan_run_python), self.run_relay(data, scan.scan_run)
         )
+
+
+class ControlFloodTests(SynchronousTestCase):
+    """Control frames are taken at a bounded rate per connection, and logged at one."""
+
+    def setUp(self) -> None:
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_flood(self) -> None:
+        """20,000 control frames in a second: 100 taken, the rest refused, a few log lines."""
+        relay = make_relay()
+        flooder, other = connect(relay), connect(relay)
+        flooder.dataReceived(control_frame(publish_only=True) * 20_000)
+        self.assertEqual(flooder.stats.control_frames, CONTROL_RATE)
+        self.assertEqual(dict(flooder.stats.rejects), {"control_flood": 20_000 - CONTROL_RATE})
+        self.assertLess(len(self.events), 20)
+        other.dataReceived(control_frame(publish_only=True))
+        self.assertEqual(other.stats.control_frames, 1)
+        relay.clock.advance(1.0)
+        flooder.dataReceived(control_frame())
+        self.assertEqual(flooder.stats.control_frames, CONTROL_RATE + 1)
+        self.assertEqual(flooder.stats.role, "subscriber")

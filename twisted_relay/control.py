@@ -48,6 +48,7 @@ from .wire import (
 __all__ = [
     "BUSY",
     "BadControlFrame",
+    "ControlFlood",
     "CONTROL_TLVS",
     "Control",
     "EVERYTHING",
@@ -113,6 +114,12 @@ ROLE_PUBLISH_ONLY = 1
 
 class BadControlFrame(FrameRejected):
     reason = "bad_control_frame"
+
+
+class ControlFlood(FrameRejected):
+    """A control frame past its connection's rate: refused, not applied."""
+
+    reason = "control_flood"
 
 
 @dataclass(frozen=True)

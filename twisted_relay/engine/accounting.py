@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,10 @@ from twisted.logger import Logger
 from ..control import EVERYTHING
 from ..ratelimit import RateLimiter
 from ..wire import FrameError
+
+#: Control frames one connection may send per second; past it they are
+#: refused (C{control_flood}), counted, and logged at a bounded rate.
+CONTROL_RATE = 100
 
 
 @dataclass(slots=True)
@@ -90,6 +95,7 @@ class Accounting:
         self.last_trouble: float | None = None
         self._ids = itertools.count(1)
         self._sampled = RateLimiter(clock)
+        self._controls = RateLimiter(clock, burst=CONTROL_RATE)
 
     def connected(self, peer: str) -> ClientStats:
         """The counters of a client that just connected, with its new id."""
@@ -99,6 +105,7 @@ class Accounting:
     def disconnected(self, stats: ClientStats) -> None:
         """A client is gone: nothing more will be logged about it."""
         self._sampled.forget(("dropped", stats.client_id))
+        self._controls.forget(stats.client_id)
 
     def received(self, stats: ClientStats, size: int) -> None:
         """Bytes read from a client, before framing."""
@@ -127,10 +134,23 @@ class Accounting:
         stats.heartbeats += 1
         self.totals.heartbeats += 1
 
-    def control(self, stats: ClientStats) -> None:
-        """A control frame taken from a client."""
+    def control(self, stats: ClientStats) -> bool:
+        """
+        A control frame from a client: C{True} (and counted) if it may be
+        taken, C{False} past the client's L{CONTROL_RATE}.
+        """
+        if self._controls.allow(stats.client_id) is None:
+            return False
         stats.control_frames += 1
         self.totals.control_frames += 1
+        return True
+
+    def sampled(self, kind: str, emit: Callable[..., None], format: str, **fields: object) -> None:
+        """
+        A log line about a client's control frames, at most 5 a second of
+        each C{kind}, as refusals are; the next one says how many were held.
+        """
+        self._sampled.log(("control", kind), emit, format, **fields)
 
     def lost(self, stats: ClientStats, frames: int, size: int) -> None:
         """Frames still queued for a client when its connection ended."""

@@ -41,9 +41,15 @@ from .accounting import Accounting, ClientStats
 #: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
 #: slow-consumer policy applies, unless told otherwise.
 HIGH_WATER = 8 * MiB
-#: Why the relay cuts a subscriber off (the disconnect policy, the stall timeout).
+#: Bytes of the relay's own frames to a client (answers to its control
+#: frames, heartbeats) that may wait in its queue; past it the client is cut
+#: off on its own, whatever the policy: they never hold the publishers back.
+OWN_LIMIT = 1 * MiB
+#: Why the relay cuts a subscriber off (the disconnect policy, the stall
+#: timeout, the relay's own frames left unread).
 SLOW_CONSUMER = "slow consumer"
 STALLED_CONSUMER = "stalled consumer"
+UNREAD_ANSWERS = "unread answers"
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 
@@ -116,7 +122,10 @@ class Outbox:
 
     Frames count as delivered (C{frames_out}) when they are handed to the
     transport; frames still queued when the connection ends count as lost
-    (C{frames_lost}).
+    (C{frames_lost}). The relay's own frames to the client (sent with
+    C{frames} 0: answers, heartbeats) keep their place in the queue but not
+    under the policy: they are bounded by L{OWN_LIMIT} instead, so a client
+    that asks and does not read cannot hold the publishers back.
     """
 
     log = Logger()
@@ -139,6 +148,8 @@ class Outbox:
         #: Writes waiting for the transport: (runs, frames, bytes) each.
         self.queue: deque[tuple[list[bytes], int, int]] = deque()
         self.queued = 0
+        #: Of the bytes queued, those of the relay's own frames.
+        self.own = 0
         self.writable = True
         self.closed = False
         #: Whether this outbox holds the publishers back (block policy).
@@ -157,8 +168,11 @@ class Outbox:
         if self.writable and not self.queue:
             self.write(runs, frames, size)
             return
+        if not frames:
+            self._queueOwn(runs, size)
+            return
         policy = self.settings.policy
-        over = self.queued + size > self.settings.high_water
+        over = self.queued - self.own + size > self.settings.high_water
         if over and policy == "drop":
             self.accounting.dropped(self.stats, frames, size)
             return
@@ -174,6 +188,23 @@ class Outbox:
         if over and not self.blocking:
             self.blocking = True
             self.gate.block(self)
+
+    def _queueOwn(self, runs: list[bytes], size: int) -> None:
+        if self.own + size > OWN_LIMIT:
+            self.cut(
+                UNREAD_ANSWERS,
+                f"{self.own} bytes of the relay's answers to it are unread, the next "
+                f"{size} would pass the limit of {OWN_LIMIT}",
+            )
+            return
+        self.queue.append((runs, 0, size))
+        self.queued += size
+        self.own += size
+
+    def _dequeued(self, frames: int, size: int) -> None:
+        self.queued -= size
+        if not frames:
+            self.own -= size
 
     def write(self, runs: list[bytes], frames: int, size: int) -> None:
         """Hand C{runs} to the transport now, past the queue, and count them."""
@@ -208,9 +239,9 @@ class Outbox:
                 self.replay.begin()
                 continue
             runs, frames, size = item
-            self.queued -= size
+            self._dequeued(frames, size)
             self.write(runs, frames, size)
-        if self.blocking and self.queued <= self.settings.low_water:
+        if self.blocking and self.queued - self.own <= self.settings.low_water:
             self.blocking = False
             self.gate.unblock(self)
         if self.replay is not None:
@@ -232,7 +263,7 @@ class Outbox:
                 self.stats, sum(frames for _, frames, _ in self.queue), self.queued
             )
         self.queue.clear()
-        self.queued = 0
+        self.queued = self.own = 0
         if self.blocking:
             self.blocking = False
             self.gate.unblock(self)
@@ -257,7 +288,7 @@ class Outbox:
             item = self.queue.popleft()
             if item is not _REPLAY:
                 runs, frames, size = item
-                self.queued -= size
+                self._dequeued(frames, size)
                 self.write(runs, frames, size)
         self.close()
         transport = self.transport

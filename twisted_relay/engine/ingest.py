@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..access import NotAllowedToPublish
-from ..control import Control, is_control, parse_control
+from ..control import Control, ControlFlood, is_control, parse_control
 from ..domains import RelayDomain
 from ..framing import Framer
 from ..interfaces import IRelayLogic
@@ -37,7 +37,7 @@ from ..wire import (
     frame_checksum,
     unpack_header,
 )
-from .accounting import Accounting, ClientStats
+from .accounting import CONTROL_RATE, Accounting, ClientStats
 
 #: The source before any frame: no source byte equals it.
 NO_SOURCE = -1
@@ -289,6 +289,10 @@ class Ingest:
                 f"control frame checksum 0x{header.checksum:08x} does not match its "
                 f"CRC-32 0x{actual:08x}"
             )
+        if not self.accounting.control(self.stats):
+            raise ControlFlood(
+                f"more than {CONTROL_RATE} control frames in a second from "
+                f"{self.stats.peer}"
+            )
         self._control = control
-        self.accounting.control(self.stats)
         return True

@@ -203,11 +203,17 @@ class RelayFactory(ServerFactory):
             self._drain.left(len(self.clients))
 
     def controlReceived(self, client: RelayProtocol, control: Control) -> None:
-        """A new subscription, answered with the relay's RelayInfo; a replay."""
+        """
+        A new subscription, answered with the relay's RelayInfo; a replay.
+        The answers never hold the publishers back (L{Outbox.send} of the
+        relay's own frames), and the log lines are sampled.
+        """
         subscription = control.subscription
         if subscription is not None:
             self.subscribe(client, subscription)
-            self.log.info(
+            self.accounting.sampled(
+                "subscription",
+                self.log.info,
                 "client {client_id} is now a {role}{details}",
                 client_id=client.stats.client_id,
                 role=client.stats.role,
@@ -250,7 +256,9 @@ class RelayFactory(ServerFactory):
     def _refuse(
         self, client: RelayProtocol, wanted: Mapping[int, int], status: int, detail: str
     ) -> None:
-        self.log.warn(
+        self.accounting.sampled(
+            "refused replay",
+            self.log.warn,
             "client {client_id} asked for a replay of {wanted}: {detail}",
             client_id=client.stats.client_id,
             wanted=dict(wanted),
@@ -274,7 +282,9 @@ class RelayFactory(ServerFactory):
             done=lambda replay: self._replayed(client, replay),
         )
         client.subscription = NOTHING  # off the live stream until the replay is done
-        self.log.info(
+        self.accounting.sampled(
+            "replay",
+            self.log.info,
             "client {client_id} asked for a replay of {wanted} (source: first sequence); "
             "replaying from the audit log, live again after record {detached_at}",
             client_id=client.stats.client_id,
@@ -287,7 +297,9 @@ class RelayFactory(ServerFactory):
         """C{client}'s replay reached the end of the log: it is back on the live stream."""
         client.outbox.replay = None
         client.subscription = replay.subscription
-        self.log.info(
+        self.accounting.sampled(
+            "caught up",
+            self.log.info,
             "client {client_id} caught up: {frames} frames replayed; live from record "
             "{record}",
             client_id=client.stats.client_id,
