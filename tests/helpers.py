@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
 import tempfile
+from types import ModuleType
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -66,3 +69,30 @@ def temp_dir(testcase) -> str:
     return path
 
 
+
+
+@functools.cache
+def native_loops() -> ModuleType:
+    """
+    twisted_relay/_cscan.c compiled on its own and loaded: the tests compare
+    it with the pure-Python loops even where the package under test runs
+    from a checkout without the built module.
+    """
+    from setuptools import Distribution, Extension
+    from setuptools.command.build_ext import build_ext
+
+    workdir = tempfile.mkdtemp(prefix="tr-cscan-")
+    try:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        source = os.path.join(repo, "twisted_relay", "_cscan.c")
+        command = build_ext(Distribution({"ext_modules": [Extension("_cscan", [source])]}))
+        command.build_lib = command.build_temp = workdir
+        command.ensure_finalized()
+        command.run()
+        spec = importlib.util.spec_from_file_location("_cscan", command.get_ext_fullpath("_cscan"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

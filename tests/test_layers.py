@@ -18,7 +18,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: The layers, lowest first; within a layer, a module may import the ones before it.
 LAYERS: list[tuple[str, list[str]]] = [
     ("format", ["_cscan", "wire", "framing", "scan", "control", "ratelimit"]),
-    ("policy", ["interfaces", "domains", "validation", "access"]),
+    ("policy", ["interfaces", "domains", "validation", "access", "paths"]),
     ("audit", ["audit.format", "audit.reader", "audit.writer", "audit"]),
     (
         "engine",

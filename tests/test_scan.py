@@ -6,12 +6,9 @@ versions, on valid streams and on damaged ones.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,30 +20,10 @@ from twisted_relay.scan import NO_WALK, allowed_types, scan_run_python
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import HEADER_SIZE, FrameRejected, build_frame, unpack_header
 
+from .helpers import native_loops
 from .relayprocess import REPO
 
-
-def build_native():
-    """Compile twisted_relay/_cscan.c on its own and load it."""
-    from setuptools import Distribution, Extension
-    from setuptools.command.build_ext import build_ext
-
-    workdir = tempfile.mkdtemp(prefix="tr-cscan-")
-    try:
-        source = os.path.join(REPO, "twisted_relay", "_cscan.c")
-        command = build_ext(Distribution({"ext_modules": [Extension("_cscan", [source])]}))
-        command.build_lib = command.build_temp = workdir
-        command.ensure_finalized()
-        command.run()
-        spec = importlib.util.spec_from_file_location("_cscan", command.get_ext_fullpath("_cscan"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-NATIVE = build_native()
+NATIVE = native_loops()
 
 frame_specs = st.lists(
     st.tuples(

@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 from twisted_relay import scan
@@ -28,6 +28,7 @@ from twisted_relay.app.services import ListeningService, RelayService, RelayServ
 from twisted_relay.app.tap import Options, makeService
 from twisted_relay.audit import AuditLog
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
+from twisted_relay.paths import UntrustedDirectory, check_directory
 from twisted_relay.wire import Domain
 
 from .helpers import connect, frames_for, make_relay
@@ -267,6 +268,47 @@ class ListeningServiceTests(SynchronousTestCase):
         again = AuditLog(audit)
         again.open()
         again.close()
+
+    def test_untrustedSocketDirectory(self) -> None:
+        """
+        A socket directory others could change is refused with one line,
+        unless strict checks are turned off.
+        """
+        directory = os.path.join(short_tempdir(self), "shared")
+        os.mkdir(directory)
+        os.chmod(directory, 0o777)
+        path = os.path.join(directory, "r.sock")
+        endpoint = UnixSocketEndpoint(MemoryReactor(), path)
+        failure = self.failureResultOf(endpoint.listen(Factory()), SocketPathUnavailable)
+        self.assertEqual(
+            str(failure.value),
+            f"{directory} is writable by its group (mode 0777): they could replace what the "
+            f"relay puts there (--no-strict-dirs overrides this, dangerously)",
+        )
+        lax = UnixSocketEndpoint(MemoryReactor(), path, strict=False)
+        self.successResultOf(lax.listen(Factory()))
+
+    def test_foreignOwner(self) -> None:
+        """A directory of another user, on the way to the socket or the audit log, is refused."""
+        if os.geteuid() != 0:
+            raise SkipTest("giving a directory to another user needs root")
+        directory = os.path.join(short_tempdir(self), "theirs")
+        os.mkdir(directory, 0o755)
+        os.chown(directory, 65534, 65534)
+        with self.assertRaises(UntrustedDirectory) as raised:
+            check_directory(os.path.join(directory, "sub", "dir"))
+        self.assertIn(f"{directory} belongs to ", str(raised.exception))
+        relay = make_relay(Domain.EXECUTION, audit=AuditLog(os.path.join(directory, "audit")))
+        error = self.assertRaises(SystemExit, RelayService(relay, 0).privilegedStartService)
+        self.assertIn("will not use the audit directory", str(error))
+        self.assertFalse(os.path.exists(os.path.join(directory, "audit")))
+        RelayService(relay, 0, strict_dirs=False).privilegedStartService()
+        self.addCleanup(relay.writeahead.stop)
+        self.assertTrue(relay.writeahead.opened)
+
+    def test_stickyTmpTrusted(self) -> None:
+        """/tmp itself (root's, sticky) is on the way to the default sockets, and trusted."""
+        check_directory("/tmp/torq-never-made/market_data.sock")
 
     def test_stopsListening(self) -> None:
         """Stopping the service closes its port, and only once."""

@@ -152,3 +152,4 @@ class Access:
 
     def may_subscribe(self, peer: Peer) -> bool:
         return self.subscribe is None or self.subscribe.allows(peer)
+

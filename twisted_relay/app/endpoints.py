@@ -53,8 +53,12 @@ from twisted.internet.ssl import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..paths import UntrustedDirectory, check_directory, make_directories
 
-def server_endpoint(reactor, description: str, mode: int) -> IStreamServerEndpoint:
+
+def server_endpoint(
+    reactor, description: str, mode: int, strict: bool = True
+) -> IStreamServerEndpoint:
     """
     The endpoint for one C{--listen} value: Unix sockets get the safe one,
     C{ssl:} with C{caCerts=} the client-certificate one.
@@ -70,7 +74,7 @@ def server_endpoint(reactor, description: str, mode: int) -> IStreamServerEndpoi
     if isinstance(endpoint, UNIXServerEndpoint):
         if re.search(r"(^|:)mode=", description):
             raise ValueError("give the socket mode with --mode")
-        return UnixSocketEndpoint(reactor, endpoint._address, mode, endpoint._backlog)
+        return UnixSocketEndpoint(reactor, endpoint._address, mode, endpoint._backlog, strict)
     return endpoint
 
 
@@ -87,12 +91,22 @@ class UnixSocketEndpoint:
     log = Logger()
 
     def __init__(
-        self, reactor: IReactorUNIX, path: str, mode: int = 0o660, backlog: int = 50
+        self,
+        reactor: IReactorUNIX,
+        path: str,
+        mode: int = 0o660,
+        backlog: int = 50,
+        strict: bool = True,
     ) -> None:
+        """
+        @param strict: refuse a socket directory that another user could
+            change (L{check_directory}).
+        """
         self._reactor = reactor
         self.path = os.path.abspath(path)
         self.mode = mode
         self.backlog = backlog
+        self.strict = strict
 
     def __repr__(self) -> str:
         return f"unix:{self.path} (mode {self.mode:04o})"
@@ -102,7 +116,14 @@ class UnixSocketEndpoint:
 
     def _listen(self, protocolFactory: IProtocolFactory) -> IListeningPort:
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
+        make_directories(directory)
+        if self.strict:
+            try:
+                check_directory(directory)
+            except UntrustedDirectory as e:
+                raise SocketPathUnavailable(
+                    f"{e} (--no-strict-dirs overrides this, dangerously)"
+                ) from None
         lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from .. import scan
 from ..audit import AuditDamage
 from ..engine.relay import RelayFactory
+from ..paths import UntrustedDirectory, check_directory
 from .endpoints import UnixSocketEndpoint
 
 if TYPE_CHECKING:
@@ -178,9 +179,19 @@ class RelayService(Service):
     prepared = False
 
     def __init__(
-        self, factory: RelayFactory, stats_interval: float, drain_timeout: float = 5.0
+        self,
+        factory: RelayFactory,
+        stats_interval: float,
+        drain_timeout: float = 5.0,
+        *,
+        strict_dirs: bool = True,
     ) -> None:
+        """
+        @param strict_dirs: refuse an audit directory that another user could
+            change (L{check_directory}).
+        """
         self.factory = factory
+        self.strict_dirs = strict_dirs
         self.stats_interval = stats_interval
         self.drain_timeout = drain_timeout
         self._stats = LoopingCall(self._report)
@@ -212,6 +223,8 @@ class RelayService(Service):
         if factory.writeahead is not None:
             audit = factory.writeahead.audit
             try:
+                if self.strict_dirs:
+                    check_directory(audit.directory)
                 factory.writeahead.start()
             except AuditDamage as e:
                 raise SystemExit(
@@ -222,6 +235,11 @@ class RelayService(Service):
                 raise SystemExit(
                     f"twistd relay: cannot use the audit directory {audit.directory}: "
                     f"{e.strerror or e}"
+                ) from None
+            except UntrustedDirectory as e:
+                raise SystemExit(
+                    f"twistd relay: will not use the audit directory {audit.directory}: {e} "
+                    f"(--no-strict-dirs overrides this, dangerously)"
                 ) from None
             if audit.directory.startswith("/tmp/"):
                 self.log.warn(

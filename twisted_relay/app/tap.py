@@ -191,6 +191,12 @@ Examples:
         ["checksum", None, "Verify CRC-32 checksums [default: the domain's]."],
         ["no-checksum", None, "Do not verify CRC-32 checksums."],
         ["no-audit", None, "Keep no audit log, even for a domain that audits by default."],
+        [
+            "no-strict-dirs",
+            None,
+            "Use socket and audit directories that other users could change (DANGEROUS: "
+            "they could put their own socket in the relay's place, or lock its audit log).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -342,7 +348,9 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
     assert reactor is not None
 
     def listening(description: str, factory: IProtocolFactory) -> ListeningService:
-        endpoint = server_endpoint(reactor, description, options["mode"])
+        endpoint = server_endpoint(
+            reactor, description, options["mode"], not options["no-strict-dirs"]
+        )
         return ListeningService(description, endpoint, factory)
 
     audit = (
@@ -363,7 +371,12 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         clock=cast(IReactorTime, reactor),
     )
     top = RelayServices()
-    RelayService(factory, options["stats-interval"], options["drain-timeout"]).setServiceParent(top)
+    RelayService(
+        factory,
+        options["stats-interval"],
+        options["drain-timeout"],
+        strict_dirs=not options["no-strict-dirs"],
+    ).setServiceParent(top)
     for description in options["listen"]:
         listening(description, factory).setServiceParent(top)
     bridge = None

@@ -11,6 +11,7 @@ import fcntl
 import os
 import zlib
 
+from ..paths import make_directories
 from ..scan import NATIVE_LOOPS
 from ..wire import HEADER_SIZE, PAYLOAD_SIZE_OFFSET, ROUTING, UINT32
 from .format import (
@@ -59,7 +60,7 @@ class AuditLog:
         """
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise NotADirectoryError(errno.ENOTDIR, "it is not a directory")
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        make_directories(self.directory, 0o750)
         self._lock = os.open(self.directory, os.O_RDONLY)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
