@@ -389,3 +389,57 @@ class ControlFloodTests(SynchronousTestCase):
         flooder.dataReceived(control_frame())
         self.assertEqual(flooder.stats.control_frames, CONTROL_RATE + 1)
         self.assertEqual(flooder.stats.role, "subscriber")
+
+
+class PartialFramesTests(SynchronousTestCase):
+    """Frames begun and not finished are bounded in all, in time, and freed at once."""
+
+    def setUp(self) -> None:
+        self.relay = make_relay()
+        self.frame = build_frame(Domain.MARKET_DATA, 7, 1, b"p" * 100_000)
+        self.relay.partials.limit = 3 * len(self.frame)
+
+    def test_limitAcrossClients(self) -> None:
+        """The client that takes the held bytes past the limit is closed, alone."""
+        clients = [connect(self.relay) for _ in range(4)]
+        for client in clients:
+            client.dataReceived(self.frame[:-1])
+        self.assertEqual(
+            [dict(c.stats.rejects) for c in clients],
+            [{}, {}, {}, {"partial_frames_over_limit": 1}],
+        )
+        self.assertTrue(clients[3].transport.disconnecting)
+        self.assertEqual(self.relay.partials.held, 3 * (len(self.frame) - 1))
+        subscriber = connect(self.relay)
+        clients[0].dataReceived(self.frame[-1:])
+        self.assertEqual(subscriber.transport.value(), self.frame)
+        self.assertEqual(self.relay.partials.held, 2 * (len(self.frame) - 1))
+
+    def test_timeout(self) -> None:
+        """A frame not finished within the timeout closes its client; a finished one does not."""
+        slow, quick = connect(self.relay), connect(self.relay)
+        slow.dataReceived(self.frame[:10])
+        quick.dataReceived(self.frame[:10])
+        self.relay.clock.advance(20)
+        quick.dataReceived(self.frame[10:])
+        self.relay.clock.advance(10)
+        self.relay.expirePartials()
+        self.assertEqual(dict(slow.stats.rejects), {"incomplete_frame_timeout": 1})
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertEqual(dict(quick.stats.rejects), {})
+        self.assertFalse(quick.transport.disconnecting)
+        self.assertEqual((self.relay.partials.held, self.relay.partials.since), (0, {}))
+
+    def test_releasedAtDisconnect(self) -> None:
+        """A client gone mid-frame, or whose framing is lost, holds nothing more."""
+        gone, broken = connect(self.relay), connect(self.relay)
+        gone.dataReceived(self.frame[:-1])
+        broken.dataReceived(self.frame[:50])
+        self.assertEqual(self.relay.partials.held, len(self.frame) - 1 + 50)
+        broken.dataReceived(self.frame[50:] + b"\x12\x34\x56\x78" + b"\x00" * 10)
+        self.assertEqual(dict(broken.stats.rejects), {"bad_magic": 1})
+        self.assertEqual(self.relay.partials.held, len(self.frame) - 1)
+        disconnect(gone)
+        self.assertEqual(dict(gone.stats.rejects), {"incomplete_frame": 1})
+        disconnect(broken)
+        self.assertEqual((self.relay.partials.held, self.relay.partials.since), (0, {}))

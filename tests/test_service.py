@@ -399,6 +399,19 @@ class RelayServiceTests(SynchronousTestCase):
             warned = [e.get("why") for e in self.events if e["log_level"] is LogLevel.warn]
             self.assertEqual(warned, [why] if why else [])
 
+    def test_partialFramesExpire(self) -> None:
+        """The running relay closes a client whose frame is not finished in time."""
+        relay = make_relay()
+        service = RelayService(relay, 0)
+        service.startService()
+        client = connect(relay)
+        client.dataReceived(frames_for(Domain.MARKET_DATA, 1)[0][:20])
+        relay.clock.advance(relay.partials.timeout - 1)
+        self.assertEqual(dict(client.stats.rejects), {})
+        relay.clock.advance(1)
+        self.assertEqual(dict(client.stats.rejects), {"incomplete_frame_timeout": 1})
+        service._partials.stop()
+
     def test_statsLine(self) -> None:
         """Every interval, one event gives the rates over that interval."""
         relay = make_relay()

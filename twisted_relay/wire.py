@@ -33,6 +33,7 @@ __all__ = [
     "HEADER_SIZE",
     "Header",
     "IncompleteFrame",
+    "IncompleteFrameTimeout",
     "KiB",
     "MAGIC",
     "MAGIC_BYTES",
@@ -43,6 +44,7 @@ __all__ = [
     "NotForwarded",
     "PAYLOAD_SIZE_OFFSET",
     "PORTFOLIO_RISK_TLVS",
+    "PartialFramesOverLimit",
     "REJECT_REASONS",
     "ROUTING",
     "SIGNAL_TLVS",
@@ -353,6 +355,18 @@ class FrameTooLarge(FramingLost):
     reason = "frame_too_large"
 
 
+class IncompleteFrameTimeout(FramingLost):
+    """A frame begun and not completed in the time the relay allows."""
+
+    reason = "incomplete_frame_timeout"
+
+
+class PartialFramesOverLimit(FramingLost):
+    """The frames begun and not completed, by every client together, hold too much."""
+
+    reason = "partial_frames_over_limit"
+
+
 class FrameRejected(FrameError):
     """One frame is dropped; the frames around it are still trustworthy."""
 
@@ -396,6 +410,8 @@ REJECT_REASONS: tuple[str, ...] = tuple(
         BadMagic,
         UnsupportedVersion,
         FrameTooLarge,
+        IncompleteFrameTimeout,
+        PartialFramesOverLimit,
         IncompleteFrame,
         NotForwarded,
         BadChecksum,

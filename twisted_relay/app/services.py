@@ -198,6 +198,8 @@ class RelayService(Service):
         self._stats.clock = factory.clock
         self._heartbeat = LoopingCall(factory.heartbeat)
         self._heartbeat.clock = factory.clock
+        self._partials = LoopingCall(factory.expirePartials)
+        self._partials.clock = factory.clock
         self._last = self._snapshot()
 
     def privilegedStartService(self) -> None:
@@ -213,6 +215,7 @@ class RelayService(Service):
             self._stats.start(self.stats_interval, now=False)
         if self.factory.heartbeat_interval:
             self._heartbeat.start(self.factory.heartbeat_interval, now=False)
+        self._partials.start(min(1.0, self.factory.partials.timeout), now=False)
 
     def _prepare(self) -> None:
         """Initialise the domain and open the audit log before any listener binds."""
@@ -282,7 +285,7 @@ class RelayService(Service):
 
     def stopService(self) -> Deferred[None]:
         """Drain the clients, bounded by the drain timeout."""
-        for loop in (self._stats, self._heartbeat):
+        for loop in (self._stats, self._heartbeat, self._partials):
             if loop.running:
                 loop.stop()
         super().stopService()

@@ -26,6 +26,7 @@ from ..access import Access, AccessList
 from ..audit import ROTATE_SIZE, AuditLog
 from ..domains import UnknownDomain, available_domains, find_domain
 from ..engine.delivery import HIGH_WATER, DeliverySettings
+from ..engine.ingest import PARTIAL_LIMIT, PARTIAL_TIMEOUT
 from ..engine.relay import RelayFactory
 from ..engine.writeahead import WriterThread
 from ..interfaces import IRelayLogic
@@ -120,6 +121,19 @@ Examples:
             None,
             "5",
             "Seconds given to queued data to reach clients on shutdown.",
+        ],
+        [
+            "partial-limit",
+            None,
+            str(PARTIAL_LIMIT),
+            "Bytes all clients together may hold of frames begun and not finished; "
+            "the client that goes past it is closed [default: 134217728, 128 MiB].",
+        ],
+        [
+            "partial-timeout",
+            None,
+            f"{PARTIAL_TIMEOUT:g}",
+            "Seconds a client may take to finish a frame it began before it is closed.",
         ],
         [
             "http",
@@ -254,6 +268,15 @@ Examples:
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         self["drain-timeout"] = _number(float, "drain-timeout", self["drain-timeout"])
+        self["partial-limit"] = _number(int, "partial-limit", self["partial-limit"])
+        if self["partial-limit"] < self["policy"].max_frame_size:
+            raise usage.UsageError(
+                f"--partial-limit {self['partial-limit']} is below the largest frame "
+                f"({self['policy'].max_frame_size} bytes): no such frame could arrive"
+            )
+        self["partial-timeout"] = _number(float, "partial-timeout", self["partial-timeout"])
+        if not self["partial-timeout"]:
+            raise usage.UsageError("--partial-timeout must be above 0")
         self["heartbeat"] = _number(float, "heartbeat", self["heartbeat"])
         self._auditOptions(logic)
         self["access"] = Access(
@@ -368,6 +391,8 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         audit=audit,
         fsync_interval=options["audit-fsync"],
         audit_writer=None if audit is None else WriterThread(cast(IReactorFromThreads, reactor)),
+        partial_limit=options["partial-limit"],
+        partial_timeout=options["partial-timeout"],
         clock=cast(IReactorTime, reactor),
     )
     top = RelayServices()

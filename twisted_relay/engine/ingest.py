@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from twisted.internet.interfaces import IReactorTime
+
 from ..access import NotAllowedToPublish
 from ..control import Control, ControlFlood, is_control, parse_control
 from ..domains import RelayDomain
@@ -33,7 +35,10 @@ from ..wire import (
     FramingLost,
     Header,
     IncompleteFrame,
+    IncompleteFrameTimeout,
+    MiB,
     NotForwarded,
+    PartialFramesOverLimit,
     frame_checksum,
     unpack_header,
 )
@@ -41,6 +46,44 @@ from .accounting import CONTROL_RATE, Accounting, ClientStats
 
 #: The source before any frame: no source byte equals it.
 NO_SOURCE = -1
+#: Bytes all the streams of one relay may hold of frames not yet complete.
+PARTIAL_LIMIT = 128 * MiB
+#: Seconds a stream may take to complete a frame it began.
+PARTIAL_TIMEOUT = 30.0
+
+
+class PartialFrames:
+    """
+    The bytes every stream of one relay holds of frames it has begun and not
+    finished, bounded in all (C{limit}) and in time (C{timeout}): without
+    it, connections that each send all but the last byte of a maximum-size
+    frame, or trickle a header a byte at a time, would pin memory and
+    connections for ever.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, limit: int = PARTIAL_LIMIT, timeout: float = PARTIAL_TIMEOUT
+    ) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.timeout = timeout
+        self.held = 0
+        #: The streams holding part of a frame, and since when.
+        self.since: dict[Ingest, float] = {}
+
+    def update(self, stream: Ingest, before: int, after: int) -> bool:
+        """C{stream} now holds C{after} bytes (C{before} until now); C{False} past the limit."""
+        self.held += after - before
+        if after and not before:
+            self.since[stream] = self.clock.seconds()
+        elif before and not after:
+            self.since.pop(stream, None)
+        return self.held <= self.limit
+
+    def expired(self) -> list[Ingest]:
+        """The streams that began a frame more than C{timeout} seconds ago."""
+        deadline = self.clock.seconds() - self.timeout
+        return [stream for stream, since in self.since.items() if since <= deadline]
 
 
 class IngestSink(Protocol):
@@ -49,6 +92,7 @@ class IngestSink(Protocol):
     logic: IRelayLogic
     policy: FramePolicy
     accounting: Accounting
+    partials: PartialFrames
     #: The last sequence accepted per source, across every stream.
     sequences: dict[int, int]
 
@@ -99,6 +143,9 @@ class Ingest:
         self.bridged = bridged
         self.lost_framing = lost_framing
         self.accounting = relay.accounting
+        self.partials = relay.partials
+        #: Bytes of an incomplete frame, as last told to C{partials}.
+        self._held = 0
         policy = relay.policy
         self._framer = Framer(policy.max_frame_size)
         self._check = policy.check if policy.inspects_frames else None
@@ -201,11 +248,43 @@ class Ingest:
             runs.append(buf[run_start:offset])
         if frames:
             relay.broadcast(self, runs, frames)
+        if lost is None and not self._hold(framer.buffered):
+            lost = PartialFramesOverLimit(
+                f"{self.partials.held} bytes of incomplete frames held by all clients, "
+                f"over the relay's limit of {self.partials.limit}",
+                offset=framer.position,
+            )
         if lost is not None:
-            lost.client_id = self.stats.client_id
-            self.accounting.rejected(self.stats, lost, self.lost_framing)
-            if self.onFramingLost is not None:
-                self.onFramingLost(lost)
+            self._lose(lost)
+
+    def expire(self) -> None:
+        """The frame begun has taken longer than the relay allows: lose the stream."""
+        self._lose(
+            IncompleteFrameTimeout(
+                f"{self._framer.buffered} bytes of a frame not completed within "
+                f"{self.partials.timeout:g}s",
+                offset=self._framer.position,
+            )
+        )
+
+    def _lose(self, lost: FramingLost) -> None:
+        """The stream cannot go on: count and log C{lost}, drop what is held, call the hook."""
+        lost.client_id = self.stats.client_id
+        self.accounting.rejected(self.stats, lost, self.lost_framing)
+        self.release()
+        if self.onFramingLost is not None:
+            self.onFramingLost(lost)
+
+    def _hold(self, buffered: int) -> bool:
+        before, self._held = self._held, buffered
+        if before == buffered:
+            return True
+        return self.partials.update(self, before, buffered)
+
+    def release(self) -> None:
+        """Let go of a frame begun (the stream is gone or lost), freeing its bytes now."""
+        self._hold(0)
+        self._framer = Framer(self.relay.policy.max_frame_size)
 
     def end(self, what: str) -> None:
         """
@@ -220,7 +299,7 @@ class Ingest:
                     offset=framer.position,
                 )
             )
-        self._framer = Framer(self.relay.policy.max_frame_size)
+        self.release()
 
     def _reject(self, error: FrameRejected) -> None:
         error.client_id = self.stats.client_id

@@ -124,7 +124,9 @@ class RelayProtocol(Protocol):
             cast(ITCPTransport, self.transport).abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if not (self._closing or self.factory.draining):
+        if self._closing or self.factory.draining:
+            self.ingest.release()
+        else:
             self.ingest.end("connection closed")
         self.factory.unregister(self, reason)
 

@@ -35,7 +35,7 @@ from ..wire import Header, frame_spans
 from .accounting import Accounting, Counters
 from .delivery import DeliverySettings, Drain, PublisherGate
 from .heartbeat import Heartbeats, Listener
-from .ingest import Ingest
+from .ingest import PARTIAL_LIMIT, PARTIAL_TIMEOUT, Ingest, PartialFrames
 from .protocol import RelayProtocol
 from .recovery import Replay
 from .writeahead import Offload, Publisher, WriteAhead
@@ -74,6 +74,8 @@ class RelayFactory(ServerFactory):
         audit: AuditLog | None = None,
         fsync_interval: float | None = None,
         audit_writer: Offload | None = None,
+        partial_limit: int = PARTIAL_LIMIT,
+        partial_timeout: float = PARTIAL_TIMEOUT,
         clock: IReactorTime | None = None,
     ) -> None:
         """
@@ -81,6 +83,9 @@ class RelayFactory(ServerFactory):
             C{fsync_interval} seconds (C{None}: before every forward).
         @param audit_writer: where the log is written and synced before every
             forward, pipelined (a L{WriterThread}); C{None}: in line.
+        @param partial_limit: bytes all clients together may hold of frames
+            they began and have not finished (L{PartialFrames}).
+        @param partial_timeout: seconds a client may take to finish a frame.
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -101,6 +106,7 @@ class RelayFactory(ServerFactory):
         self.clients: dict[int, RelayProtocol] = {}
         #: The last sequence accepted per source.
         self.sequences: dict[int, int] = {}
+        self.partials = PartialFrames(clock, partial_limit, partial_timeout)
         self.gate = PublisherGate(
             clock, lambda: [cast(IPushProducer, c.transport) for c in self.clients.values()]
         )
@@ -361,6 +367,11 @@ class RelayFactory(ServerFactory):
     def heartbeat(self) -> None:
         """Send a heartbeat to every client that was sent nothing since the last call."""
         self.heartbeats.beat(self.clients.values())
+
+    def expirePartials(self) -> None:
+        """Lose the streams that began a frame longer ago than the relay allows."""
+        for stream in self.partials.expired():
+            stream.expire()
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
