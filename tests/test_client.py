@@ -16,9 +16,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.client import (
@@ -63,6 +66,19 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(written[: len(frame)], frame)
         subscription = parse_control(written, len(frame), len(written)).subscription
         self.assertEqual(subscription.sources, {1, 2})
+
+    def test_tornTailDiscarded(self) -> None:
+        """A connection that ends mid-frame delivers the whole frames only, and says so."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        frames = frames_for(Domain.MARKET_DATA, 3)
+        self.client.dataReceived(b"".join(frames)[:-5])
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.client.frames, list(zip(range(1, 3), frames[:2])))
+        self.assertEqual(self.client.incoming.torn, len(frames[2]) - 5)
+        [warning] = [e for e in events if "middle of a frame" in e.get("log_format", "")]
+        self.assertEqual(warning["torn"], len(frames[2]) - 5)
 
     def test_garbageCloses(self) -> None:
         """A stream that is not Protocol V2 closes the connection."""
@@ -117,6 +133,27 @@ def test_blocking_client_relay_dead() -> None:
             list(client.frames(timeout=5))
         assert 0.3 <= time.monotonic() - started < 2
         relay_end.close()
+        client.close()
+    finally:
+        server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_blocking_client_torn_tail() -> None:
+    """The blocking client never hands out part of a frame the connection ended in."""
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    path = os.path.join(workdir, "torn.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    try:
+        client = BlockingClient(path)
+        relay_end, _ = server.accept()
+        frames = frames_for(Domain.MARKET_DATA, 3)
+        relay_end.sendall(b"".join(frames)[:-5])
+        relay_end.close()
+        assert [frame for _, frame in client.frames(timeout=5)] == frames[:2]
+        assert client.incoming.torn == len(frames[2]) - 5
         client.close()
     finally:
         server.close()

@@ -68,7 +68,11 @@ class Incoming:
     delivered when the answer comes.
     """
 
+    log = Logger()
+
     def __init__(self) -> None:
+        #: Bytes of a frame the connection ended in the middle of, discarded.
+        self.torn = 0
         #: The relay's heartbeat interval, once a heartbeat came.
         self.heartbeat_interval: float | None = None
         #: The last sequence per source, from the latest heartbeat.
@@ -89,6 +93,20 @@ class Incoming:
         """
         for buf, start, header in framer.frames(data):
             yield from self.deliver(header, buf[start : start + HEADER_SIZE + header.payload_size])
+
+    def ended(self, framer: Framer) -> None:
+        """
+        The connection ended: a frame it stopped in the middle of (the relay
+        cut this client off, or the connection broke) is discarded, never
+        delivered in part, and said so.
+        """
+        self.torn = framer.buffered
+        if self.torn:
+            self.log.warn(
+                "the connection to the relay ended in the middle of a frame: its "
+                "{torn} bytes received were discarded",
+                torn=self.torn,
+            )
 
     def deliver(self, header: Header, frame: bytes) -> tuple[tuple[Header, bytes], ...]:
         """The C{(header, frame)} pairs the application gets now, in order."""
@@ -195,6 +213,7 @@ class RelayClientProtocol(Declaring, Protocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
+        self.incoming.ended(self._framer)
 
     def frameReceived(self, header: Header, frame: bytes) -> None:
         """A whole frame arrived: C{frame} is its exact bytes."""
@@ -367,6 +386,7 @@ class BlockingClient(Declaring):
             return False
         if not data:
             self.connected = False
+            self.incoming.ended(self._framer)
             return False
         self._ready.extend(self.incoming.feed(self._framer, data))
         return True
