@@ -443,3 +443,29 @@ class PartialFramesTests(SynchronousTestCase):
         self.assertEqual(dict(gone.stats.rejects), {"incomplete_frame": 1})
         disconnect(broken)
         self.assertEqual((self.relay.partials.held, self.relay.partials.since), (0, {}))
+
+    def test_trickledFrameCounted(self) -> None:
+        """A frame arriving in many reads after its header counts in full against the limit."""
+        client = connect(self.relay)
+        client.dataReceived(self.frame[:32])
+        for start in range(32, len(self.frame) - 1, 10_000):
+            client.dataReceived(self.frame[start : min(start + 10_000, len(self.frame) - 1)])
+        self.assertEqual(self.relay.partials.held, len(self.frame) - 1)
+        self.relay.partials.limit = len(self.frame) // 2
+        other = connect(self.relay)
+        other.dataReceived(self.frame[:40])
+        self.assertEqual(dict(other.stats.rejects), {"partial_frames_over_limit": 1})
+
+    def test_progressRestartsTheClock(self) -> None:
+        """A publisher that keeps finishing frames is never timed out for the next one."""
+        client = connect(self.relay)
+        stream = self.frame * 4
+        cut = len(self.frame) // 2
+        for chunk in (stream[:cut], stream[cut : cut + len(self.frame)]):
+            client.dataReceived(chunk)
+            self.relay.clock.advance(self.relay.partials.timeout - 1)
+            self.relay.expirePartials()
+        self.assertEqual(dict(client.stats.rejects), {})
+        self.relay.clock.advance(1)
+        self.relay.expirePartials()
+        self.assertEqual(dict(client.stats.rejects), {"incomplete_frame_timeout": 1})

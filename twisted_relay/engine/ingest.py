@@ -71,10 +71,13 @@ class PartialFrames:
         #: The streams holding part of a frame, and since when.
         self.since: dict[Ingest, float] = {}
 
-    def update(self, stream: Ingest, before: int, after: int) -> bool:
-        """C{stream} now holds C{after} bytes (C{before} until now); C{False} past the limit."""
+    def update(self, stream: Ingest, before: int, after: int, restarted: bool = False) -> bool:
+        """
+        C{stream} now holds C{after} bytes (C{before} until now) of a frame,
+        a new one if C{restarted}; C{False} past the limit.
+        """
         self.held += after - before
-        if after and not before:
+        if after and (restarted or not before):
             self.since[stream] = self.clock.seconds()
         elif before and not after:
             self.since.pop(stream, None)
@@ -187,6 +190,9 @@ class Ingest:
         framer = self._framer
         buf = framer.take(data)
         if buf is None:
+            # More of a frame begun: held until it is whole, and counted.
+            if not self._hold(framer.buffered):
+                self._lose(self._overLimit())
             return
         unpack, max_payload = ROUTING.unpack_from, framer.max_payload_size
         routed = self._routedDomain
@@ -248,14 +254,18 @@ class Ingest:
             runs.append(buf[run_start:offset])
         if frames:
             relay.broadcast(self, runs, frames)
-        if lost is None and not self._hold(framer.buffered):
-            lost = PartialFramesOverLimit(
-                f"{self.partials.held} bytes of incomplete frames held by all clients, "
-                f"over the relay's limit of {self.partials.limit}",
-                offset=framer.position,
-            )
+        # A frame finished in this chunk: what is held now is a new one.
+        if lost is None and not self._hold(framer.buffered, restarted=offset > 0):
+            lost = self._overLimit()
         if lost is not None:
             self._lose(lost)
+
+    def _overLimit(self) -> PartialFramesOverLimit:
+        return PartialFramesOverLimit(
+            f"{self.partials.held} bytes of incomplete frames held by all clients, "
+            f"over the relay's limit of {self.partials.limit}",
+            offset=self._framer.position,
+        )
 
     def expire(self) -> None:
         """The frame begun has taken longer than the relay allows: lose the stream."""
@@ -275,11 +285,16 @@ class Ingest:
         if self.onFramingLost is not None:
             self.onFramingLost(lost)
 
-    def _hold(self, buffered: int) -> bool:
+    def _hold(self, buffered: int, restarted: bool = False) -> bool:
+        """
+        Tell the relay this stream holds C{buffered} bytes of a frame
+        (C{restarted}: a new one, begun since the last call); C{False} past
+        its limit.
+        """
         before, self._held = self._held, buffered
-        if before == buffered:
+        if before == buffered and not restarted:
             return True
-        return self.partials.update(self, before, buffered)
+        return self.partials.update(self, before, buffered, restarted)
 
     def release(self) -> None:
         """Let go of a frame begun (the stream is gone or lost), freeing its bytes now."""
