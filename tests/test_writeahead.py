@@ -8,6 +8,7 @@ forwarded only once synced, in order, growing while a write is in progress.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest_twisted
@@ -50,6 +51,13 @@ class StepWriter:
 def logged(relay) -> list[bytes]:
     directory = relay.writeahead.audit.directory
     return [r.frame for f in audit_files(directory) for r in f.records()]
+
+
+def retries(relay) -> int:
+    """The log's retries waiting on the relay's clock."""
+    return sum(
+        call.func == relay.writeahead._retryHeld for call in relay.clock.getDelayedCalls()
+    )
 
 
 class WriterTestCase(SynchronousTestCase):
@@ -139,6 +147,44 @@ class PipelineTests(WriterTestCase):
         self.assertEqual(logged(self.relay), self.frames)
         self.assertEqual(self.relay.writeahead.forwarded, 30)
 
+    def test_otherErrorsNotAppendedTwice(self) -> None:
+        """An unexpected error part-way through a batch holds; the retry appends the rest once."""
+        audit = self.relay.writeahead.audit
+        append, calls = audit.append, []
+
+        def failing_once(*args):
+            calls.append(args)
+            if len(calls) == 2:
+                raise ValueError("a run does not hold whole frames")
+            return append(*args)
+
+        audit.append = failing_once
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        other = connect(self.relay)
+        other.dataReceived(b"".join(frames_for(Domain.EXECUTION, 5, source=7)))
+        self.publisher.dataReceived(b"".join(self.frames[10:]))
+        self.writer.step()  # the first batch
+        self.writer.step()  # the second: its first entry, then the error
+        self.assertIn("ValueError", self.relay.writeahead.failure)
+        self.relay.clock.advance(1.0)
+        self.writer.step()
+        expected = self.frames[:10] + frames_for(Domain.EXECUTION, 5, source=7) + self.frames[10:]
+        self.assertEqual(logged(self.relay), expected)
+        self.assertEqual(self.received(), expected)
+
+    def test_withdrawReleasesThePublishers(self) -> None:
+        """Taking back the bridged frames that held the publishers lets them go."""
+        writeahead = self.relay.writeahead
+        writeahead.batch_limit = 1000
+        bridged = SimpleNamespace(stats=self.publisher.stats, bridged=True)
+        self.publisher.dataReceived(self.frames[0])
+        writeahead.admit(bridged, [b"".join(self.frames[1:20])], 19)
+        self.assertTrue(self.relay.gate.paused)
+        self.assertEqual(writeahead.withdraw(), 19)
+        self.assertFalse(self.relay.gate.paused)
+        self.writer.step()
+        self.assertEqual(self.received(), self.frames[:1])
+
     def test_drainWaitsForTheWriter(self) -> None:
         """A stop first lets the batch with the writer land and fan out."""
         self.publisher.dataReceived(b"".join(self.frames))
@@ -195,6 +241,23 @@ class IntervalTests(WriterTestCase):
         self.assertEqual(len(self.writer.jobs), 1)
         self.writer.step()
         self.assertFalse(self.relay.writeahead.audit.dirty)
+
+    def test_oneRetryAtATime(self) -> None:
+        """An interval's sync and then a write failing one after the other retry as one."""
+        audit = self.relay.writeahead.audit
+        self.publisher.dataReceived(b"".join(self.frames[:5]))
+        self.writer.step()
+        self.relay.clock.advance(0.01)  # the interval's sync, with the writer
+        self.publisher.dataReceived(b"".join(self.frames[5:10]))  # a write behind it
+        full = DiskFull(audit)
+        self.writer.step()  # the sync fails
+        self.writer.step()  # the write fails
+        self.assertEqual(retries(self.relay), 1)
+        full.free()
+        self.relay.clock.advance(1.0)
+        self.writer.step()
+        self.assertEqual(retries(self.relay), 0)
+        self.assertEqual(self.received(), self.frames[:10])
 
     def test_failedSyncHolds(self) -> None:
         """An interval's sync that fails holds the publishers until a retry succeeds."""

@@ -208,8 +208,8 @@ class Inbound:
                     self.withdraw()
                     return False
                 if writeahead.failure is None:
-                    # With the log's writer: back as soon as the batch landed.
-                    await writeahead.settled(0.05).asFuture(asyncio.get_running_loop())
+                    # With the log's writer: look again as soon as a batch landed.
+                    await writeahead.landed(0.05).asFuture(asyncio.get_running_loop())
                 else:
                     await asyncio.sleep(0.05)
         except asyncio.CancelledError:

@@ -104,6 +104,12 @@ def _timedOut(failure: Failure) -> None:
     failure.trap(TimeoutError)
 
 
+def _fire(waiting: list[Deferred[None]]) -> None:
+    for deferred in waiting:
+        if not deferred.called:
+            deferred.callback(None)
+
+
 def _size(held: _Held) -> int:
     return sum(map(len, held.runs))
 
@@ -185,6 +191,7 @@ class WriteAhead:
         #: The gate's key while the publishers wait for the writer.
         self._behind = object()
         self._settled: list[Deferred[None]] = []
+        self._landings: list[Deferred[None]] = []
 
     def start(self) -> None:
         """
@@ -232,7 +239,19 @@ class WriteAhead:
         if not self.held or self.failure is not None:
             waiting.callback(None)
             return waiting
+        self._settled = [d for d in self._settled if not d.called]
         self._settled.append(waiting)
+        waiting.addTimeout(timeout, self.clock)
+        return waiting.addErrback(_timedOut)
+
+    def landed(self, timeout: float) -> Deferred[None]:
+        """Fires when the write in progress returns (at once if none), at most C{timeout} from now."""
+        waiting: Deferred[None] = Deferred()
+        if not self.flying:
+            waiting.callback(None)
+            return waiting
+        self._landings = [d for d in self._landings if not d.called]
+        self._landings.append(waiting)
         waiting.addTimeout(timeout, self.clock)
         return waiting.addErrback(_timedOut)
 
@@ -284,6 +303,8 @@ class WriteAhead:
         if taken:
             self.held = kept
             self._waiting = sum(_size(h) for h in kept[self.flying :])
+            if self._waiting <= self.batch_limit:
+                self.gate.unblock(self._behind)
             self.sequences.update(_before(taken))
         return sum(h.frames for h in taken)
 
@@ -342,8 +363,11 @@ class WriteAhead:
                 if not held.logged:
                     self.audit.append(held.sender.stats.client_id, held.runs, held.received_ns)
                 written += 1
-        except OSError as e:
-            return written, written if self._syncIf(sync) is None else 0, e
+        except Exception as e:
+            # Not only OSError: what was appended must be known, or a retry
+            # would append it again.
+            failed = e if isinstance(e, OSError) else OSError(f"{type(e).__name__}: {e}")
+            return written, written if self._syncIf(sync) is None else 0, failed
         error = self._syncIf(sync)
         return written, 0 if error else written, error
 
@@ -372,9 +396,12 @@ class WriteAhead:
             self._failed(error)
         elif retried:
             self._recovered(sum(h.frames for h in batch))
+        landings, self._landings = self._landings, []
+        _fire(landings)
         if self.held and self.failure is None:
             self._flush()
         else:
+            self.gate.unblock(self._behind)
             self._settle()
 
     def _crashed(self, failure: Failure) -> None:
@@ -388,9 +415,7 @@ class WriteAhead:
 
     def _settle(self) -> None:
         waiting, self._settled = self._settled, []
-        for settled in waiting:
-            if not settled.called:
-                settled.callback(None)
+        _fire(waiting)
 
     def _failed(self, error: OSError) -> None:
         first = self.failure is None
@@ -406,7 +431,8 @@ class WriteAhead:
                 retry=self.retry_interval,
             )
             self.gate.hold(self, self.failure)
-        self._retry = self.clock.callLater(self.retry_interval, self._retryHeld)
+        if self._retry is None or not self._retry.active():
+            self._retry = self.clock.callLater(self.retry_interval, self._retryHeld)
 
     def _retryHeld(self) -> None:
         """Try the log again: write what is held and not written, and sync."""
@@ -432,7 +458,13 @@ class WriteAhead:
         if self.failure is not None or self._syncing:
             return
         self._syncing = True
-        self.offload(lambda: self._syncIf(True)).addCallback(self._intervalSynced)
+        self.offload(lambda: self._syncIf(True)).addCallbacks(
+            self._intervalSynced, self._intervalCrashed
+        )
+
+    def _intervalCrashed(self, failure: Failure) -> None:
+        self.log.failure("the audit log's interval sync failed", failure)
+        self._intervalSynced(OSError(str(failure.value)))
 
     def _intervalSynced(self, error: OSError | None) -> None:
         self._syncing = False
