@@ -246,6 +246,23 @@ class ReplayTests(SynchronousTestCase):
         self.assertEqual(late.stats.close_reason, "replay failed")
         self.assertEqual(self.relay.totals.cut_offs, {"replay failed": 1})
 
+    def test_recordBeingWritten(self) -> None:
+        """
+        A record the log's writer is still appending, past the forwarded
+        ones, ends the replay there: it is not damage.
+        """
+        self.publish(self.frames[:20])
+        audit = self.relay.writeahead.audit
+        newest = audit_files(audit.directory)[-1]
+        with open(newest.path, "ab") as f:
+            f.write(b"\x40\x00\x00\x00" + b"\x00" * 10)  # the start of a 64-byte record
+        late = connect(self.relay)
+        late.dataReceived(recovery_frame({42: 1}))
+        run_cooperator(self.relay)
+        self.assertFalse(late.transport.disconnecting)
+        self.assertEqual(frames_in(late.transport.value())[1:], self.frames[:20])
+        self.assertIsNone(late.outbox.replay)
+
     def test_oldFilesArchived(self) -> None:
         """Files removed by retention while the relay runs are skipped, not fatal."""
         for n in range(0, 200, 10):

@@ -179,14 +179,18 @@ class Replay:
             if audit_file.first_index >= self.detached_at:
                 continue
             below: dict[int, int] = {}
-            for n, record in enumerate(audit_file.records()):
-                if record.index >= self.detached_at:
-                    break
-                source = record.source
-                if source in wanted and record.sequence < wanted[source]:
-                    below[source] = record.index
-                if n % _STEP == 0:
-                    yield None
+            try:
+                for n, record in enumerate(audit_file.records()):
+                    if record.index >= self.detached_at:
+                        break
+                    source = record.source
+                    if source in wanted and record.sequence < wanted[source]:
+                        below[source] = record.index
+                    if n % _STEP == 0:
+                        yield None
+            except AuditDamage as damage:
+                if not self._beingWritten(damage, self.detached_at):
+                    raise
             for source, index in below.items():
                 after[source] = index
                 del wanted[source]
@@ -207,14 +211,19 @@ class Replay:
         end = self.writeahead.forwarded
         while True:
             before = position.index
-            for record in audit_file.records(position):
-                if record.index >= end:
-                    # The end moves on while the replay yields: look again.
-                    end = self.writeahead.forwarded
+            try:
+                for record in audit_file.records(position):
                     if record.index >= end:
-                        return
-                if record.index >= first:
-                    yield record
+                        # The end moves on while the replay yields: look again.
+                        end = self.writeahead.forwarded
+                        if record.index >= end:
+                            return
+                    if record.index >= first:
+                        yield record
+            except AuditDamage as damage:
+                if self._beingWritten(damage, self.writeahead.forwarded):
+                    return
+                raise
             if position.index >= self.writeahead.forwarded:
                 return
             files = self.writeahead.audit.files
@@ -229,6 +238,14 @@ class Replay:
                     position.offset,
                     f"the log ends here, before the {self.writeahead.forwarded} records forwarded",
                 )
+
+    @staticmethod
+    def _beingWritten(damage: AuditDamage, forwarded: int) -> bool:
+        """
+        Whether C{damage} is only the record the log's writer is appending
+        now, past the C{forwarded} ones: the replay's end, not damage.
+        """
+        return damage.torn and damage.index >= forwarded
 
     def _write(self, frames: list[bytes], count: int) -> Iterator[Deferred[None] | None]:
         """Send C{frames}, then wait until the transport wants more."""
