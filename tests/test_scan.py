@@ -258,3 +258,11 @@ class PurePythonTests(SynchronousTestCase):
             timeout=60, check=True,
         ).stdout
         self.assertEqual(out, "False True True TWISTED_RELAY_PURE_PYTHON=1 asks for it\n")
+
+
+class AuditRecordsInputTests(SynchronousTestCase):
+    def test_bytesOnly(self) -> None:
+        """The native builder, which releases the GIL, takes immutable runs only."""
+        frame = build_frame(3, 42, 1, b"x" * 10)
+        self.assertRaises(TypeError, NATIVE.audit_records, [bytearray(frame)], 0, 0, 0)
+        self.assertEqual(NATIVE.audit_records([frame], 0, 0, 0)[2], 1)

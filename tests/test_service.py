@@ -28,7 +28,7 @@ from twisted_relay.app.services import ListeningService, RelayService, RelayServ
 from twisted_relay.app.tap import Options, makeService
 from twisted_relay.audit import AuditLog
 from twisted_relay.domains import EXECUTION, MARKET, SIGNAL
-from twisted_relay.paths import UntrustedDirectory, check_directory
+from twisted_relay.paths import UntrustedDirectory, check_directory, make_directories
 from twisted_relay.wire import Domain
 
 from .helpers import connect, frames_for, make_relay
@@ -434,3 +434,17 @@ class RelayServiceTests(SynchronousTestCase):
             client.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(stopped)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class MakeDirectoriesTests(SynchronousTestCase):
+    def test_modeWhateverTheUmask(self) -> None:
+        """The directories made get their mode exactly, under a umask of 0077 or 0002."""
+        for umask in (0o077, 0o002):
+            top = os.path.join(short_tempdir(self), "a")
+            previous = os.umask(umask)
+            try:
+                make_directories(os.path.join(top, "b"), 0o755)
+            finally:
+                os.umask(previous)
+            for path in (top, os.path.join(top, "b")):
+                self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o755)

@@ -181,7 +181,12 @@ audit_records(PyObject *module, PyObject *args)
     if (views == NULL)
         return PyErr_NoMemory();
     for (; held < n; held++) {
-        if (PyObject_GetBuffer(PyList_GetItem(runs, held), &views[held], PyBUF_SIMPLE) < 0)
+        PyObject *run = PyList_GetItem(runs, held);
+        if (!PyBytes_Check(run)) {  /* immutable while the GIL is released below */
+            PyErr_SetString(PyExc_TypeError, "each run must be bytes");
+            goto done;
+        }
+        if (PyObject_GetBuffer(run, &views[held], PyBUF_SIMPLE) < 0)
             goto done;
         Py_ssize_t size = run_size(views[held].buf, views[held].len, &frames);
         if (size < 0) {

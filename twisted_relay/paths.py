@@ -61,9 +61,10 @@ def _user(uid: int) -> str:
 
 def make_directories(path: str, mode: int = 0o755) -> None:
     """
-    Create C{path} and its missing parents with C{mode} (never writable by
-    group or others), whatever the umask (C{os.makedirs} creates the parents with the
-    umask's mode, group-writable under a umask of 002).
+    Create C{path} and its missing parents with exactly C{mode} (less any
+    write permission for group or others), whatever the umask
+    (C{os.makedirs} leaves the parents to it, and the umask can add
+    permissions to none of them).
     """
     missing = []
     while not os.path.isdir(path):
@@ -71,6 +72,9 @@ def make_directories(path: str, mode: int = 0o755) -> None:
         path = os.path.dirname(path)
     for directory in reversed(missing):
         try:
-            os.mkdir(directory, mode & ~0o022)  # the umask can only take more away
+            os.mkdir(directory)
         except FileExistsError:
-            pass
+            continue
+        # Not left to the umask: 0077 (twistd's when it daemonizes) would keep
+        # a socket's group out, 0002 would let the group in.
+        os.chmod(directory, mode & ~0o022)

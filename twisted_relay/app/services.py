@@ -142,7 +142,11 @@ class RelayServices(MultiService):
         except SystemExit:
             for service in self:
                 if isinstance(service, (ListeningService, RelayService)):
-                    service.abandon()
+                    try:
+                        service.abandon()
+                    except Exception:
+                        # The start-up's own reason is the one to report.
+                        self.log.failure("while undoing a failed start-up")
             raise
 
     def stopService(self) -> Deferred[None]:
