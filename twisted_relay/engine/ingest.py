@@ -292,7 +292,7 @@ class Ingest:
         its limit.
         """
         before, self._held = self._held, buffered
-        if before == buffered and not restarted:
+        if before == buffered and not (restarted and buffered):
             return True
         return self.partials.update(self, before, buffered, restarted)
 
