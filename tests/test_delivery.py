@@ -22,7 +22,7 @@ from twisted_relay.domains import MARKET
 from twisted_relay.engine.delivery import OWN_LIMIT, UNREAD_ANSWERS, DeliverySettings
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
-from .helpers import connect, frames_for, make_relay
+from .helpers import RecordingTransport, connect, frames_for, make_relay
 
 
 def disconnect(client) -> None:
@@ -231,6 +231,32 @@ class SubscriptionTests(SynchronousTestCase):
         garbage = build_frame(1, 1, 4, b"\x02")
         self.publisher.dataReceived(trade + quote + both + garbage)
         self.assertEqual(self.other.transport.value(), quote + both)
+
+    def test_sharedFilterPickedOnce(self) -> None:
+        """
+        Clients with the same filter get the same frames, picked once per
+        chunk; wanted frames side by side go out as one slice.
+        """
+        third = connect(self.relay, RecordingTransport())
+        self.declare(self.other, sources=[2])
+        self.declare(third, sources=[2])
+        third.transport.calls.clear()
+        frames = [build_frame(1, 2, seq, b"x" * seq) for seq in range(1, 6)]
+        frames.insert(3, build_frame(1, 1, 1, b""))
+        calls = []
+        original = type(self.other.subscription).wants
+
+        def counting(subscription, *args):
+            calls.append(subscription)
+            return original(subscription, *args)
+
+        self.patch(type(self.other.subscription), "wants", counting)
+        self.publisher.dataReceived(b"".join(frames))
+        expected = b"".join(f for f in frames if unpack_header(f).source == 2)
+        self.assertEqual(self.other.transport.value(), expected)
+        self.assertEqual(third.transport.value(), expected)
+        self.assertEqual(len(calls), len(frames))
+        self.assertEqual([len(call) for call in third.transport.calls], [2])
 
     def test_resetToDefault(self) -> None:
         """A control frame without a filter restores receiving everything."""
