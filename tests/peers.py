@@ -82,6 +82,7 @@ def subscribe(args: argparse.Namespace) -> dict:
         "crc": crc,
         "in_order": in_order,
         "aligned": not relay.buffered,
+        "torn": relay.incoming.torn,
         "last": {str(k): v for k, v in last.items()},
     }
     relay.close()

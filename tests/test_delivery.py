@@ -5,7 +5,10 @@ tracking: slow consumers under each policy, subscriptions, gaps, drain.
 
 from __future__ import annotations
 
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,7 +22,12 @@ from twisted_relay.control import (
     recovery_frame,
 )
 from twisted_relay.domains import MARKET
-from twisted_relay.engine.delivery import OWN_LIMIT, UNREAD_ANSWERS, DeliverySettings
+from twisted_relay.engine.delivery import (
+    LEDGER_BYTES,
+    OWN_LIMIT,
+    UNREAD_ANSWERS,
+    DeliverySettings,
+)
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import RecordingTransport, connect, frames_for, make_relay
@@ -187,6 +195,107 @@ class OutboxTests(SynchronousTestCase):
         disconnect(slow)
         self.assertEqual(publisher.transport.producerState, "producing")
         self.assertEqual(relay.clock.getDelayedCalls(), [])
+
+
+class SocketTransport(FileDescriptor):
+    """
+    A transport built as Twisted's TCP and Unix ones are, over a socket
+    that takes C{room} bytes and then nothing (a client that stopped
+    reading): C{kernel} is what the client will receive.
+    """
+
+    def __init__(self, room: int) -> None:
+        super().__init__(MemoryReactor())
+        self.connected = True
+        self.room = room
+        self.kernel = b""
+        self.reasons: list[Failure] = []
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 7000)
+
+    def writeSomeData(self, data: bytes) -> int:
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        self.kernel += taken
+        return len(taken)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.reasons.append(reason)
+        self.protocol.connectionLost(reason)
+
+
+class HangUpTests(SynchronousTestCase):
+    """What a client that is cut off receives, and how it is counted."""
+
+    def setUp(self) -> None:
+        self.frames = frames_for(Domain.MARKET_DATA, 40)  # 54 bytes each
+        self.relay = relay_with("block", high=500, low=100, stall=2.0)
+        self.publisher = connect(self.relay)
+
+    def stuck(self, room: int):
+        transport = SocketTransport(room)
+        client = connect(self.relay, transport)  # type: ignore[arg-type]
+        transport.protocol = client
+        return client, transport
+
+    def test_transportBufferTakenBack(self) -> None:
+        """
+        At a cut-off, the frames the transport still holds count as lost, and
+        so does the one the socket took only the start of; the connection is
+        closed in order, with nothing more written.
+        """
+        client, transport = self.stuck(room=3 * 54 + 10)
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        transport.doWrite()
+        self.assertEqual(client.stats.frames_out, 10)
+        client.outbox.cut("stalled consumer", "test")
+        self.relay.clock.advance(0)
+        self.assertEqual(transport.kernel, b"".join(self.frames[:4])[: 3 * 54 + 10])
+        self.assertEqual((client.stats.frames_out, client.stats.frames_lost), (3, 7))
+        self.assertEqual((client.stats.bytes_out, client.stats.bytes_lost), (3 * 54, 7 * 54))
+        self.assertEqual((self.relay.totals.frames_out, self.relay.totals.frames_lost), (3, 7))
+        [reason] = transport.reasons
+        self.assertTrue(reason.check(ConnectionDone))
+        self.assertEqual(transport.dataBuffer + b"".join(transport._tempDataBuffer), b"")
+
+    def test_stalledClientCountedExactly(self) -> None:
+        """A client cut off by the stall timeout is counted as what its socket took."""
+        client, transport = self.stuck(room=5 * 54)
+        for frame in self.frames[:30]:
+            self.publisher.dataReceived(frame)
+            transport.doWrite()
+        client.outbox.pauseProducing()  # the transport's buffer is full
+        self.publisher.dataReceived(b"".join(self.frames[30:]))
+        self.relay.clock.advance(2)
+        self.relay.clock.advance(0)
+        self.assertEqual((client.stats.frames_out, client.stats.frames_lost), (5, 35))
+        self.assertEqual(self.relay.gate.paused, False)
+
+    def test_drainTimeoutCountsExactly(self) -> None:
+        """What a client did not take within the drain timeout counts as lost."""
+        client, transport = self.stuck(room=2 * 54)
+        self.publisher.dataReceived(b"".join(self.frames[:6]))
+        transport.doWrite()
+        drained = self.relay.drain(3)
+        self.relay.clock.advance(3)
+        self.relay.clock.advance(0)
+        self.assertEqual((client.stats.frames_out, client.stats.frames_lost), (2, 4))
+        self.assertEqual(transport.kernel, b"".join(self.frames[:2]))
+        disconnect(self.publisher)
+        self.successResultOf(drained)
+
+    def test_readingClientKeepsLittle(self) -> None:
+        """For a client that keeps up, the outbox remembers no more than it must."""
+        client, transport = self.stuck(room=1 << 30)
+        frame = frames_for(Domain.MARKET_DATA, 1, size=4000)[0]
+        for _ in range(1000):
+            self.publisher.dataReceived(frame)
+            transport.doWrite()
+        self.assertLess(len(client.outbox._ledger) * len(frame), 2 * LEDGER_BYTES)
+        client.outbox.cut("slow consumer", "test")
+        self.assertEqual((client.stats.frames_out, client.stats.frames_lost), (1000, 0))
 
 
 class SubscriptionTests(SynchronousTestCase):

@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+from twisted_relay.testing import free_ports
+
 from .relayprocess import RelayProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,14 +73,22 @@ def env():
     relays: list[RelayProcess] = []
     peers: list[Peer] = []
     path = os.path.join(workdir, "r.sock")
+    address = path
 
-    def relay(*args: str) -> RelayProcess:
-        process = RelayProcess(workdir, "--listen", f"unix:{path}", *args).start()
+    def relay(*args: str, tcp: bool = False) -> RelayProcess:
+        """A relay on a Unix socket, or on a TCP port of the loopback if C{tcp}."""
+        nonlocal address
+        if tcp:
+            [port] = free_ports(1)
+            listen, address = f"tcp:{port}:interface=127.0.0.1", f"tcp:127.0.0.1:{port}"
+        else:
+            listen, address = f"unix:{path}", path
+        process = RelayProcess(workdir, "--listen", listen, *args).start()
         relays.append(process)
         return process.wait_listening()
 
     def peer(command: str, *args: str) -> Peer:
-        started = Peer(command, path, *args)
+        started = Peer(command, address, *args)
         peers.append(started)
         return started
 
@@ -170,6 +180,36 @@ def test_disconnect_slow_consumer(env):
     slow.go()
     got = slow.result()
     assert got["frames"] < count and got["aligned"] and got["in_order"]
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+@pytest.mark.parametrize(
+    "domain, args",
+    [("signal", ()), ("execution", ("--stall-timeout", "0.5", "--allow-publish", "any"))],
+    ids=["slow", "stalled"],
+)
+def test_cut_off_counts_exactly(env, tcp, domain, args):
+    """
+    A client cut off while it does not read receives exactly the frames the
+    relay counted out to it, whole: the client library discards the start of
+    the one the relay took back.
+    """
+    relay, peer = env
+    relay_process = relay("--domain", domain, "--high-water", str(1 * MiB), *args, tcp=tcp)
+    [stuck] = subscribers(peer, 1, "--wait-stdin", "--idle", "2")
+    number = {"signal": "2", "execution": "3"}[domain]
+    peer("publish", "--domain", number, "--count", "20000", "--size", "1024").result()
+    match = wait_for_log(
+        relay_process,
+        r"client 1 disconnected after [\d.]+s \((?:slow|stalled) consumer\): "
+        r"\d+ frames in, (\d+) out, \d+ dropped, (\d+) lost",
+    )
+    stuck.go()
+    got = stuck.result()
+    out, lost = map(int, match.groups())
+    assert lost > 0
+    assert got["frames"] == out
+    assert got["torn"] < 1024
 
 
 def test_block_is_lossless_and_pauses_publishers(env):

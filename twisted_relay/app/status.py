@@ -33,10 +33,10 @@ DEGRADED_FOR = 60.0
 _COUNTERS = (
     ("frames_in", "Frames accepted from publishers."),
     ("bytes_in", "Bytes read from clients, accepted or not."),
-    ("frames_out", "Frames handed to subscribers' connections."),
-    ("bytes_out", "Bytes handed to subscribers' connections."),
+    ("frames_out", "Frames written whole to subscribers' sockets."),
+    ("bytes_out", "Bytes written to subscribers' sockets."),
     ("frames_dropped", "Frames not delivered to a lagging subscriber (drop policy)."),
-    ("frames_lost", "Frames still queued for a subscriber when its connection ended."),
+    ("frames_lost", "Frames queued or buffered for a subscriber when it was cut off or left."),
     ("control_frames", "Control frames applied."),
     ("frames_replayed", "Frames sent to subscribers from the audit log (replays)."),
     ("heartbeats", "Heartbeats sent to idle subscribers."),

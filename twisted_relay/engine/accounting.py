@@ -31,10 +31,11 @@ CONTROL_RATE = 100
 class Counters:
     """
     Traffic counters. C{frames_in} counts accepted frames; C{bytes_in} every
-    byte read, accepted or not; C{frames_out} frames handed to a client's
-    transport; C{rejects} the refused frames by reason; C{frames_dropped} the
+    byte read, accepted or not; C{frames_out} frames written whole to a
+    client's socket; C{rejects} the refused frames by reason; C{frames_dropped} the
     frames the drop policy did not deliver; C{frames_lost} the frames still
-    queued for a client when its connection ended; C{frames_replayed} the
+    queued for a client when its connection ended, or still in its
+    transport's buffer when the relay hung up on it; C{frames_replayed} the
     frames sent from the audit log (also in C{frames_out}); C{heartbeats}
     the heartbeats sent to idle clients; the sequence counters what
     publishers' C{sequence} fields gave away (frames missing, repeated, going
@@ -118,7 +119,7 @@ class Accounting:
         self.totals.frames_in += frames
 
     def delivered(self, stats: ClientStats, frames: int, size: int) -> None:
-        """Frames handed to a client's transport."""
+        """Frames handed to a client's transport (see L{recalled})."""
         totals = self.totals
         stats.frames_out += frames
         stats.bytes_out += size
@@ -160,6 +161,21 @@ class Accounting:
         stats.bytes_lost += size
         totals.frames_lost += frames
         totals.bytes_lost += size
+
+    def recalled(self, stats: ClientStats, frames: int, size: int, replayed: int) -> None:
+        """
+        Frames counted as delivered that the transport still held when the
+        relay hung up on the client (C{replayed} of them from the audit
+        log): lost after all.
+        """
+        totals = self.totals
+        stats.frames_out -= frames
+        stats.bytes_out -= size
+        stats.frames_replayed -= replayed
+        totals.frames_out -= frames
+        totals.bytes_out -= size
+        totals.frames_replayed -= replayed
+        self.lost(stats, frames, size)
 
     def dropped(self, stats: ClientStats, frames: int, size: int) -> None:
         """Frames the drop policy did not deliver to a client."""

@@ -21,7 +21,9 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -31,11 +33,12 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..control import Subscription
 from ..interfaces import DELIVERY_POLICIES, IRelayLogic
-from ..wire import MiB
+from ..wire import HEADER_SIZE, PAYLOAD_SIZE_OFFSET, UINT32, MiB
 from .accounting import Accounting, ClientStats
 
 #: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
@@ -50,6 +53,9 @@ OWN_LIMIT = 1 * MiB
 SLOW_CONSUMER = "slow consumer"
 STALLED_CONSUMER = "stalled consumer"
 UNREAD_ANSWERS = "unread answers"
+#: Bytes handed to a transport past which the outbox forgets the writes the
+#: transport has passed on to the kernel (see L{Outbox.hangUp}).
+LEDGER_BYTES = 256 * 1024
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 
@@ -120,8 +126,9 @@ class Outbox:
     One client's outbound stream: written straight to the transport while
     it keeps up, queued (bounded by policy) while it does not.
 
-    Frames count as delivered (C{frames_out}) when they are handed to the
-    transport; frames still queued when the connection ends count as lost
+    Frames count as delivered (C{frames_out}) when all their bytes are
+    written to the socket; frames still queued, or still in the transport's
+    buffer when the relay hangs up on the client, count as lost
     (C{frames_lost}). The relay's own frames to the client (sent with
     C{frames} 0: answers, heartbeats) keep their place in the queue but not
     under the policy: they are bounded by L{OWN_LIMIT} instead, so a client
@@ -157,6 +164,15 @@ class Outbox:
         #: The replay that has the client, once what is queued is written.
         self.replay: Replaying | None = None
         self._closeDeadline: IDelayedCall | None = None
+        #: The transport as the file descriptor whose buffer L{hangUp} takes
+        #: back from (Unix, TCP); None where that is not possible (TLS).
+        self._descriptor = transport if isinstance(transport, FileDescriptor) else None
+        #: Bytes handed to the transport, and the writes it may still hold,
+        #: oldest first: (end in bytes written, frames, replayed, runs).
+        self.written = 0
+        self._ledger: deque[tuple[int, int, bool, list[bytes]]] = deque()
+        self._settled = 0
+        self._hungUp = False
         cast(IConsumer, transport).registerProducer(self, True)
 
     def send(self, runs: list[bytes], frames: int, size: int) -> None:
@@ -206,13 +222,36 @@ class Outbox:
         if not frames:
             self.own -= size
 
-    def write(self, runs: list[bytes], frames: int, size: int) -> None:
-        """Hand C{runs} to the transport now, past the queue, and count them."""
+    def write(self, runs: list[bytes], frames: int, size: int, *, replayed: bool = False) -> None:
+        """
+        Hand C{runs} to the transport now, past the queue, and count them
+        (as C{replayed} from the audit log too, if they are).
+        """
         if len(runs) == 1:
             self.transport.write(runs[0])
         else:
             self.transport.writeSequence(runs)
         self.accounting.delivered(self.stats, frames, size)
+        if replayed:
+            self.accounting.replayed(self.stats, frames)
+        if self._descriptor is not None:
+            self.written += size
+            self._ledger.append((self.written, frames, replayed, runs))
+            if self.written - self._settled > LEDGER_BYTES:
+                self._settle()
+
+    def _unsent(self) -> int:
+        """Bytes the transport holds that it has not passed on to the kernel."""
+        held = cast(FileDescriptor, self._descriptor)
+        return len(held.dataBuffer) - held.offset + held._tempDataLen
+
+    def _settle(self) -> None:
+        """Forget the writes the transport has passed on to the kernel."""
+        sent = self.written - self._unsent()
+        ledger = self._ledger
+        while ledger and ledger[0][0] <= sent:
+            ledger.popleft()
+        self._settled = sent
 
     def startReplay(self, replay: Replaying) -> None:
         """Hand the client to C{replay} once what is queued for it is written."""
@@ -274,7 +313,49 @@ class Outbox:
             return
         self.accounting.cutOff(self.stats, reason, detail)
         self.close()
-        cast(ITCPTransport, self.transport).abortConnection()
+        self.hangUp()
+
+    def hangUp(self) -> None:
+        """
+        End the connection now, whether the client reads or not. Of what
+        the transport still holds, none is sent: its frames count as lost,
+        not delivered, and so does the one the kernel has only the start of
+        (the client library discards such a torn tail). What the kernel has
+        is left to it: the connection is closed in order, not reset, so a
+        frame counts as delivered exactly when all its bytes were written to
+        the socket. Over TLS, whose buffer holds encrypted bytes, the
+        connection is aborted and the frames handed to it stay counted.
+        """
+        if self._hungUp:
+            return
+        self._hungUp = True
+        held = self._descriptor
+        if held is None:
+            cast(ITCPTransport, self.transport).abortConnection()
+            return
+        if held.disconnected:
+            return
+        self._recall(self.written - self._unsent())
+        held.dataBuffer, held.offset = b"", 0
+        held._tempDataBuffer, held._tempDataLen = [], 0
+        held.stopReading()
+        held.stopWriting()
+        self.clock.callLater(0, held.connectionLost, Failure(ConnectionDone()))
+
+    def _recall(self, sent: int) -> None:
+        """Count the frames of the writes past byte C{sent} as lost, not delivered."""
+        frames = size = replayed = 0
+        ledger = self._ledger
+        while ledger and ledger[-1][0] > sent:
+            end, count, from_log, runs = ledger.pop()
+            data = b"".join(runs)
+            whole, kept = _whole(data, sent - (end - len(data)))
+            lost = count and count - whole
+            frames += lost
+            size += len(data) - kept
+            replayed += lost if from_log else 0
+        if size:
+            self.accounting.recalled(self.stats, frames, size, replayed)
 
     def flushAndClose(self, deadline: float) -> None:
         """
@@ -294,15 +375,27 @@ class Outbox:
         transport = self.transport
         cast(IConsumer, transport).unregisterProducer()
         transport.loseConnection()
-        self._closeDeadline = self.clock.callLater(
-            deadline, cast(ITCPTransport, transport).abortConnection
-        )
+        self._closeDeadline = self.clock.callLater(deadline, self.hangUp)
 
     def disconnected(self) -> None:
         """The connection is gone: no deadline is needed any more."""
         self.close()
         if self._closeDeadline is not None and self._closeDeadline.active():
             self._closeDeadline.cancel()
+
+
+def _whole(data: bytes, written: int) -> tuple[int, int]:
+    """
+    How many frames at the start of C{data} lie wholly within its first
+    C{written} bytes, and how many bytes they take.
+    """
+    frames = position = 0
+    while position + HEADER_SIZE <= written:
+        end = position + HEADER_SIZE + UINT32.unpack_from(data, position + PAYLOAD_SIZE_OFFSET)[0]
+        if end > written:
+            break
+        frames, position = frames + 1, end
+    return frames, position
 
 
 class PublisherGate:
@@ -430,4 +523,4 @@ class Drain:
                 client_id=client.stats.client_id,
                 timeout=timeout,
             )
-            client.transport.abortConnection()  # type: ignore[attr-defined]
+            client.outbox.hangUp()

@@ -8,13 +8,11 @@ life through the few calls of L{Relay}.
 from __future__ import annotations
 
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IReactorTime,
     ISSLTransport,
-    ITCPTransport,
     ITransport,
 )
 from twisted.internet.protocol import Protocol
@@ -121,7 +119,7 @@ class RelayProtocol(Protocol):
             self._closing = True
             self.stats.close_reason = "internal error"
             self.outbox.close()
-            cast(ITCPTransport, self.transport).abortConnection()
+            self.outbox.hangUp()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._closing or self.factory.draining:

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from ..audit import AuditDamage, AuditFile, Record
 from ..control import REPLAYING, Subscription, recovery_response_frame
 from ..wire import unpack_header
-from .accounting import Accounting, ClientStats
+from .accounting import ClientStats
 from .delivery import Outbox
 from .writeahead import WriteAhead
 
@@ -63,7 +63,6 @@ class Replay:
         writeahead: WriteAhead,
         wanted: dict[int, int],
         *,
-        accounting: Accounting,
         cooperator: Cooperator,
         domain: int,
         echo: bool,
@@ -76,7 +75,6 @@ class Replay:
         self.client = client
         self.writeahead = writeahead
         self.wanted = dict(wanted)
-        self.accounting = accounting
         self.cooperator = cooperator
         self.domain = domain
         self.echo = echo
@@ -256,6 +254,5 @@ class Replay:
             yield self._resumed
 
     def _send(self, frames: list[bytes], count: int) -> None:
-        self.client.outbox.write(frames, count, sum(map(len, frames)))
+        self.client.outbox.write(frames, count, sum(map(len, frames)), replayed=True)
         self.frames += count
-        self.accounting.replayed(self.client.stats, count)

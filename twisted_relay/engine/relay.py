@@ -281,7 +281,6 @@ class RelayFactory(ServerFactory):
             client,
             writeahead,
             dict(wanted),
-            accounting=self.accounting,
             cooperator=self.cooperator,
             domain=self.logic.domain,
             echo=self.echo,
