@@ -22,12 +22,14 @@ from twisted_relay.control import (
     recovery_frame,
 )
 from twisted_relay.domains import MARKET
+from twisted_relay.engine import relay as relay_module
 from twisted_relay.engine.delivery import (
     LEDGER_BYTES,
     OWN_LIMIT,
     UNREAD_ANSWERS,
     DeliverySettings,
 )
+from twisted_relay.scan import pick_run
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import RecordingTransport, connect, frames_for, make_relay
@@ -107,6 +109,54 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(relay.totals.frames_dropped, slow.stats.frames_dropped)
         self.assertEqual(slow.stats.frames_out, len(got))
         self.assertFalse(publisher.transport.disconnecting)
+
+    def test_stuckClientParked(self) -> None:
+        """
+        Once a write does not fit, a drop-policy client is sent nothing until
+        its transport takes from its queue; what it misses is counted exactly.
+        """
+        relay, publisher, slow, fast = self.slow("drop")
+        for frame in self.frames[:19]:  # 18 fit under the mark of 1000 bytes
+            publisher.dataReceived(frame)
+        self.assertTrue(slow.outbox.parked)
+        sent = []
+        self.patch(slow.outbox, "send", lambda *args: sent.append(args))
+        for frame in self.frames[19:]:
+            publisher.dataReceived(frame)
+        self.assertEqual(sent, [])
+        self.assertEqual(relay.totals.frames_dropped, 40 - 18)
+        self.assertEqual(slow.stats.bytes_dropped, (40 - 18) * 54)
+        del slow.outbox.send
+        slow.outbox.resumeProducing()
+        self.assertFalse(slow.outbox.parked)
+        frame = frames_for(Domain.MARKET_DATA, 1)[0]
+        publisher.dataReceived(frame)
+        self.assertEqual(slow.transport.value(), b"".join(self.frames[:18]) + frame)
+        self.assertEqual((slow.stats.frames_out, slow.stats.frames_dropped), (19, 22))
+
+    def test_parkedByFilter(self) -> None:
+        """A parked filtered client is counted the frames it would have had, and none of its own."""
+        relay, publisher, slow, fast = self.slow("drop")
+        slow.dataReceived(control_frame(sources=[7]))
+        for frame in self.frames[:19]:
+            publisher.dataReceived(frame)
+        self.assertTrue(slow.outbox.parked)
+        publisher.dataReceived(b"".join(frames_for(Domain.MARKET_DATA, 5, source=8)))
+        slow.dataReceived(b"".join(frames_for(Domain.MARKET_DATA, 3, source=7)))
+        publisher.dataReceived(b"".join(self.frames[19:23]))
+        self.assertEqual(relay.totals.frames_dropped, 1 + 4)
+        self.assertEqual(fast.stats.frames_out, 19 + 5 + 3 + 4)
+
+    def test_parkedClientLeaving(self) -> None:
+        """A parked client that disconnects leaves with its count exact, and fan-out goes on."""
+        relay, publisher, slow, fast = self.slow("drop")
+        for frame in self.frames[:25]:
+            publisher.dataReceived(frame)
+        disconnect(slow)
+        self.assertEqual(slow.stats.frames_dropped, 25 - 18)
+        publisher.dataReceived(self.frames[25])
+        self.assertEqual(relay.totals.frames_dropped, 25 - 18)
+        self.assertEqual(fast.stats.frames_out, 26)
 
     def test_queueFlushesInOrder(self) -> None:
         """Queued frames reach the client in order once its transport drains."""
@@ -353,18 +403,17 @@ class SubscriptionTests(SynchronousTestCase):
         frames = [build_frame(1, 2, seq, b"x" * seq) for seq in range(1, 6)]
         frames.insert(3, build_frame(1, 1, 1, b""))
         calls = []
-        original = type(self.other.subscription).wants
 
-        def counting(subscription, *args):
-            calls.append(subscription)
-            return original(subscription, *args)
+        def counting(run, *tables):
+            calls.append(run)
+            return pick_run(run, *tables)
 
-        self.patch(type(self.other.subscription), "wants", counting)
+        self.patch(relay_module, "pick_run", counting)
         self.publisher.dataReceived(b"".join(frames))
         expected = b"".join(f for f in frames if unpack_header(f).source == 2)
         self.assertEqual(self.other.transport.value(), expected)
         self.assertEqual(third.transport.value(), expected)
-        self.assertEqual(len(calls), len(frames))
+        self.assertEqual(calls, [b"".join(frames)])
         self.assertEqual([len(call) for call in third.transport.calls], [2])
 
     def test_resetToDefault(self) -> None:

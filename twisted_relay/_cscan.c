@@ -89,6 +89,107 @@ tlvs_allowed(const unsigned char *p, size_t n, const unsigned char *allowed)
     return 1;
 }
 
+/*
+ * Whether the payload p[0:n] holds a TLV of a wanted type (wanted[type] !=
+ * 0) among the whole TLVs before any malformed one, as
+ * control.Subscription.wants decides.
+ */
+static int
+tlv_wanted(const unsigned char *p, size_t n, const unsigned char *wanted)
+{
+    const unsigned char *end = p + n;
+    while (p < end) {
+        unsigned type = p[0];
+        size_t length;
+        if (type == 255) {
+            if (end - p < 5 || p[1] != 0)
+                return 0;
+            type = p[2];
+            length = (size_t)p[3] | (size_t)p[4] << 8;
+            p += 5;
+        } else {
+            if (end - p < 2)
+                return 0;
+            length = p[1];
+            p += 2;
+        }
+        if ((size_t)(end - p) < length)
+            return 0;
+        if (wanted[type])
+            return 1;
+        p += length;
+    }
+    return 0;
+}
+
+static int
+table_ok(Py_buffer *table, const char *name)
+{
+    if (table->len == 0 || table->len == 256)
+        return 1;
+    PyErr_Format(PyExc_ValueError, "%s must be empty or 256 bytes", name);
+    return 0;
+}
+
+static PyObject *
+pick_run(PyObject *module, PyObject *args)
+{
+    Py_buffer view, sources, types;
+    PyObject *spans = NULL, *span;
+    Py_ssize_t offset = 0, frames = 0, size = 0, start = -1, stop = -1;
+
+    if (!PyArg_ParseTuple(args, "y*y*y*:pick_run", &view, &sources, &types))
+        return NULL;
+    if (!table_ok(&sources, "sources") || !table_ok(&types, "tlv_types"))
+        goto done;
+    if ((spans = PyList_New(0)) == NULL)
+        goto done;
+    const unsigned char *buf = view.buf, *by_source = sources.buf, *by_type = types.buf;
+    while (view.len - offset >= 32) {
+        const unsigned char *h = buf + offset;
+        uint32_t payload = le32(h + 24);
+        if ((uint64_t)(view.len - offset - 32) < payload)
+            break;
+        Py_ssize_t frame_end = offset + 32 + (Py_ssize_t)payload;
+        if ((sources.len == 0 || by_source[h[6]])
+            && (types.len == 0 || tlv_wanted(h + 32, payload, by_type))) {
+            frames++;
+            size += frame_end - offset;
+            if (start >= 0 && stop == offset) {
+                stop = frame_end;
+            } else {
+                if (start >= 0) {
+                    if ((span = Py_BuildValue("nn", start, stop)) == NULL
+                        || PyList_Append(spans, span) < 0) {
+                        Py_XDECREF(span);
+                        Py_CLEAR(spans);
+                        goto done;
+                    }
+                    Py_DECREF(span);
+                }
+                start = offset;
+                stop = frame_end;
+            }
+        }
+        offset = frame_end;
+    }
+    if (start >= 0) {
+        if ((span = Py_BuildValue("nn", start, stop)) == NULL || PyList_Append(spans, span) < 0) {
+            Py_XDECREF(span);
+            Py_CLEAR(spans);
+            goto done;
+        }
+        Py_DECREF(span);
+    }
+done:
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&sources);
+    PyBuffer_Release(&types);
+    if (spans == NULL)
+        return NULL;
+    return Py_BuildValue("Nnn", spans, frames, size);
+}
+
 static PyObject *
 scan_run(PyObject *module, PyObject *args)
 {
@@ -250,6 +351,8 @@ static PyMethodDef methods[] = {
     {"scan_run", scan_run, METH_VARARGS,
      "scan_run(buf, offset, end, max_payload, domain, source, last, verify, allowed)"
      " -> (offset, frames, last)"},
+    {"pick_run", pick_run, METH_VARARGS,
+     "pick_run(run, sources, tlv_types) -> (spans, frames, size)"},
     {"audit_records", audit_records, METH_VARARGS,
      "audit_records(runs, received_ns, client_id, crc) -> (records, crc, count, sequences)"},
     {NULL, NULL, 0, NULL},

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .scan import NO_WALK, allowed_types
 from .wire import (
     HEADER_SIZE,
     SOURCE_SEQUENCE,
@@ -129,6 +130,15 @@ class Subscription:
     publish_only: bool = False
     sources: frozenset[int] | None = None
     tlv_types: frozenset[int] | None = None
+    #: The filters as L{scan.pick_run} takes them.
+    tables: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tables = tuple(
+            NO_WALK if wanted is None else allowed_types(wanted)
+            for wanted in (self.sources, self.tlv_types)
+        )
+        object.__setattr__(self, "tables", tables)
 
     @property
     def filtered(self) -> bool:

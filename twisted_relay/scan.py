@@ -24,6 +24,7 @@ from .wire import (
     CHECKSUM_OFFSET,
     HEADER_SIZE,
     MAGIC,
+    PAYLOAD_SIZE_OFFSET,
     ROUTING,
     UINT32,
     VERSION,
@@ -32,6 +33,8 @@ from .wire import (
     tlv_spans,
 )
 
+#: Where a frame's source byte is.
+SOURCE_OFFSET = 6
 #: The C{allowed} of L{scan_run} when there is no TLV walk.
 NO_WALK = b""
 
@@ -92,6 +95,45 @@ def scan_run_python(
     return offset, frames, last
 
 
+def pick_run_python(
+    run: bytes, sources: bytes, tlv_types: bytes
+) -> tuple[list[tuple[int, int]], int, int]:
+    """
+    The frames of C{run} (whole frames) a subscription wants: from a wanted
+    source (C{sources}: 256 bytes, non-zero at each; empty: any) and, if
+    C{tlv_types} (as C{sources}) is given, with a TLV of a wanted type
+    before any malformed one. Returns C{(spans, frames, size)}: the wanted
+    frames as C{(start, end)} offsets, side-by-side ones merged, their count
+    and their bytes.
+    """
+    spans: list[tuple[int, int]] = []
+    frames = size = 0
+    offset, end = 0, len(run)
+    while offset + HEADER_SIZE <= end:
+        frame_end = offset + HEADER_SIZE + UINT32.unpack_from(run, offset + PAYLOAD_SIZE_OFFSET)[0]
+        if frame_end > end:
+            break
+        wanted = not sources or sources[run[offset + SOURCE_OFFSET]]
+        if wanted and tlv_types:
+            wanted = False
+            try:
+                for tlv_type, _, _ in tlv_spans(run, offset + HEADER_SIZE, frame_end):
+                    if tlv_types[tlv_type]:
+                        wanted = True
+                        break
+            except FrameRejected:
+                pass
+        if wanted:
+            frames += 1
+            size += frame_end - offset
+            if spans and spans[-1][1] == offset:
+                spans[-1] = (spans[-1][0], frame_end)
+            else:
+                spans.append((offset, frame_end))
+        offset = frame_end
+    return spans, frames, size
+
+
 def _native() -> tuple[ModuleType | None, str | None]:
     """The native loops, or why the pure-Python ones run instead."""
     if os.environ.get("TWISTED_RELAY_PURE_PYTHON") == "1":
@@ -107,3 +149,4 @@ def _native() -> tuple[ModuleType | None, str | None]:
 NATIVE_LOOPS, FALLBACK_REASON = _native()
 NATIVE = NATIVE_LOOPS is not None
 scan_run = scan_run_python if NATIVE_LOOPS is None else NATIVE_LOOPS.scan_run
+pick_run = pick_run_python if NATIVE_LOOPS is None else NATIVE_LOOPS.pick_run

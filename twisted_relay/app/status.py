@@ -72,6 +72,7 @@ def health(
     """Everything an operator asks first, as one JSON-ready dict."""
     now = factory.clock.seconds()
     gate = factory.gate
+    totals = factory.totals  # first: it brings every client's counters up to date
     trouble = factory.accounting.last_trouble
     degraded = (
         gate.paused
@@ -100,7 +101,7 @@ def health(
             for client in factory.clients.values()
         ],
         "totals": {
-            **_counters(factory.totals),
+            **_counters(totals),
             "connections": factory.accounting.connections,
             "publisher_pauses": gate.pauses,
             "publishers_paused_s": round(gate.paused_seconds, 3),

@@ -177,14 +177,19 @@ class Accounting:
         totals.frames_replayed -= replayed
         self.lost(stats, frames, size)
 
-    def dropped(self, stats: ClientStats, frames: int, size: int) -> None:
-        """Frames the drop policy did not deliver to a client."""
+    def dropped(self, stats: ClientStats, frames: int, size: int, *, quiet: bool = False) -> None:
+        """
+        Frames the drop policy did not deliver to a client, logged at a
+        bounded rate unless C{quiet} (counts brought up to date on reading).
+        """
         self.last_trouble = self.clock.seconds()
         totals = self.totals
         stats.frames_dropped += frames
         stats.bytes_dropped += size
         totals.frames_dropped += frames
         totals.bytes_dropped += size
+        if quiet:
+            return
         self._sampled.log(
             ("dropped", stats.client_id),
             self.log.warn,

@@ -145,7 +145,12 @@ class Outbox:
         accounting: Accounting,
         gate: PublisherGate,
         clock: IReactorTime,
+        unparked: Callable[[], None] = lambda: None,
     ) -> None:
+        """
+        @param unparked: called when a parked outbox (L{parked}) can take
+            frames again.
+        """
         self.transport = transport
         self.stats = stats
         self.settings = settings
@@ -161,6 +166,11 @@ class Outbox:
         self.closed = False
         #: Whether this outbox holds the publishers back (block policy).
         self.blocking = False
+        #: Whether this outbox dropped a write (drop policy) and takes nothing
+        #: more until its transport takes from its queue: the relay sends
+        #: nothing to it meanwhile and counts what it misses.
+        self.parked = False
+        self.unparked = unparked
         #: The replay that has the client, once what is queued is written.
         self.replay: Replaying | None = None
         self._closeDeadline: IDelayedCall | None = None
@@ -191,6 +201,7 @@ class Outbox:
         over = self.queued - self.own + size > self.settings.high_water
         if over and policy == "drop":
             self.accounting.dropped(self.stats, frames, size)
+            self.parked = True
             return
         if over and policy == "disconnect":
             self.cut(
@@ -283,6 +294,9 @@ class Outbox:
         if self.blocking and self.queued - self.own <= self.settings.low_water:
             self.blocking = False
             self.gate.unblock(self)
+        if self.parked and not self.closed:
+            self.parked = False
+            self.unparked()
         if self.replay is not None:
             self.replay.resume()
 

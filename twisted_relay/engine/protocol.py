@@ -49,6 +49,9 @@ class Relay(IngestSink, TypingProtocol):
     def unregister(self, client: RelayProtocol, reason: Failure) -> None:
         """C{client}'s connection is gone."""
 
+    def unpark(self, client: RelayProtocol) -> None:
+        """C{client}'s transport took from its queue: send to it again (drop policy)."""
+
 
 @implementer(IHandshakeListener)
 class RelayProtocol(Protocol):
@@ -87,7 +90,13 @@ class RelayProtocol(Protocol):
         peer = peer_of(self.transport)
         self.stats = relay.accounting.connected(peer.description)
         self.outbox = Outbox(
-            self.transport, self.stats, relay.delivery, relay.accounting, relay.gate, relay.clock
+            self.transport,
+            self.stats,
+            relay.delivery,
+            relay.accounting,
+            relay.gate,
+            relay.clock,
+            unparked=lambda: relay.unpark(self),
         )
         self.ingest = Ingest(
             relay,

@@ -6,11 +6,11 @@ receive, and the fan-out of accepted frames to every client but the sender.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -30,8 +30,8 @@ from ..control import (
     relay_info_frame,
 )
 from ..interfaces import IRelayLogic
+from ..scan import pick_run
 from ..validation import FramePolicy
-from ..wire import Header, frame_spans
 from .accounting import Accounting, Counters
 from .delivery import DeliverySettings, Drain, PublisherGate
 from .heartbeat import Heartbeats, Listener
@@ -46,6 +46,20 @@ class Outlet(Protocol):
 
     def publish(self, runs: list[bytes], frames: int) -> None:
         """Take C{runs}, runs of whole frames holding C{frames} frames, to send on."""
+
+
+@dataclass
+class _Parked:
+    """
+    The parked clients (drop policy, L{Outbox.parked}) of one subscription:
+    nothing is sent to them, and what they miss is counted here once for
+    all of them; each client's share is what it was when it was parked.
+    """
+
+    frames: int = 0
+    size: int = 0
+    #: By client id: the client, and C{frames}, C{size} when it was counted last.
+    clients: dict[int, tuple[RelayProtocol, int, int]] = field(default_factory=dict)
 
 
 class RelayFactory(ServerFactory):
@@ -104,6 +118,11 @@ class RelayFactory(ServerFactory):
         self.cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
         #: Connected clients by id, in connection order.
         self.clients: dict[int, RelayProtocol] = {}
+        #: The clients frames are fanned out to: all but the parked ones.
+        self.receivers: dict[int, RelayProtocol] = {}
+        #: The parked clients by subscription, and each one's subscription.
+        self._parked: dict[Subscription, _Parked] = {}
+        self._parkedAs: dict[int, Subscription] = {}
         #: The last sequence accepted per source.
         self.sequences: dict[int, int] = {}
         self.partials = PartialFrames(clock, partial_limit, partial_timeout)
@@ -138,6 +157,10 @@ class RelayFactory(ServerFactory):
 
     @property
     def totals(self) -> Counters:
+        """The relay's counters, every client's brought up to date first."""
+        for parked in self._parked.values():
+            for client_id in parked.clients:
+                self._settle(client_id)
         return self.accounting.totals
 
     def register(self, client: RelayProtocol, peer: Peer) -> None:
@@ -149,6 +172,7 @@ class RelayFactory(ServerFactory):
         stats = client.stats
         client.audit_index = self.writeahead.forwarded if self.writeahead else 0
         self.clients[stats.client_id] = client
+        self.receivers[stats.client_id] = client
         self.gate.joined(cast(IPushProducer, client.transport))
         self.log.info(
             "client {client_id} connected ({peer}); {clients} connected",
@@ -187,7 +211,10 @@ class RelayFactory(ServerFactory):
         """Forget a client whose connection is gone."""
         stats = client.stats
         client.outbox.disconnected()
+        if stats.client_id in self._parkedAs:
+            self._unpark(client)
         del self.clients[stats.client_id]
+        self.receivers.pop(stats.client_id, None)
         self.accounting.disconnected(stats)
         self.log.info(
             "client {client_id} disconnected after {duration:.3f}s "
@@ -239,6 +266,8 @@ class RelayFactory(ServerFactory):
             subscription = replace(subscription, publish_only=True)
         if subscription == EVERYTHING:
             subscription = EVERYTHING
+        if client.stats.client_id in self._parkedAs:
+            self._unpark(client)  # what it misses is counted by its subscription
         if client.outbox.replay is not None:
             client.outbox.replay.subscription = subscription
         else:
@@ -336,9 +365,9 @@ class RelayFactory(ServerFactory):
             outlet.publish(runs, frames)
         size = sum(map(len, runs))
         echo = self.echo
-        picking: list[tuple[bytes, int, int, Header]] | None = None
-        picks: dict[Subscription, tuple[list[bytes], int, int]] = {}
-        for client in tuple(self.clients.values()):
+        picks: dict[Subscription, tuple[list[bytes], int, int]] = {EVERYTHING: (runs, frames, size)}
+        parking: list[RelayProtocol] = []
+        for client in tuple(self.receivers.values()):
             if client.ingest is sender and not echo:
                 continue
             subscription = client.subscription
@@ -347,11 +376,73 @@ class RelayFactory(ServerFactory):
             elif not subscription.publish_only:
                 pick = picks.get(subscription)
                 if pick is None:
-                    if picking is None:
-                        picking = list(frame_spans(runs))
-                    pick = picks[subscription] = _pick(picking, subscription)
+                    pick = picks[subscription] = _pick(runs, subscription)
                 if pick[1]:
                     self._deliver(client, *pick)
+            if client.outbox.parked:
+                parking.append(client)
+        if self._parked:
+            self._missed(sender, runs, picks)
+        for client in parking:  # its outbox counted what it dropped of these
+            self._park(client)
+
+    def _park(self, client: RelayProtocol) -> None:
+        """Send nothing more to C{client} until it reads; count what it misses."""
+        client_id = client.stats.client_id
+        subscription = client.subscription
+        del self.receivers[client_id]
+        parked = self._parked.get(subscription)
+        if parked is None:
+            parked = self._parked[subscription] = _Parked()
+        parked.clients[client_id] = (client, parked.frames, parked.size)
+        self._parkedAs[client_id] = subscription
+
+    def _missed(
+        self,
+        sender: Publisher,
+        runs: list[bytes],
+        picks: dict[Subscription, tuple[list[bytes], int, int]],
+    ) -> None:
+        """Count the frames of one fan-out for the parked clients, once per subscription."""
+        for subscription, parked in self._parked.items():
+            pick = picks.get(subscription)
+            if pick is None:
+                pick = picks[subscription] = _pick(runs, subscription)
+            parked.frames += pick[1]
+            parked.size += pick[2]
+        own = self._parkedAs.get(sender.stats.client_id)
+        if own is not None and not self.echo:  # a parked client misses none of its own
+            _, frames, size = picks[own]
+            parked = self._parked[own]
+            client, before, before_size = parked.clients[sender.stats.client_id]
+            parked.clients[sender.stats.client_id] = (
+                client, before + frames, before_size + size
+            )
+
+    def _settle(self, client_id: int, *, quiet: bool = True) -> None:
+        """Count what a parked client missed since it was counted last."""
+        parked = self._parked[self._parkedAs[client_id]]
+        client, frames, size = parked.clients[client_id]
+        if parked.frames != frames or parked.size != size:
+            self.accounting.dropped(
+                client.stats, parked.frames - frames, parked.size - size, quiet=quiet
+            )
+            parked.clients[client_id] = (client, parked.frames, parked.size)
+
+    def unpark(self, client: RelayProtocol) -> None:
+        """C{client}'s transport took from its queue: fan out to it again."""
+        if client.stats.client_id in self._parkedAs:
+            self._unpark(client)
+            self.receivers[client.stats.client_id] = client
+
+    def _unpark(self, client: RelayProtocol) -> None:
+        client_id = client.stats.client_id
+        self._settle(client_id, quiet=False)
+        subscription = self._parkedAs.pop(client_id)
+        parked = self._parked[subscription]
+        del parked.clients[client_id]
+        if not parked.clients:
+            del self._parked[subscription]
 
     def _deliver(self, client: Listener, runs: list[bytes], frames: int, size: int) -> None:
         try:
@@ -362,7 +453,7 @@ class RelayFactory(ServerFactory):
                 client_id=client.stats.client_id,
             )
             client.outbox.close()
-            cast(ITCPTransport, client.transport).abortConnection()
+            client.outbox.hangUp()
 
     def heartbeat(self) -> None:
         """Send a heartbeat to every client that was sent nothing since the last call."""
@@ -393,32 +484,26 @@ class RelayFactory(ServerFactory):
         return self._drain.done
 
 
-def _pick(
-    spans: list[tuple[bytes, int, int, Header]], subscription: Subscription
-) -> tuple[list[bytes], int, int]:
+def _pick(runs: list[bytes], subscription: Subscription) -> tuple[list[bytes], int, int]:
     """
-    The frames of C{spans} that C{subscription} wants, as few slices as
+    The frames of C{runs} that C{subscription} wants, as few slices as
     possible (wanted frames side by side in a run go out as one), with their
     count and size: worked out once per fan-out for all the clients that
-    share the subscription.
+    share the subscription, by the native scan where there is one.
     """
     slices: list[bytes] = []
     frames = size = 0
-    run_of: bytes | None = None
-    start = end = 0
-    for run, s, e, header in spans:
-        if not subscription.wants(run, s, e, header):
+    sources, tlv_types = subscription.tables
+    for run in runs:
+        spans, count, taken = pick_run(run, sources, tlv_types)
+        if count == 0:
             continue
-        frames += 1
-        size += e - s
-        if run is run_of and s == end:
-            end = e
-            continue
-        if run_of is not None:
-            slices.append(run_of[start:end])
-        run_of, start, end = run, s, e
-    if run_of is not None:
-        slices.append(run_of[start:end])
+        frames += count
+        size += taken
+        if taken == len(run):
+            slices.append(run)
+        else:
+            slices.extend(run[start:end] for start, end in spans)
     return slices, frames, size
 
 
