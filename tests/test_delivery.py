@@ -29,7 +29,7 @@ from twisted_relay.engine.delivery import (
     UNREAD_ANSWERS,
     DeliverySettings,
 )
-from twisted_relay.scan import pick_run
+from twisted_relay.scan import pick_runs
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import RecordingTransport, connect, frames_for, make_relay
@@ -404,17 +404,36 @@ class SubscriptionTests(SynchronousTestCase):
         frames.insert(3, build_frame(1, 1, 1, b""))
         calls = []
 
-        def counting(run, *tables):
-            calls.append(run)
-            return pick_run(run, *tables)
+        def counting(run, filters):
+            calls.append((run, len(filters)))
+            return pick_runs(run, filters)
 
-        self.patch(relay_module, "pick_run", counting)
+        self.patch(relay_module, "pick_runs", counting)
         self.publisher.dataReceived(b"".join(frames))
         expected = b"".join(f for f in frames if unpack_header(f).source == 2)
         self.assertEqual(self.other.transport.value(), expected)
         self.assertEqual(third.transport.value(), expected)
-        self.assertEqual(calls, [b"".join(frames)])
+        self.assertEqual(calls, [(b"".join(frames), 1)])
         self.assertEqual([len(call) for call in third.transport.calls], [2])
+
+    def test_distinctFiltersOnePass(self) -> None:
+        """Distinct filters are picked together, in one pass over the read, each exactly."""
+        clients = [connect(self.relay, RecordingTransport()) for _ in range(3)]
+        for n, client in enumerate(clients):
+            self.declare(client, sources=[n + 1])
+        calls = []
+
+        def counting(run, filters):
+            calls.append(len(filters))
+            return pick_runs(run, filters)
+
+        self.patch(relay_module, "pick_runs", counting)
+        frames = [build_frame(1, source, 1, b"x" * source) for source in (1, 2, 3, 2)]
+        self.publisher.dataReceived(b"".join(frames))
+        self.assertEqual(calls, [3])
+        for n, client in enumerate(clients):
+            wanted = b"".join(f for f in frames if unpack_header(f).source == n + 1)
+            self.assertEqual(client.transport.value(), wanted)
 
     def test_resetToDefault(self) -> None:
         """A control frame without a filter restores receiving everything."""

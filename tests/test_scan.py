@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_relay.audit import audit_records_python
 from twisted_relay.control import Subscription
 from twisted_relay.domains import EXECUTION, SIGNAL
-from twisted_relay.scan import NO_WALK, allowed_types, pick_run_python, scan_run_python
+from twisted_relay.scan import NO_WALK, allowed_types, pick_runs_python, scan_run_python
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import HEADER_SIZE, FrameRejected, build_frame, unpack_header
 
@@ -226,11 +226,19 @@ class PickTests(SynchronousTestCase):
     @given(
         frames=st.lists(st.tuples(st.integers(0, 3), tlv_specs), max_size=12),
         damage=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=3),
-        sources=st.none() | st.frozensets(st.integers(0, 3), max_size=3),
-        tlv_types=st.none() | st.frozensets(st.sampled_from([20, 21, 40, 200]), max_size=3),
+        filters=st.lists(
+            st.tuples(
+                st.none() | st.frozensets(st.integers(0, 3), max_size=3),
+                st.none() | st.frozensets(st.sampled_from([20, 21, 40, 200]), max_size=3),
+            ),
+            max_size=4,
+        ),
     )
-    def test_sameAnswers(self, frames, damage, sources, tlv_types) -> None:
-        """Whatever the payloads hold, malformed TLVs included, every version picks alike."""
+    def test_sameAnswers(self, frames, damage, filters) -> None:
+        """
+        Whatever the payloads hold, malformed TLVs included, every version
+        picks alike, for each of several filters in one pass.
+        """
         built = [
             bytearray(build_frame(1, source, 1, [(t, b"v" * size) for t, size in tlvs]))
             for source, tlvs in frames
@@ -240,24 +248,29 @@ class PickTests(SynchronousTestCase):
             if frame is not None and len(frame) > HEADER_SIZE:
                 frame[HEADER_SIZE + position % (len(frame) - HEADER_SIZE)] = value
         run = b"".join(built)
-        subscription = Subscription(sources=sources, tlv_types=tlv_types)
-        expected, offset = [], 0
-        for frame in built:
-            end = offset + len(frame)
-            if subscription.wants(run, offset, end, unpack_header(run, offset)):
-                expected.append((offset, end))
-            offset = end
-        python = pick_run_python(run, *subscription.tables)
-        self.assertEqual(NATIVE.pick_run(run, *subscription.tables), python)
-        spans, count, size = python
-        self.assertEqual((count, size), (len(expected), sum(e - s for s, e in expected)))
-        self.assertEqual(b"".join(run[s:e] for s, e in spans), b"".join(run[s:e] for s, e in expected))
-        self.assertTrue(all(a[1] < b[0] for a, b in zip(spans, spans[1:])))
+        subscriptions = [Subscription(sources=s, tlv_types=t) for s, t in filters]
+        tables = [subscription.tables for subscription in subscriptions]
+        python = pick_runs_python(run, tables)
+        self.assertEqual(NATIVE.pick_runs(run, tables), python)
+        for subscription, (spans, count, size) in zip(subscriptions, python):
+            expected, offset = [], 0
+            for frame in built:
+                end = offset + len(frame)
+                if subscription.wants(run, offset, end, unpack_header(run, offset)):
+                    expected.append((offset, end))
+                offset = end
+            self.assertEqual((count, size), (len(expected), sum(e - s for s, e in expected)))
+            self.assertEqual(
+                b"".join(run[s:e] for s, e in spans), b"".join(run[s:e] for s, e in expected)
+            )
+            self.assertTrue(all(a[1] < b[0] for a, b in zip(spans, spans[1:])))
 
     def test_tableSize(self) -> None:
-        """The native pick refuses tables that are not 256 bytes."""
-        self.assertRaises(ValueError, NATIVE.pick_run, b"", b"x", b"")
-        self.assertRaises(ValueError, NATIVE.pick_run, b"", b"", b"x")
+        """The native pick refuses tables that are not 256 bytes, and filters not pairs."""
+        self.assertRaises(ValueError, NATIVE.pick_runs, b"", [(b"x", b"")])
+        self.assertRaises(ValueError, NATIVE.pick_runs, b"", [(b"", b"x")])
+        self.assertRaises(ValueError, NATIVE.pick_runs, b"", [(b"",)])
+        self.assertRaises(TypeError, NATIVE.pick_runs, b"", [(1, b"")])
 
 
 class AuditRecordsTests(SynchronousTestCase):

@@ -90,104 +90,168 @@ tlvs_allowed(const unsigned char *p, size_t n, const unsigned char *allowed)
 }
 
 /*
- * Whether the payload p[0:n] holds a TLV of a wanted type (wanted[type] !=
- * 0) among the whole TLVs before any malformed one, as
- * control.Subscription.wants decides.
+ * The types of the whole TLVs of the payload p[0:n] before any malformed
+ * one, as a 256-bit set: what control.Subscription.wants looks at.
  */
-static int
-tlv_wanted(const unsigned char *p, size_t n, const unsigned char *wanted)
+static void
+tlv_types(const unsigned char *p, size_t n, uint64_t types[4])
 {
     const unsigned char *end = p + n;
+    types[0] = types[1] = types[2] = types[3] = 0;
     while (p < end) {
         unsigned type = p[0];
         size_t length;
         if (type == 255) {
             if (end - p < 5 || p[1] != 0)
-                return 0;
+                return;
             type = p[2];
             length = (size_t)p[3] | (size_t)p[4] << 8;
             p += 5;
         } else {
             if (end - p < 2)
-                return 0;
+                return;
             length = p[1];
             p += 2;
         }
         if ((size_t)(end - p) < length)
-            return 0;
-        if (wanted[type])
-            return 1;
+            return;
+        types[type >> 6] |= (uint64_t)1 << (type & 63);
         p += length;
     }
+}
+
+/* One subscription's filter and the frames it picked so far. */
+typedef struct {
+    uint64_t sources[4], types[4];
+    int any_source, any_type;
+    Py_ssize_t start, stop, frames, size;
+    PyObject *spans;
+} Filter;
+
+/* A 256-byte table (or b"": anything) as a 256-bit set; -1 on error. */
+static int
+table_bits(PyObject *table, uint64_t bits[4], int *any)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(table, &b, PyBUF_SIMPLE) < 0)
+        return -1;
+    bits[0] = bits[1] = bits[2] = bits[3] = 0;
+    *any = b.len == 0;
+    if (b.len != 0 && b.len != 256) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "a filter's tables must be empty or 256 bytes");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < b.len; i++)
+        if (((const unsigned char *)b.buf)[i])
+            bits[i >> 6] |= (uint64_t)1 << (i & 63);
+    PyBuffer_Release(&b);
     return 0;
 }
 
 static int
-table_ok(Py_buffer *table, const char *name)
+add_span(Filter *f)
 {
-    if (table->len == 0 || table->len == 256)
-        return 1;
-    PyErr_Format(PyExc_ValueError, "%s must be empty or 256 bytes", name);
-    return 0;
+    PyObject *span = Py_BuildValue("nn", f->start, f->stop);
+    if (span == NULL)
+        return -1;
+    int failed = PyList_Append(f->spans, span);
+    Py_DECREF(span);
+    return failed;
+}
+
+static int
+has(const uint64_t bits[4], unsigned i)
+{
+    return (bits[i >> 6] >> (i & 63)) & 1;
 }
 
 static PyObject *
-pick_run(PyObject *module, PyObject *args)
+pick_runs(PyObject *module, PyObject *args)
 {
-    Py_buffer view, sources, types;
-    PyObject *spans = NULL, *span;
-    Py_ssize_t offset = 0, frames = 0, size = 0, start = -1, stop = -1;
+    Py_buffer view;
+    PyObject *filters, *result = NULL;
+    Filter *f = NULL;
+    Py_ssize_t n = 0, i;
 
-    if (!PyArg_ParseTuple(args, "y*y*y*:pick_run", &view, &sources, &types))
+    if (!PyArg_ParseTuple(args, "y*O:pick_runs", &view, &filters))
         return NULL;
-    if (!table_ok(&sources, "sources") || !table_ok(&types, "tlv_types"))
+    if ((n = PySequence_Size(filters)) < 0)
         goto done;
-    if ((spans = PyList_New(0)) == NULL)
+    if ((f = PyMem_Calloc(n ? n : 1, sizeof(Filter))) == NULL) {
+        PyErr_NoMemory();
         goto done;
-    const unsigned char *buf = view.buf, *by_source = sources.buf, *by_type = types.buf;
+    }
+    int walk = 0;
+    for (i = 0; i < n; i++) {
+        PyObject *pair = PySequence_GetItem(filters, i), *sources = NULL, *types = NULL;
+        int failed = pair == NULL || PySequence_Size(pair) != 2
+            || (sources = PySequence_GetItem(pair, 0)) == NULL
+            || (types = PySequence_GetItem(pair, 1)) == NULL
+            || table_bits(sources, f[i].sources, &f[i].any_source) < 0
+            || table_bits(types, f[i].types, &f[i].any_type) < 0;
+        Py_XDECREF(sources);
+        Py_XDECREF(types);
+        Py_XDECREF(pair);
+        if (failed) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "each filter is (sources, tlv_types)");
+            goto done;
+        }
+        if ((f[i].spans = PyList_New(0)) == NULL)
+            goto done;
+        f[i].start = -1;
+        walk |= !f[i].any_type;
+    }
+    const unsigned char *buf = view.buf;
+    Py_ssize_t offset = 0;
+    uint64_t types[4] = {0, 0, 0, 0};
     while (view.len - offset >= 32) {
         const unsigned char *h = buf + offset;
         uint32_t payload = le32(h + 24);
         if ((uint64_t)(view.len - offset - 32) < payload)
             break;
         Py_ssize_t frame_end = offset + 32 + (Py_ssize_t)payload;
-        if ((sources.len == 0 || by_source[h[6]])
-            && (types.len == 0 || tlv_wanted(h + 32, payload, by_type))) {
-            frames++;
-            size += frame_end - offset;
-            if (start >= 0 && stop == offset) {
-                stop = frame_end;
-            } else {
-                if (start >= 0) {
-                    if ((span = Py_BuildValue("nn", start, stop)) == NULL
-                        || PyList_Append(spans, span) < 0) {
-                        Py_XDECREF(span);
-                        Py_CLEAR(spans);
-                        goto done;
-                    }
-                    Py_DECREF(span);
-                }
-                start = offset;
-                stop = frame_end;
+        if (walk)
+            tlv_types(h + 32, payload, types);
+        for (i = 0; i < n; i++) {
+            Filter *g = &f[i];
+            if (!(g->any_source || has(g->sources, h[6])))
+                continue;
+            if (!(g->any_type || (types[0] & g->types[0]) || (types[1] & g->types[1])
+                  || (types[2] & g->types[2]) || (types[3] & g->types[3])))
+                continue;
+            g->frames++;
+            g->size += frame_end - offset;
+            if (g->start >= 0 && g->stop == offset) {
+                g->stop = frame_end;
+                continue;
             }
+            if (g->start >= 0 && add_span(g) < 0)
+                goto done;
+            g->start = offset;
+            g->stop = frame_end;
         }
         offset = frame_end;
     }
-    if (start >= 0) {
-        if ((span = Py_BuildValue("nn", start, stop)) == NULL || PyList_Append(spans, span) < 0) {
-            Py_XDECREF(span);
-            Py_CLEAR(spans);
+    if ((result = PyList_New(n)) == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        PyObject *item;
+        if ((f[i].start >= 0 && add_span(&f[i]) < 0)
+            || (item = Py_BuildValue("Onn", f[i].spans, f[i].frames, f[i].size)) == NULL) {
+            Py_CLEAR(result);
             goto done;
         }
-        Py_DECREF(span);
+        PyList_SetItem(result, i, item);
     }
 done:
+    if (f != NULL)
+        for (i = 0; i < n; i++)
+            Py_XDECREF(f[i].spans);
+    PyMem_Free(f);
     PyBuffer_Release(&view);
-    PyBuffer_Release(&sources);
-    PyBuffer_Release(&types);
-    if (spans == NULL)
-        return NULL;
-    return Py_BuildValue("Nnn", spans, frames, size);
+    return result;
 }
 
 static PyObject *
@@ -351,8 +415,8 @@ static PyMethodDef methods[] = {
     {"scan_run", scan_run, METH_VARARGS,
      "scan_run(buf, offset, end, max_payload, domain, source, last, verify, allowed)"
      " -> (offset, frames, last)"},
-    {"pick_run", pick_run, METH_VARARGS,
-     "pick_run(run, sources, tlv_types) -> (spans, frames, size)"},
+    {"pick_runs", pick_runs, METH_VARARGS,
+     "pick_runs(run, [(sources, tlv_types), ...]) -> [(spans, frames, size), ...]"},
     {"audit_records", audit_records, METH_VARARGS,
      "audit_records(runs, received_ns, client_id, crc) -> (records, crc, count, sequences)"},
     {NULL, NULL, 0, NULL},

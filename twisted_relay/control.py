@@ -132,8 +132,14 @@ class Subscription:
     tlv_types: frozenset[int] | None = None
     #: The filters as L{scan.pick_run} takes them.
     tables: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __post_init__(self) -> None:
+        # Hashed once: the fan-out looks subscriptions up for every read.
+        object.__setattr__(self, "_hash", hash((self.publish_only, self.sources, self.tlv_types)))
         tables = tuple(
             NO_WALK if wanted is None else allowed_types(wanted)
             for wanted in (self.sources, self.tlv_types)

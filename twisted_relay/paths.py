@@ -42,7 +42,7 @@ def check_directory(path: str, uid: int | None = None) -> None:
         writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if writable and not (info.st_mode & stat.S_ISVTX and info.st_uid == 0):
             raise UntrustedDirectory(
-                f"{current} is writable by its {'group' if writable & stat.S_IWGRP else 'others'}"
+                f"{current} is writable by {'its group' if writable & stat.S_IWGRP else 'others'}"
                 f" (mode {stat.S_IMODE(info.st_mode):04o}): they could replace what the relay "
                 f"puts there"
             )

@@ -95,17 +95,24 @@ def scan_run_python(
     return offset, frames, last
 
 
-def pick_run_python(
-    run: bytes, sources: bytes, tlv_types: bytes
-) -> tuple[list[tuple[int, int]], int, int]:
+#: What L{pick_runs} finds for one filter: spans, frames, bytes.
+Picked = tuple[list[tuple[int, int]], int, int]
+
+
+def pick_runs_python(run: bytes, filters: list[tuple[bytes, bytes]]) -> list[Picked]:
     """
-    The frames of C{run} (whole frames) a subscription wants: from a wanted
-    source (C{sources}: 256 bytes, non-zero at each; empty: any) and, if
-    C{tlv_types} (as C{sources}) is given, with a TLV of a wanted type
-    before any malformed one. Returns C{(spans, frames, size)}: the wanted
-    frames as C{(start, end)} offsets, side-by-side ones merged, their count
-    and their bytes.
+    For each filter C{(sources, tlv_types)}, the frames of C{run} (whole
+    frames) it wants: from a wanted source (C{sources}: 256 bytes, non-zero
+    at each; empty: any) and, if C{tlv_types} (as C{sources}) is given, with
+    a TLV of a wanted type before any malformed one. Each answer is
+    C{(spans, frames, size)}: the wanted frames as C{(start, end)} offsets,
+    side-by-side ones merged, their count and their bytes. The native
+    version takes one pass over the frames for all the filters.
     """
+    return [_pick_python(run, sources, tlv_types) for sources, tlv_types in filters]
+
+
+def _pick_python(run: bytes, sources: bytes, tlv_types: bytes) -> Picked:
     spans: list[tuple[int, int]] = []
     frames = size = 0
     offset, end = 0, len(run)
@@ -149,4 +156,4 @@ def _native() -> tuple[ModuleType | None, str | None]:
 NATIVE_LOOPS, FALLBACK_REASON = _native()
 NATIVE = NATIVE_LOOPS is not None
 scan_run = scan_run_python if NATIVE_LOOPS is None else NATIVE_LOOPS.scan_run
-pick_run = pick_run_python if NATIVE_LOOPS is None else NATIVE_LOOPS.pick_run
+pick_runs = pick_runs_python if NATIVE_LOOPS is None else NATIVE_LOOPS.pick_runs

@@ -30,7 +30,7 @@ from ..control import (
     relay_info_frame,
 )
 from ..interfaces import IRelayLogic
-from ..scan import pick_run
+from ..scan import pick_runs
 from ..validation import FramePolicy
 from .accounting import Accounting, Counters
 from .delivery import DeliverySettings, Drain, PublisherGate
@@ -376,7 +376,7 @@ class RelayFactory(ServerFactory):
             elif not subscription.publish_only:
                 pick = picks.get(subscription)
                 if pick is None:
-                    pick = picks[subscription] = _pick(runs, subscription)
+                    pick = self._pickAll(runs, picks)[subscription]
                 if pick[1]:
                     self._deliver(client, *pick)
             if client.outbox.parked:
@@ -385,6 +385,24 @@ class RelayFactory(ServerFactory):
             self._missed(sender, runs, picks)
         for client in parking:  # its outbox counted what it dropped of these
             self._park(client)
+
+    def _pickAll(
+        self, runs: list[bytes], picks: dict[Subscription, tuple[list[bytes], int, int]]
+    ) -> dict[Subscription, tuple[list[bytes], int, int]]:
+        """
+        Add to C{picks} the frames of C{runs} each filter of the relay's
+        clients wants (parked ones included): one pass over the frames for
+        all the distinct filters.
+        """
+        wanted = {
+            client.subscription
+            for client in self.receivers.values()
+            if client.subscription.filtered and not client.subscription.publish_only
+        }
+        wanted.update(self._parked)
+        wanted.difference_update(picks)
+        picks.update(zip(wanted, _pick(runs, list(wanted))))
+        return picks
 
     def _park(self, client: RelayProtocol) -> None:
         """Send nothing more to C{client} until it reads; count what it misses."""
@@ -407,7 +425,7 @@ class RelayFactory(ServerFactory):
         for subscription, parked in self._parked.items():
             pick = picks.get(subscription)
             if pick is None:
-                pick = picks[subscription] = _pick(runs, subscription)
+                pick = self._pickAll(runs, picks)[subscription]
             parked.frames += pick[1]
             parked.size += pick[2]
         own = self._parkedAs.get(sender.stats.client_id)
@@ -484,27 +502,28 @@ class RelayFactory(ServerFactory):
         return self._drain.done
 
 
-def _pick(runs: list[bytes], subscription: Subscription) -> tuple[list[bytes], int, int]:
+def _pick(
+    runs: list[bytes], subscriptions: list[Subscription]
+) -> list[tuple[list[bytes], int, int]]:
     """
-    The frames of C{runs} that C{subscription} wants, as few slices as
-    possible (wanted frames side by side in a run go out as one), with their
-    count and size: worked out once per fan-out for all the clients that
-    share the subscription, by the native scan where there is one.
+    For each of C{subscriptions}, the frames of C{runs} it wants, as few
+    slices as possible (wanted frames side by side in a run go out as one),
+    with their count and size: worked out once per fan-out for all the
+    clients that share a subscription, by the native scan where there is one.
     """
-    slices: list[bytes] = []
-    frames = size = 0
-    sources, tlv_types = subscription.tables
+    filters = [subscription.tables for subscription in subscriptions]
+    picked: list[tuple[list[bytes], int, int]] = [([], 0, 0) for _ in subscriptions]
     for run in runs:
-        spans, count, taken = pick_run(run, sources, tlv_types)
-        if count == 0:
-            continue
-        frames += count
-        size += taken
-        if taken == len(run):
-            slices.append(run)
-        else:
-            slices.extend(run[start:end] for start, end in spans)
-    return slices, frames, size
+        for n, (spans, count, taken) in enumerate(pick_runs(run, filters)):
+            if count == 0:
+                continue
+            slices, frames, size = picked[n]
+            if taken == len(run):
+                slices.append(run)
+            else:
+                slices.extend(run[start:end] for start, end in spans)
+            picked[n] = (slices, frames + count, size + taken)
+    return picked
 
 
 def _describe(subscription: Subscription) -> str:
