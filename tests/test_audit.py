@@ -211,6 +211,36 @@ class AuditLogTests(SynchronousTestCase):
         self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES[:2])
         self.assertIsNone(verify(self.directory).damage)
 
+    def test_failedSyncRewrites(self) -> None:
+        """
+        After a failed sync the kernel may have dropped the pages it could not
+        write and forgotten the error (fsyncgate): the next sync writes what
+        was appended since the last good one again before it syncs.
+        """
+        from twisted_relay.audit import writer
+
+        log = AuditLog(self.directory, rotate_size=1 << 20)
+        log.open()
+        log.append(1, [b"".join(FRAMES[:3])], 0)
+        log.sync()
+        synced = os.path.getsize(log.files[-1].path)
+        log.append(1, [b"".join(FRAMES[3:6])], 0)
+        failing, real = [OSError(5, "Input/output error")], os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            if failing:
+                raise failing.pop()
+            real(fd)
+
+        self.patch(writer.os, "fdatasync", fdatasync)
+        self.assertRaises(OSError, log.sync)
+        os.truncate(log.files[-1].path, synced)  # the pages the kernel dropped
+        log.sync()
+        log.append(1, [FRAMES[6]], 0)
+        log.close()
+        self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES[:7])
+        self.assertIsNone(verify(self.directory).damage)
+
     def test_oneWriterPerDirectory(self) -> None:
         """A second log on the same directory is refused while the first is open."""
         log = AuditLog(self.directory)

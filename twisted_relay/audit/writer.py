@@ -48,6 +48,13 @@ class AuditLog:
         self._lock = -1
         self.dirty = False
         self._unfinished = False
+        #: The newest file's size at its last good sync, and what was
+        #: appended to it since: after a failed sync the kernel may have
+        #: dropped those pages and forgotten the error, so they are written
+        #: again before the next sync is believed (fsyncgate).
+        self._synced = 0
+        self._unsynced: list[bytes] = []
+        self._rewrite = False
 
     def open(self) -> list[str]:
         """
@@ -103,7 +110,7 @@ class AuditLog:
         self.files = audit_files(self.directory)
         self.records, self.head, self.sequences = position.index, position.crc, sequences
         self._fd = os.open(newest.path, os.O_WRONLY | os.O_APPEND)
-        self._size = position.offset
+        self._size = self._synced = position.offset
 
     def _start(self, first_index: int, seed: int, sequences: dict[int, int]) -> None:
         """
@@ -136,6 +143,7 @@ class AuditLog:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._size = fd, len(header)
+        self._synced, self._unsynced = self._size, []
         self.files.append(AuditFile.read(path))
 
     def append(self, client_id: int, runs: list[bytes], received_ns: int) -> int:
@@ -151,7 +159,7 @@ class AuditLog:
             os.ftruncate(self._fd, self._size)
             self._unfinished = False
         if self._size >= self.rotate_size:
-            os.fdatasync(self._fd)
+            self.sync()
             self._start(self.records, self.head, self.sequences)
         data, crc, count, sequences = audit_records(runs, received_ns, client_id, self.head)
         try:
@@ -160,6 +168,7 @@ class AuditLog:
             self._undo()
             raise
         self._size += len(data)
+        self._unsynced.append(data)
         self.records += count
         self.head = crc
         self.sequences.update(sequences)
@@ -177,10 +186,27 @@ class AuditLog:
             self._unfinished = True
 
     def sync(self) -> None:
-        """Make everything appended so far durable."""
-        if self.dirty:
+        """
+        Make everything appended so far durable. After a failed sync, what
+        was appended since the last good one is written again first: a
+        second fdatasync alone could succeed on pages the kernel dropped.
+
+        @raise OSError: the sync (or the rewrite before it) failed.
+        """
+        if not self.dirty:
+            return
+        if self._rewrite:
+            os.ftruncate(self._fd, self._synced)
+            _write_all(self._fd, b"".join(self._unsynced))
+            self._rewrite = False
+        try:
             os.fdatasync(self._fd)
-            self.dirty = False
+        except OSError:
+            self._rewrite = True
+            raise
+        self.dirty = False
+        self._synced = self._size
+        self._unsynced.clear()
 
     def close(self) -> None:
         if self._fd >= 0:
