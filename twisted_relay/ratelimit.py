@@ -16,33 +16,38 @@ class Clock(Protocol):
 
 class RateLimiter:
     """
-    Let at most C{burst} events per C{interval} seconds through for each key,
-    and count the others, so the next event let through can say how many were
-    held back: nothing is hidden, only summarised.
+    Let events through for each key at C{burst} per C{interval} seconds, as
+    a token bucket: up to C{burst} at once, then one each time a token has
+    come back (no window edge lets two bursts through back to back). The
+    others are counted, so the next event let through can say how many
+    were held back: nothing is hidden, only summarised.
     """
 
     def __init__(self, clock: Clock, burst: int = 5, interval: float = 1.0) -> None:
         self._clock = clock
         self._burst = burst
-        self._interval = interval
-        self._windows: dict[Hashable, list] = {}
+        self._rate = burst / interval
+        #: By key: tokens left, when they were counted, events held back.
+        self._buckets: dict[Hashable, list] = {}
 
     def allow(self, key: Hashable) -> int | None:
         """
-        C{None} if this event should not be logged; otherwise how many events
-        of this key were held back since the last one let through.
+        C{None} if this event should not be let through; otherwise how many
+        events of this key were held back since the last one let through.
         """
         now = self._clock.seconds()
-        window = self._windows.get(key)
-        if window is None or now - window[0] >= self._interval:
-            held = window[2] if window is not None else 0
-            self._windows[key] = [now, 1, 0]
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [self._burst - 1, now, 0]
+            return 0
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
+        if tokens >= 1:
+            bucket[0] = tokens - 1
+            held, bucket[2] = bucket[2], 0
             return held
-        if window[1] < self._burst:
-            window[1] += 1
-            held, window[2] = window[2], 0
-            return held
-        window[2] += 1
+        bucket[0] = tokens
+        bucket[2] += 1
         return None
 
     def log(self, key: Hashable, emit: Callable[..., None], format: str, **fields: object) -> None:
@@ -61,4 +66,4 @@ class RateLimiter:
 
     def forget(self, key: Hashable) -> None:
         """Drop what is known of C{key}, whose events will not come again."""
-        self._windows.pop(key, None)
+        self._buckets.pop(key, None)
