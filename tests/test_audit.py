@@ -241,6 +241,45 @@ class AuditLogTests(SynchronousTestCase):
         self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES[:7])
         self.assertIsNone(verify(self.directory).damage)
 
+    def test_failedRewriteHoldsAppends(self) -> None:
+        """
+        A rewrite that fails half-way leaves nothing appended after it: the
+        next append writes the records since the last good sync again first,
+        so the file on disk, read as after a crash, has no hole in the middle.
+        """
+        from twisted_relay.audit import writer
+
+        log = AuditLog(self.directory, rotate_size=1 << 20)
+        log.open()
+        log.append(1, [b"".join(FRAMES[:3])], 0)
+        log.sync()
+        log.append(1, [b"".join(FRAMES[3:6])], 0)
+        real_sync, real_write = os.fdatasync, writer._write_all
+        failures = {"sync": 1, "write": 1}
+
+        def fdatasync(fd: int) -> None:
+            if failures["sync"]:
+                failures["sync"] -= 1
+                raise OSError(5, "Input/output error")
+            real_sync(fd)
+
+        def write_all(fd: int, data: bytes) -> None:
+            if failures["write"]:
+                failures["write"] -= 1
+                os.write(fd, data[: len(data) // 2])
+                raise OSError(28, "No space left on device")
+            real_write(fd, data)
+
+        self.patch(writer.os, "fdatasync", fdatasync)
+        self.assertRaises(OSError, log.sync)
+        self.patch(writer, "_write_all", write_all)
+        self.assertRaises(OSError, log.sync)  # the rewrite fails half-way
+        log.append(1, [FRAMES[6]], 0)
+        self.assertIsNone(verify(self.directory).damage)  # as a crash would leave it
+        log.close()
+        self.assertEqual([r.frame for r in read_all(self.directory)], FRAMES[:7])
+        self.assertIsNone(verify(self.directory).damage)
+
     def test_oneWriterPerDirectory(self) -> None:
         """A second log on the same directory is refused while the first is open."""
         log = AuditLog(self.directory)

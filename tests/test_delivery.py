@@ -5,6 +5,8 @@ tracking: slow consumers under each policy, subscriptions, gaps, drain.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -24,7 +26,7 @@ from twisted_relay.control import (
 from twisted_relay.domains import MARKET
 from twisted_relay.engine import relay as relay_module
 from twisted_relay.engine.delivery import (
-    LEDGER_BYTES,
+    LEDGER_WRITES,
     OWN_LIMIT,
     UNREAD_ANSWERS,
     DeliverySettings,
@@ -32,7 +34,7 @@ from twisted_relay.engine.delivery import (
 from twisted_relay.scan import pick_runs
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
-from .helpers import RecordingTransport, connect, frames_for, make_relay
+from .helpers import RecordingTransport, audited_relay, connect, frames_for, frames_in, make_relay
 
 
 def disconnect(client) -> None:
@@ -146,6 +148,43 @@ class OutboxTests(SynchronousTestCase):
         publisher.dataReceived(b"".join(self.frames[19:23]))
         self.assertEqual(relay.totals.frames_dropped, 1 + 4)
         self.assertEqual(fast.stats.frames_out, 19 + 5 + 3 + 4)
+
+    def test_parkedClientResubscribing(self) -> None:
+        """A parked client that changes its subscription is fanned out to again, counted exactly."""
+        relay, publisher, slow, fast = self.slow("drop")
+        for frame in self.frames[:25]:
+            publisher.dataReceived(frame)
+        slow.dataReceived(control_frame(sources=[7]))
+        slow.outbox.resumeProducing()
+        for frame in self.frames[25:]:
+            publisher.dataReceived(frame)
+        got = sequences(slow.transport.value()[len(slow.transport.value()) - 15 * 54 :])
+        self.assertEqual(got, list(range(26, 41)))
+        self.assertEqual((slow.stats.frames_out, slow.stats.frames_dropped), (18 + 15, 7))
+
+    def test_parkedClientReplaying(self) -> None:
+        """A parked client that asks for a replay is sent what it missed once, not also dropped."""
+        relay = audited_relay(
+            self, delivery=DeliverySettings("drop", high_water=1000, low_water=200)
+        )
+        publisher, slow = connect(relay), connect(relay)
+        slow.outbox.pauseProducing()
+        frames = frames_for(Domain.EXECUTION, 40, source=42)
+        for frame in frames[:25]:
+            publisher.dataReceived(frame)
+        self.assertTrue(slow.outbox.parked)
+        slow.dataReceived(recovery_frame({42: 1}))
+        for frame in frames[25:]:
+            publisher.dataReceived(frame)
+        for _ in range(1000):
+            slow.outbox.resumeProducing()
+            relay.clock.advance(0)
+        data = slow.transport.value()
+        received = [f for f in frames_in(data) if unpack_header(f).relay_domain != Domain.SYSTEM]
+        fitted = 1000 // len(frames[0])  # what its queue took before it was parked
+        self.assertEqual(received, frames[:fitted] + frames)
+        self.assertEqual(slow.stats.frames_out, len(received))
+        self.assertEqual(relay.totals.frames_dropped, 25 - fitted)
 
     def test_parkedClientLeaving(self) -> None:
         """A parked client that disconnects leaves with its count exact, and fan-out goes on."""
@@ -336,6 +375,25 @@ class HangUpTests(SynchronousTestCase):
         disconnect(self.publisher)
         self.successResultOf(drained)
 
+    def test_hungUpStaysShut(self) -> None:
+        """
+        Once hung up, nothing starts the connection reading again (the gate
+        resuming publishers), and what the client sent unread is discarded so
+        the close is not a reset.
+        """
+        client, transport = self.stuck(room=0)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        transport.socket = ours
+        theirs.sendall(b"unread" * 1000)
+        client.outbox.cut("stalled consumer", "test")
+        transport.resumeProducing()
+        self.assertNotIn(transport, transport.reactor.readers)
+        self.relay.clock.advance(0)
+        self.assertRaises(BlockingIOError, ours.recv, 1, socket.MSG_DONTWAIT)
+        self.assertEqual(len(transport.reasons), 1)
+
     def test_readingClientKeepsLittle(self) -> None:
         """For a client that keeps up, the outbox remembers no more than it must."""
         client, transport = self.stuck(room=1 << 30)
@@ -343,7 +401,7 @@ class HangUpTests(SynchronousTestCase):
         for _ in range(1000):
             self.publisher.dataReceived(frame)
             transport.doWrite()
-        self.assertLess(len(client.outbox._ledger) * len(frame), 2 * LEDGER_BYTES)
+        self.assertLessEqual(len(client.outbox._ledger), LEDGER_WRITES + 1)
         client.outbox.cut("slow consumer", "test")
         self.assertEqual((client.stats.frames_out, client.stats.frames_lost), (1000, 0))
 

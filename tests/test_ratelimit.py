@@ -38,6 +38,14 @@ class RateLimiterTests(SynchronousTestCase):
             allowed += self.limiter.allow("k") is not None
         self.assertTrue(5 * 10 <= allowed <= 5 * 10 + 5, allowed)
 
+    def test_clockSteppedBack(self) -> None:
+        """A clock that steps back neither hands out tokens nor takes them for long."""
+        self.let(5)
+        self.clock.rightNow -= 3600
+        self.assertEqual(self.let(1), [None])
+        self.clock.advance(0.3)
+        self.assertEqual(self.let(1), [1])
+
     def test_keysApart(self) -> None:
         """Each key has its own allowance; a forgotten key starts afresh."""
         self.let(5, "a")

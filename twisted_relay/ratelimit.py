@@ -40,7 +40,8 @@ class RateLimiter:
         if bucket is None:
             self._buckets[key] = [self._burst - 1, now, 0]
             return 0
-        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        # A clock stepped back gives nothing back, and takes nothing either.
+        tokens = min(self._burst, bucket[0] + max(0.0, now - bucket[1]) * self._rate)
         bucket[1] = now
         if tokens >= 1:
             bucket[0] = tokens - 1

@@ -33,7 +33,7 @@ DEGRADED_FOR = 60.0
 _COUNTERS = (
     ("frames_in", "Frames accepted from publishers."),
     ("bytes_in", "Bytes read from clients, accepted or not."),
-    ("frames_out", "Frames written whole to subscribers' sockets."),
+    ("frames_out", "Frames written whole to subscribers' sockets (over TLS: handed to TLS)."),
     ("bytes_out", "Bytes written to subscribers' sockets."),
     ("frames_dropped", "Frames not delivered to a lagging subscriber (drop policy)."),
     ("frames_lost", "Frames queued or buffered for a subscriber when it was cut off or left."),

@@ -154,6 +154,8 @@ class AuditLog:
         @raise OSError: the write failed (disk full, I/O error); the file is
             as it was before.
         """
+        if self._rewrite:
+            self._restore()
         if self._unfinished:
             # A failed append left bytes that could not be removed then.
             os.ftruncate(self._fd, self._size)
@@ -196,9 +198,7 @@ class AuditLog:
         if not self.dirty:
             return
         if self._rewrite:
-            os.ftruncate(self._fd, self._synced)
-            _write_all(self._fd, b"".join(self._unsynced))
-            self._rewrite = False
+            self._restore()
         try:
             os.fdatasync(self._fd)
         except OSError:
@@ -207,6 +207,16 @@ class AuditLog:
         self.dirty = False
         self._synced = self._size
         self._unsynced.clear()
+
+    def _restore(self) -> None:
+        """
+        Cut the file back to its last good sync and write again what was
+        appended since; until that succeeds, nothing else is appended.
+        """
+        os.ftruncate(self._fd, self._synced)
+        _write_all(self._fd, b"".join(self._unsynced))
+        self._rewrite = False
+        self._unfinished = False
 
     def close(self) -> None:
         if self._fd >= 0:

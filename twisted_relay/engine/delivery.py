@@ -16,6 +16,7 @@ wait in the outbox, counted in bytes against the high-water mark:
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -53,9 +54,10 @@ OWN_LIMIT = 1 * MiB
 SLOW_CONSUMER = "slow consumer"
 STALLED_CONSUMER = "stalled consumer"
 UNREAD_ANSWERS = "unread answers"
-#: Bytes handed to a transport past which the outbox forgets the writes the
-#: transport has passed on to the kernel (see L{Outbox.hangUp}).
-LEDGER_BYTES = 256 * 1024
+#: Bytes, and writes, handed to a transport past which the outbox forgets
+#: the writes the transport has passed on to the kernel (see L{Outbox.hangUp}).
+LEDGER_BYTES = 64 * 1024
+LEDGER_WRITES = 64
 #: The place in an outbox's queue where its replay starts.
 _REPLAY: tuple[list[bytes], int, int] = ([], 0, 0)
 
@@ -247,8 +249,9 @@ class Outbox:
             self.accounting.replayed(self.stats, frames)
         if self._descriptor is not None:
             self.written += size
-            self._ledger.append((self.written, frames, replayed, runs))
-            if self.written - self._settled > LEDGER_BYTES:
+            ledger = self._ledger
+            ledger.append((self.written, frames, replayed, runs))
+            if self.written - self._settled > LEDGER_BYTES or len(ledger) > LEDGER_WRITES:
                 self._settle()
 
     def _unsent(self) -> int:
@@ -352,9 +355,10 @@ class Outbox:
         self._recall(self.written - self._unsent())
         held.dataBuffer, held.offset = b"", 0
         held._tempDataBuffer, held._tempDataLen = [], 0
+        held.disconnecting = True  # nothing may start it reading or writing again
         held.stopReading()
         held.stopWriting()
-        self.clock.callLater(0, held.connectionLost, Failure(ConnectionDone()))
+        self.clock.callLater(0, _closeInOrder, held)
 
     def _recall(self, sent: int) -> None:
         """Count the frames of the writes past byte C{sent} as lost, not delivered."""
@@ -396,6 +400,28 @@ class Outbox:
         self.close()
         if self._closeDeadline is not None and self._closeDeadline.active():
             self._closeDeadline.cancel()
+
+
+#: Reads of at most 64 KiB each that L{_closeInOrder} discards.
+_DISCARD_READS = 64
+
+
+def _closeInOrder(held: FileDescriptor) -> None:
+    """
+    Close C{held} as Twisted closes a connection whose buffer is written,
+    after discarding what the client sent and the relay did not read: a
+    socket closed with unread bytes is reset, and a reset throws away what
+    the kernel still had to deliver.
+    """
+    handle = getattr(held, "socket", None)
+    if isinstance(handle, socket.socket):
+        try:
+            for _ in range(_DISCARD_READS):
+                if not handle.recv(1 << 16, socket.MSG_DONTWAIT):
+                    break
+        except OSError:
+            pass
+    held.connectionLost(Failure(ConnectionDone()))
 
 
 def _whole(data: bytes, written: int) -> tuple[int, int]:

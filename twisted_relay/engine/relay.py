@@ -315,6 +315,8 @@ class RelayFactory(ServerFactory):
             echo=self.echo,
             done=lambda replay: self._replayed(client, replay),
         )
+        if client.stats.client_id in self._parkedAs:
+            self._unpark(client)  # the replay sends it what it missed from now on
         client.subscription = NOTHING  # off the live stream until the replay is done
         self.accounting.sampled(
             "replay",
@@ -408,7 +410,7 @@ class RelayFactory(ServerFactory):
         """Send nothing more to C{client} until it reads; count what it misses."""
         client_id = client.stats.client_id
         subscription = client.subscription
-        del self.receivers[client_id]
+        self.receivers.pop(client_id, None)
         parked = self._parked.get(subscription)
         if parked is None:
             parked = self._parked[subscription] = _Parked()
@@ -451,10 +453,12 @@ class RelayFactory(ServerFactory):
         """C{client}'s transport took from its queue: fan out to it again."""
         if client.stats.client_id in self._parkedAs:
             self._unpark(client)
-            self.receivers[client.stats.client_id] = client
 
     def _unpark(self, client: RelayProtocol) -> None:
+        """Count what C{client} missed, and fan out to it again from the next read."""
         client_id = client.stats.client_id
+        client.outbox.parked = False
+        self.receivers[client_id] = client
         self._settle(client_id, quiet=False)
         subscription = self._parkedAs.pop(client_id)
         parked = self._parked[subscription]
