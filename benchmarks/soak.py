@@ -34,6 +34,8 @@ MiB = 1024 * 1024
 #: Frames a second from each of the two publishers, 128 bytes each.
 RATE = 20_000
 WARM_UP = 120.0
+#: The sources of the paced publishers, whose every frame is checked.
+PUBLISHERS = (1, 2)
 GROWTH = 32 * MiB
 
 
@@ -102,7 +104,7 @@ class Load:
                 end = offset + HEADER_SIZE + header.payload_size
                 if end > len(buffer):
                     break
-                if header.relay_domain == 1:
+                if header.source in PUBLISHERS:
                     previous = last.get(header.source)
                     if previous is not None and header.sequence != previous + 1:
                         raise RuntimeError(
@@ -141,7 +143,8 @@ class Load:
             elif kind == 2:
                 sock.sendall(rng.randbytes(rng.randrange(1, 2000)))
             elif kind == 3:
-                sock.sendall(build_frame(1, 9, 1, [(1, b"x")])[: rng.randrange(1, 40)])
+                frame = build_frame(1, 9, 1, [(1, b"x")])
+                sock.sendall(frame[: rng.randrange(1, len(frame) + 1)])  # whole or cut
             self.stop.wait(rng.random() * 0.1)
             sock.close()
 
@@ -159,7 +162,7 @@ def main(argv: list[str]) -> int:
         path, workdir, "relay",
     )
     load = Load(path)
-    for source in (1, 2):
+    for source in PUBLISHERS:
         load.spawn(load.publish, source)
     for _ in range(3):
         load.spawn(load.check)
