@@ -109,6 +109,53 @@ def test_errors_are_one_line():
         assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("publish", "--source", "300"), "argument --source: '300' is not from 0 to 255"),
+        (("tap", "--tlv-type", "300"), "argument --tlv-type: '300' is not from 0 to 255"),
+        (("tap", "--source", "-1"), "argument --source: '-1' is not from 0 to 255"),
+        (("publish", "--count", "-5"), "argument --count: '-5' is not above 0"),
+        (("publish", "--rate", "fast"), "argument --rate: 'fast' is not a number"),
+        (("tap", "--frobnicate"), "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, message):
+    """A bad argument is one line naming it, with a hint, and exit status 2; no usage dump."""
+    result = run(*args)
+    assert result.returncode == 2
+    # Arguments no command knows are the top command's to refuse.
+    prog = "twisted-relay" if "unrecognized" in message else f"twisted-relay {args[0]}"
+    assert result.stderr == f"{prog}: {message} (see {prog} --help)\n", result.stderr
+
+
+def test_version():
+    """--version prints the package's version."""
+    import twisted_relay
+
+    result = run("--version")
+    assert (result.returncode, result.stdout) == (0, f"twisted-relay {twisted_relay.__version__}\n")
+
+
+def test_status_of_something_else(http_relay):
+    """status given the metrics URL reads the relay's health; given a non-relay, says so."""
+    _, url = http_relay("market")
+    shown = run("status", f"{url}/metrics")
+    assert shown.returncode == 0 and "status     ok" in shown.stdout, shown.stderr
+    shown = run("status", url.removeprefix("http://"))
+    assert shown.returncode == 0 and "status     ok" in shown.stdout, shown.stderr
+
+
+def test_tap_count_not_reached(http_relay):
+    """tap --count on a quiet relay exits 1 saying how many of the frames asked for came."""
+    path, _ = http_relay("market")
+    result = run("tap", path, "--count", "3", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "twisted-relay: 0 of the 3 frames asked for arrived within 0.5s of quiet\n"
+    )
+
+
 def test_relay_of_another_domain(http_relay):
     """publish and tap with the wrong --domain say which relay they reached."""
     path, _ = http_relay("market")

@@ -12,9 +12,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from typing import NoReturn
 
+from . import __version__
 from .audit import AuditDamage, LogReader, Record, audit_paths, verify
 from .client import BlockingClient
 from .domains import UnknownDomain, find_domain
@@ -59,6 +61,40 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 class Failed(Exception):
     """A one-line reason to stop with a non-zero exit."""
+
+
+class Parser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr and a hint, not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def byte(text: str) -> int:
+    """A source type or TLV type: an integer from 0 to 255."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"{text!r} is not from 0 to 255")
+    return value
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argument of C{kind} (int, float) that must be above 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not above 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _source_name(source: int) -> str:
@@ -188,6 +224,11 @@ def tap(args: argparse.Namespace) -> None:
                 f"the relay at {where(args)} closed the connection after {frames:,} frames "
                 f"were received"
             )
+        if args.count and shown < args.count:
+            raise Failed(
+                f"{shown:,} of the {args.count:,} frames asked for arrived within "
+                f"{args.timeout:g}s of quiet"
+            )
 
 
 def received(relay: BlockingClient, args: argparse.Namespace) -> Iterator[tuple[Header, bytes]]:
@@ -237,13 +278,17 @@ def publish(args: argparse.Namespace) -> None:
 
 
 def status(args: argparse.Namespace) -> None:
-    url = args.url.rstrip("/") + "/health"
+    base = args.url if "://" in args.url else f"http://{args.url}"
+    scheme, _, rest = base.partition("://")
+    url = f"{scheme}://{rest.split('/', 1)[0]}/health"  # any path given: the relay's own
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             health = json.load(response)
+        totals = health["totals"]
     except (urllib.error.URLError, OSError) as e:
         raise Failed(f"cannot read {url}: {getattr(e, 'reason', e)}") from None
-    totals = health["totals"]
+    except (ValueError, KeyError, TypeError):
+        raise Failed(f"{url} is not a relay's status endpoint") from None
     print(f"status     {health['status']}")
     print(f"domain     {health['domain']} ({health['relay_domain']}), delivery {health['delivery']}")
     print(f"version    {health['version']}, up {health['uptime_s']:.0f}s")
@@ -411,10 +456,9 @@ def _command(commands, name: str, help: str, examples: str | None = None) -> arg
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="twisted-relay", description="Tools for Protocol V2 relays."
-    )
-    commands = top.add_subparsers(dest="command", required=True)
+    top = Parser(prog="twisted-relay", description="Tools for Protocol V2 relays.")
+    top.add_argument("--version", action="version", version=f"twisted-relay {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def relay_command(name: str, help: str) -> argparse.ArgumentParser:
         command = _command(commands, name, help)
@@ -427,22 +471,33 @@ def parser() -> argparse.ArgumentParser:
 
     tap_command = relay_command("tap", "Print the frames a relay carries.")
     tap_command.add_argument("--json", action="store_true", help="one JSON object per frame")
-    tap_command.add_argument("--source", type=int, action="append", help="only this source; repeatable")
-    tap_command.add_argument("--tlv-type", type=int, action="append", help="only frames with this TLV type; repeatable")
-    tap_command.add_argument("--count", type=int, help="stop after this many frames")
+    tap_command.add_argument("--source", type=byte, action="append", help="only this source; repeatable")
+    tap_command.add_argument("--tlv-type", type=byte, action="append", help="only frames with this TLV type; repeatable")
+    tap_command.add_argument(
+        "--count", type=positive(int), help="stop after this many frames; exit 1 if fewer arrive"
+    )
     tap_command.add_argument("--stats", action="store_true", help="a live rate line instead of frames")
-    tap_command.add_argument("--timeout", type=float, help="stop after this many quiet seconds")
+    tap_command.add_argument("--timeout", type=positive(float), help="stop after this many quiet seconds")
     tap_command.set_defaults(run=tap)
 
     publish_command = relay_command("publish", "Publish well-formed synthetic frames.")
-    publish_command.add_argument("--count", type=int, default=1000, help="frames to send [default: 1000]")
-    publish_command.add_argument("--rate", type=float, help="frames per second [default: as fast as possible]")
-    publish_command.add_argument("--source", type=int, help="source type [default: one of the domain]")
+    publish_command.add_argument(
+        "--count", type=positive(int), default=1000, help="frames to send [default: 1000]"
+    )
+    publish_command.add_argument(
+        "--rate", type=positive(float), help="frames per second [default: as fast as possible]"
+    )
+    publish_command.add_argument("--source", type=byte, help="source type [default: one of the domain]")
     publish_command.set_defaults(run=publish)
 
     status_command = _command(commands, "status", "Show a relay's health endpoint.")
-    status_command.add_argument("url", nargs="?", default="http://127.0.0.1:9100")
-    status_command.add_argument("--timeout", type=float, default=5.0)
+    status_command.add_argument(
+        "url", nargs="?", default="http://127.0.0.1:9100",
+        help="the relay's --http address, as http://HOST:PORT or HOST:PORT [default: http://127.0.0.1:9100]",
+    )
+    status_command.add_argument(
+        "--timeout", type=positive(float), default=5.0, help="seconds to wait [default: 5]"
+    )
     status_command.set_defaults(run=status)
 
     replay_command = _command(
@@ -457,7 +512,7 @@ def parser() -> argparse.ArgumentParser:
     replay_command.add_argument(
         "--domain", default="execution", help="domain of the --to relay [default: execution]"
     )
-    replay_command.add_argument("--source", type=int, action="append", metavar="N", help="only this source; repeatable")
+    replay_command.add_argument("--source", type=byte, action="append", metavar="N", help="only this source; repeatable")
     replay_command.add_argument("--from-sequence", type=int, metavar="N", help="only sequences from N on")
     replay_command.add_argument("--to-sequence", type=int, metavar="N", help="only sequences up to N")
     replay_command.add_argument(

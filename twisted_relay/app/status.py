@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -17,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from .. import __version__
 from ..engine.accounting import Counters
 from ..engine.delivery import SLOW_CONSUMER, STALLED_CONSUMER
 from ..engine.relay import RelayFactory
@@ -44,13 +44,6 @@ _COUNTERS = (
     ("sequence_duplicates", "Repeated sequence numbers from publishers."),
     ("sequence_regressions", "Sequence numbers going backwards."),
 )
-
-
-def _version() -> str:
-    try:
-        return version("twisted_relay")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _counters(counters: Counters) -> dict:
@@ -85,7 +78,7 @@ def health(
         "nats": _bridge(bridge),
         "domain": factory.logic.name,
         "relay_domain": factory.logic.domain,
-        "version": _version(),
+        "version": __version__,
         "uptime_s": round(now - started_at, 3),
         "listening": listening,
         "delivery": factory.delivery.policy,
