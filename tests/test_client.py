@@ -30,8 +30,8 @@ from twisted_relay.client import (
     RelayDead,
     relay_service,
 )
-from twisted_relay.control import heartbeat_frame, parse_control
-from twisted_relay.wire import Domain
+from twisted_relay.control import heartbeat_frame, parse_control, relay_info_frame
+from twisted_relay.wire import Domain, build_frame
 
 from .helpers import frames_for, split
 from .relayprocess import RelayProcess
@@ -66,6 +66,20 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(written[: len(frame)], frame)
         subscription = parse_control(written, len(frame), len(written)).subscription
         self.assertEqual(subscription.sources, {1, 2})
+
+    def test_relayFramesNeverDelivered(self) -> None:
+        """The relay's RelayInfo and other system frames are kept from the application."""
+        frames = frames_for(Domain.MARKET_DATA, 2)
+        self.client.dataReceived(
+            frames[0]
+            + relay_info_frame(1, "market")
+            + build_frame(Domain.SYSTEM, 80, 0, [(99, b"later")])
+            + frames[1]
+        )
+        self.assertEqual(self.client.frames, list(zip((1, 2), frames)))
+        incoming = self.client.incoming
+        self.assertEqual((incoming.relay_info, incoming.relay_infos), ((1, "market"), 1))
+        self.assertEqual(incoming.other_system_frames, 1)
 
     def test_tornTailDiscarded(self) -> None:
         """A connection that ends mid-frame delivers the whole frames only, and says so."""
@@ -177,9 +191,10 @@ def test_blocking_clients_through_a_relay(relay_path):
     path, _, _ = relay_path
     frames = frames_for(Domain.EXECUTION, 20)
     with BlockingClient(path) as subscriber, BlockingClient(f"unix:{path}") as publisher:
+        assert subscriber.introduce(sources=[7]) == (Domain.EXECUTION, "execution")
         publisher.declare(publish_only=True)
         publisher.publish(b"".join(frames))
-        received = subscriber.receive(20, timeout=10)
+        received = subscriber.receive(20, timeout=10)  # the RelayInfo answer is not one
         assert [frame for _, frame in received] == frames
         assert [header.sequence for header, _ in received] == list(range(1, 21))
         assert subscriber.receive(1, timeout=0.2) == []

@@ -81,6 +81,11 @@ class Incoming:
         self.recovering: dict[int, int] = {}
         #: The relay's answers: (source, first sequence, status).
         self.answers: list[tuple[int, int, int]] = []
+        #: The relay's C{(relay_domain, name)}, from its latest RelayInfo.
+        self.relay_info: tuple[int, str] | None = None
+        #: The relay's RelayInfo answers so far, and its other system frames.
+        self.relay_infos = 0
+        self.other_system_frames = 0
         self.heartbeats = 0
         self._held: dict[int, list[tuple[Header, bytes]]] = {}
 
@@ -123,7 +128,13 @@ class Incoming:
                 self.answers.append(answer)
                 held = self._held.pop(source, [])
                 return _NOTHING if status == REPLAYING else tuple(held)
-            return ((header, frame),)
+            info = parse_relay_info(header, frame)
+            if info is not None:
+                self.relay_info = info
+                self.relay_infos += 1
+            else:
+                self.other_system_frames += 1
+            return _NOTHING  # the relay's own frames are never the application's
         if self.recovering:
             first = self.recovering.get(header.source)
             if first is not None and header.sequence >= first:
@@ -294,20 +305,14 @@ class BlockingClient(Declaring):
 
         @raise TimeoutError: no answer within C{timeout} seconds.
         """
+        answered = self.incoming.relay_infos
         self.declare(publish_only=publish_only, sources=sources, tlv_types=tlv_types)
         deadline = time.monotonic() + timeout
-        earlier: list[tuple[Header, bytes]] = []
-        try:
-            while True:
-                if not self._ready and not self._readBefore(deadline):
-                    raise TimeoutError(f"no answer from the relay within {timeout}s")
-                header, frame = self._ready.popleft()
-                info = parse_relay_info(header, frame)
-                if info is not None:
-                    return info
-                earlier.append((header, frame))
-        finally:
-            self._ready.extendleft(reversed(earlier))
+        while self.incoming.relay_infos == answered:
+            if not self._readBefore(deadline):
+                raise TimeoutError(f"no answer from the relay within {timeout}s")
+        assert self.incoming.relay_info is not None
+        return self.incoming.relay_info
 
     def next_heartbeat(self, timeout: float) -> dict[int, int]:
         """
