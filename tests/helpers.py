@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import importlib.util
 import os
+import shlex
 import shutil
+import subprocess
+import sysconfig
 import tempfile
 from types import ModuleType
 
@@ -74,22 +78,23 @@ def temp_dir(testcase) -> str:
 @functools.cache
 def native_loops() -> ModuleType:
     """
-    twisted_relay/_cscan.c compiled on its own and loaded: the tests compare
-    it with the pure-Python loops even where the package under test runs
-    from a checkout without the built module.
+    twisted_relay/_cscan.c compiled on its own, with the compiler Python was
+    built with (no setuptools: Python 3.12+ venvs lack it), and loaded: the
+    tests compare it with the pure-Python loops even where the package under
+    test runs from a checkout without the built module.
     """
-    from setuptools import Distribution, Extension
-    from setuptools.command.build_ext import build_ext
-
     workdir = tempfile.mkdtemp(prefix="tr-cscan-")
     try:
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         source = os.path.join(repo, "twisted_relay", "_cscan.c")
-        command = build_ext(Distribution({"ext_modules": [Extension("_cscan", [source])]}))
-        command.build_lib = command.build_temp = workdir
-        command.ensure_finalized()
-        command.run()
-        spec = importlib.util.spec_from_file_location("_cscan", command.get_ext_fullpath("_cscan"))
+        built = os.path.join(workdir, "_cscan" + importlib.machinery.EXTENSION_SUFFIXES[0])
+        compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+        include = sysconfig.get_paths()["include"]
+        subprocess.run(
+            [*compiler, "-shared", "-fPIC", "-O2", f"-I{include}", source, "-o", built],
+            check=True,
+        )
+        spec = importlib.util.spec_from_file_location("_cscan", built)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

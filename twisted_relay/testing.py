@@ -222,9 +222,19 @@ class RelayProcess:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=self.preexec_fn,
+            preexec_fn=self._prepare,
         )
         return self
+
+    def _prepare(self) -> None:
+        """
+        In the relay's process before it starts: SIGINT as a terminal gives
+        it, whatever the tests inherited (a shell starts background jobs
+        with SIGINT ignored, and Python keeps ignoring it), then C{preexec_fn}.
+        """
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.preexec_fn is not None:
+            self.preexec_fn()
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
