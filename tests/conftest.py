@@ -20,16 +20,17 @@ def http_relay():
     """
     started: list[tuple[RelayProcess, str]] = []
 
-    def start(domain: str) -> tuple[str, str]:
+    def start(domain: str, *args: str) -> tuple[str, str]:
         workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
         (port,) = free_ports(1)
         path = os.path.join(workdir, "r.sock")
         relay = RelayProcess(
             workdir, "--domain", domain, "--listen", f"unix:{path}",
-            "--http", f"tcp:{port}:interface=127.0.0.1",
+            "--http", f"tcp:{port}:interface=127.0.0.1", *args,
         )
         started.append((relay, workdir))
         relay.start().wait_listening(2)
+        start.relay = relay  # type: ignore[attr-defined]  # the last one started
         return path, f"http://127.0.0.1:{port}"
 
     yield start

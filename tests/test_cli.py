@@ -146,6 +146,15 @@ def test_status_of_something_else(http_relay):
     assert shown.returncode == 0 and "status     ok" in shown.stdout, shown.stderr
 
 
+@pytest.mark.parametrize("args, logged", [((), False), (("--http-access-log",), True)])
+def test_http_access_log(http_relay, args, logged):
+    """Requests to --http are logged only with --http-access-log."""
+    _, url = http_relay("market", *args)
+    for _ in range(3):
+        assert run("status", url).returncode == 0
+    assert ('"GET /health HTTP/1.1" 200' in http_relay.relay.log()) is logged
+
+
 def test_tap_count_not_reached(http_relay):
     """tap --count on a quiet relay exits 1 saying how many of the frames asked for came."""
     path, _ = http_relay("market")

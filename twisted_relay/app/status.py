@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -339,10 +340,25 @@ def status_root(
     return root
 
 
+class _QuietSite(Site):
+    """A site that logs no request: a scraper every 15 s would be 5,760 lines a day."""
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 def status_site(
-    factory: RelayFactory, listening: list[str], bridge: NatsBridge | None = None
+    factory: RelayFactory,
+    listening: list[str],
+    bridge: NatsBridge | None = None,
+    *,
+    access_log: bool = False,
 ) -> Site:
-    """The web site serving C{/health} and C{/metrics} for C{factory} (and its C{bridge})."""
-    site = Site(status_root(factory, listening, bridge))
+    """
+    The web site serving C{/health} and C{/metrics} for C{factory} (and its
+    C{bridge}), logging each request only if C{access_log}.
+    """
+    site = (Site if access_log else _QuietSite)(status_root(factory, listening, bridge))
     site.displayTracebacks = False
+    site.noisy = False
     return site

@@ -205,6 +205,7 @@ Examples:
         ["checksum", None, "Verify CRC-32 checksums [default: the domain's]."],
         ["no-checksum", None, "Do not verify CRC-32 checksums."],
         ["no-audit", None, "Keep no audit log, even for a domain that audits by default."],
+        ["http-access-log", None, "Log every request to --http [default: none is logged]."],
         [
             "no-strict-dirs",
             None,
@@ -418,6 +419,8 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         factory.outlet = top.bridge = bridge
         bridge.setServiceParent(top)
     if options["http"]:
-        site = status_site(factory, options["listen"], bridge)
+        site = status_site(
+            factory, options["listen"], bridge, access_log=options["http-access-log"]
+        )
         listening(options["http"], site).setServiceParent(top)
     return top
