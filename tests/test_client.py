@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,9 +30,12 @@ from twisted_relay.client import (
     BlockingClient,
     RelayClientProtocol,
     RelayDead,
+    endpoint_string,
     relay_service,
+    socket_address,
 )
 from twisted_relay.control import heartbeat_frame, parse_control, relay_info_frame
+from twisted_relay.testing import free_ports
 from twisted_relay.wire import Domain, build_frame
 
 from .helpers import frames_for, split
@@ -184,6 +189,71 @@ def relay_path():
     if relay.process.poll() is None:
         relay.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+class AddressTests(SynchronousTestCase):
+    def test_shorthand(self) -> None:
+        """A socket path is short for unix:path=..., colons escaped; endpoint strings stay."""
+        self.assertEqual(endpoint_string("/tmp/a:b.sock"), "unix:path=/tmp/a\\:b.sock")
+        self.assertEqual(endpoint_string("r.sock"), "unix:path=r.sock")
+        self.assertEqual(endpoint_string("tcp:h:1"), "tcp:h:1")
+
+    def test_forms(self) -> None:
+        """Positional and named arguments, as Twisted's endpoint strings take them."""
+        for address, expected in [
+            ("/tmp/a:b.sock", (socket.AF_UNIX, "/tmp/a:b.sock")),
+            ("unix:/tmp/r.sock", (socket.AF_UNIX, "/tmp/r.sock")),
+            ("unix:path=/tmp/r.sock:timeout=2", (socket.AF_UNIX, "/tmp/r.sock")),
+            ("tcp:10.0.0.5:7001", (socket.AF_INET, ("10.0.0.5", 7001))),
+            ("tcp:host=10.0.0.5:port=7001", (socket.AF_INET, ("10.0.0.5", 7001))),
+        ]:
+            self.assertEqual(socket_address(address), expected, address)
+
+    def test_refused(self) -> None:
+        """What cannot be connected to is one line saying what to give instead."""
+        for address, message in [
+            ("tcp:localhost", "needs a host and a port"),
+            ("unix:", "names no socket path"),
+            ("udp:h:1", "endpoint type 'udp' is not one of unix, tcp"),
+        ]:
+            with self.assertRaises(ValueError) as raised:
+                socket_address(address)
+            self.assertIn(message, str(raised.exception))
+
+
+def test_one_endpoint_syntax():
+    """
+    The relay listens on a bare socket path and a TCP port; both client
+    classes' and the CLI's endpoint strings reach it, positional or named.
+    """
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    path = os.path.join(workdir, "r.sock")
+    [port] = free_ports(1)
+    relay = RelayProcess(
+        workdir, "--domain", "market", "--listen", path,
+        "--listen", f"tcp:{port}:interface=127.0.0.1",
+    )
+    relay.start().wait_listening(2)
+    try:
+        frames = frames_for(Domain.MARKET_DATA, 5)
+        for sub, pub in [
+            (f"unix:path={path}", f"tcp:host=127.0.0.1:port={port}"),
+            (f"tcp:127.0.0.1:{port}", path),
+        ]:
+            with BlockingClient(sub) as subscriber, BlockingClient(pub) as publisher:
+                subscriber.introduce()
+                publisher.introduce(publish_only=True)
+                publisher.publish(b"".join(frames))
+                assert [f for _, f in subscriber.receive(5, timeout=10)] == frames
+        command = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
+        shown = subprocess.run(
+            [command, "publish", f"unix:path={path}", "--count", "3"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+    finally:
+        relay.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_blocking_clients_through_a_relay(relay_path):

@@ -464,7 +464,7 @@ def parser() -> argparse.ArgumentParser:
         command = _command(commands, name, help)
         command.add_argument(
             "endpoint", nargs="?",
-            help="unix:PATH, a socket path or tcp:HOST:PORT [default: the domain's socket]",
+            help="a socket path, unix:path=PATH or tcp:host=HOST:port=PORT (or unix:PATH, tcp:HOST:PORT) [default: the domain's socket]",
         )
         command.add_argument("--domain", default="market", help="relay domain [default: market]")
         return command
@@ -507,7 +507,7 @@ def parser() -> argparse.ArgumentParser:
     replay_command.add_argument("--json", action="store_true", help="one JSON object per frame, frame bytes in hex")
     replay_command.add_argument(
         "--to", dest="endpoint", metavar="ENDPOINT",
-        help="republish the frames to the relay at unix:PATH, a socket path or tcp:HOST:PORT",
+        help="republish the frames to the relay at a socket path, unix:path=PATH or tcp:host=HOST:port=PORT",
     )
     replay_command.add_argument(
         "--domain", default="execution", help="domain of the --to relay [default: execution]"

@@ -9,6 +9,7 @@ relay.
 from __future__ import annotations
 
 import random
+import re
 import socket
 import time
 from collections import deque
@@ -234,17 +235,65 @@ class RelayClientProtocol(Declaring, Protocol):
         self.transport.write(frame)
 
 
+def endpoint_string(address: str) -> str:
+    """
+    C{address} as a Twisted client endpoint string: a bare socket path
+    (C{/tmp/torq/market_data.sock}) is short for C{unix:path=...}; any
+    endpoint string is kept as it is.
+    """
+    if ":" not in address.split("/", 1)[0] or address.startswith(("/", ".")):
+        return "unix:path=" + address.replace("\\", "\\\\").replace(":", "\\:")
+    return address
+
+
+def _fields(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """An endpoint string's type, positional arguments and named ones (Twisted's syntax)."""
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    kind, positional, named = parts[0], [], {}
+    for part in parts[1:]:
+        key, equals, value = part.partition("=")
+        if equals and key.isidentifier():
+            named[key] = value
+        else:
+            positional.append(part)
+    return kind, positional, named
+
+
+def socket_address(address: str) -> tuple[int, str | tuple[str, int]]:
+    """
+    The socket family and address of C{address} (a socket path, or a
+    C{unix:} or C{tcp:} endpoint string, positional or named arguments).
+
+    @raise ValueError: with one line saying what is wrong with it.
+    """
+    kind, positional, named = _fields(endpoint_string(address))
+    if kind == "unix":
+        path = named.get("path") or (positional[0] if positional else "")
+        if not path:
+            raise ValueError(f"{address} names no socket path: give unix:path=PATH")
+        return socket.AF_UNIX, path
+    if kind == "tcp":
+        host = named.get("host") or (positional[0] if positional else "")
+        port = named.get("port") or (positional[1] if len(positional) > 1 else "")
+        if not host or not port.isdigit():
+            raise ValueError(
+                f"{address} needs a host and a port: give tcp:host=HOST:port=PORT or tcp:HOST:PORT"
+            )
+        return socket.AF_INET, (host, int(port))
+    raise ValueError(f"{address}: endpoint type {kind!r} is not one of unix, tcp")
+
+
 def relay_service(
     reactor: IReactorTime, endpoint: str, factory: Factory
 ) -> ClientService:
     """
     A service that keeps a connection to the relay at the client endpoint
     string C{endpoint} (C{unix:path=/tmp/torq/market_data.sock},
-    C{tcp:host=10.0.0.5:port=7001}), reconnecting with exponential backoff and
-    jitter whenever it is lost.
+    C{tcp:host=10.0.0.5:port=7001}, or a bare socket path), reconnecting with
+    exponential backoff and jitter whenever it is lost.
     """
     return ClientService(
-        clientFromString(reactor, endpoint),
+        clientFromString(reactor, endpoint_string(endpoint)),
         factory,
         retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=5.0, jitter=random.random),
     )
@@ -253,18 +302,21 @@ def relay_service(
 class BlockingClient(Declaring):
     """
     A relay client for scripts, on a plain socket: connect to a Unix socket
-    path (or C{unix:PATH}, C{tcp:HOST:PORT}), send frames, iterate over the
-    frames received.
+    path or a C{unix:} or C{tcp:} endpoint string (L{socket_address}), send
+    frames, iterate over the frames received.
     """
 
     def __init__(self, address: str, max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
-        if address.startswith("tcp:"):
-            _, host, port = address.split(":")
-            self.socket = socket.create_connection((host, int(port)))
-        else:
-            path = address[len("unix:") :] if address.startswith("unix:") else address
+        family, where = socket_address(address)
+        if family == socket.AF_UNIX:
             self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.socket.connect(path)
+            try:
+                self.socket.connect(where)
+            except OSError:
+                self.socket.close()
+                raise
+        else:
+            self.socket = socket.create_connection(cast("tuple[str, int]", where))
         self._framer = Framer(max_frame_size)
         self._ready: deque[tuple[Header, bytes]] = deque()
         self.incoming = Incoming()

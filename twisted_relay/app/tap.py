@@ -221,7 +221,9 @@ Examples:
         self["allow-subscribe"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Listen on this endpoint (any Twisted server endpoint string, e.g. unix:/tmp/torq/market_data.sock or tcp:7001:interface=127.0.0.1); repeatable [default: the domain's Unix socket]."""
+        """Listen on this endpoint (any Twisted server endpoint string, e.g. unix:/tmp/torq/market_data.sock or tcp:7001:interface=127.0.0.1, or a socket path); repeatable [default: the domain's Unix socket]."""
+        if description.startswith(("/", "./", "../")):  # a socket path, short for unix:PATH
+            description = "unix:" + description.replace("\\", "\\\\").replace(":", "\\:")
         self["listen"].append(description)
 
     def opt_allow_publish(self, entry: str) -> None:
