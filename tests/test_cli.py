@@ -16,10 +16,13 @@ import time
 import urllib.request
 
 import pytest
+from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_relay import cli
 from twisted_relay.cli import describe
 from twisted_relay.domains import BUILTIN_DOMAINS
+from twisted_relay.interfaces import IRelayLogic
 from twisted_relay.testing import synthetic
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import build_frame, unpack_header
@@ -45,14 +48,14 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(
             json.loads(describe(unpack_header(frame), frame, True)),
             {"timestamp_ns": 9, "relay_domain": 3, "source": 42, "sequence": 5,
-             "tlv_types": [40, 254], "size": len(frame)},
+             "tlv_types": [40, 254], "size": len(frame), "frame": frame.hex()},
         )
 
     def test_syntheticFramesPassTheirRelaysChecks(self) -> None:
         """publish sends frames each shipped relay accepts, in sequence order."""
         for logic in BUILTIN_DOMAINS:
             policy = FramePolicy.for_logic(logic, verify_checksum=True)
-            frames = list(synthetic(logic.domain, 10, None))
+            frames = list(synthetic(logic, 10))
             for sequence, frame in enumerate(frames, 1):
                 header = unpack_header(frame)
                 self.assertEqual((header.relay_domain, header.sequence), (logic.domain, sequence))
@@ -209,3 +212,108 @@ def test_relay_gone(command: tuple[str, ...], done: str):
         rf"{done}\n",
         stderr,
     ), stderr
+
+
+NOBODY = 65534
+
+
+def _as_nobody(*args: str) -> tuple[int, str]:
+    """
+    Run the command in a child process as uid and gid 65534 (forked: the
+    interpreter may sit where that user cannot read); its status and stderr.
+    """
+    list(getPlugins(IRelayLogic))  # imported here: the child may not read the modules
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.close(read_end)
+            sys.stdout, sys.stderr = open(os.devnull, "w"), os.fdopen(write_end, "w")
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = cli.main(list(args))
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as stderr:
+        told = stderr.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), told
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="publishing as another user needs root")
+def test_refused_publish_names_the_reason(http_relay):
+    """A publisher the execution relay does not allow fails with the relay's own reason."""
+    path, _ = http_relay("execution", "--mode", "0666")
+    os.chmod(os.path.dirname(path), 0o755)
+    code, stderr = _as_nobody("publish", path, "--domain", "execution", "--count", "10")
+    assert code == 1, stderr
+    assert stderr.count("\n") == 1, stderr
+    assert "closed the connection after 10 frames were sent" in stderr
+    assert re.search(r"uid 65534 .*is not allowed to publish.*\(not_allowed_to_publish\)", stderr)
+
+
+def test_refused_replay_names_the_reason(http_relay, tmp_path):
+    """replay --to of an execution log into a market relay: every frame refused, exit 1."""
+    execution, _ = http_relay("execution", "--audit-dir", str(tmp_path / "audit"))
+    assert run("publish", execution, "--domain", "execution", "--count", "20").returncode == 0
+    market, _ = http_relay("market")
+    result = run("replay", str(tmp_path / "audit"), "--to", market, "--domain", "market")
+    assert result.returncode == 1, result
+    assert "republished 20 frames" in result.stdout and "accepted 0" in result.stdout
+    assert result.stderr == (
+        "twisted-relay: the relay refused 20 of the frames published (20 filtered); 0 accepted\n"
+    )
+    again = run("replay", str(tmp_path / "audit"), "--to", execution, "--domain", "execution")
+    assert again.returncode == 0 and "the relay accepted all 20" in again.stdout
+
+
+def test_bad_frames_fail_before_sending(http_relay):
+    """A frame the relay would refuse fails locally with the relay's reason; nothing is sent."""
+    path, url = http_relay("execution")
+    for args, message in [
+        (("--tlv", "99:00"), "frame 1 would be refused by the execution relay (unknown_tlv_type)"),
+        (("--size", "33"), "no frame is 33 bytes"),
+        (("--size", "2000000"), "(frame_too_large): payload_size 1999968 is over"),
+        (("--size", "64", "--tlv", "40:00"), "--size and --tlv both say"),
+    ]:
+        result = run("publish", path, "--domain", "execution", *args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+        assert message in result.stderr, result.stderr
+    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        assert json.load(response)["totals"]["frames_in"] == 0
+    assert "connected" not in http_relay.relay.log()
+
+
+def test_publish_sizes_and_tlvs(http_relay):
+    """--size makes frames of that size, --tlv of those TLVs, on any domain: all accepted."""
+    path, _ = http_relay("market")
+    tap = subprocess.Popen(
+        [COMMAND, "tap", path, "--json", "--count", "6", "--timeout", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_for_tap(http_relay)
+        sized = run("publish", path, "--size", "5000", "--count", "3")
+        assert sized.returncode == 0 and "the relay accepted all 3" in sized.stdout, sized
+        tlvs = run("publish", path, "--tlv", "1:aabb", "--tlv", "2:" + "cc" * 300, "--count", "3")
+        assert tlvs.returncode == 0, tlvs
+        out, _ = tap.communicate(timeout=60)
+    finally:
+        tap.kill()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["size"] for line in lines[:3]] == [5000] * 3
+    assert [line["tlv_types"] for line in lines[3:]] == [[1, 2]] * 3
+    assert bytes.fromhex(lines[3]["frame"])[32:] == bytes.fromhex("0102aabb" + "ff0002" + "2c01" + "cc" * 300)
+
+
+def _wait_for_tap(http_relay, clients: int = 1) -> None:
+    """Until the last relay started has C{clients} clients (the taps) connected."""
+    for _ in range(200):
+        if http_relay.relay.log().count("connected (") >= clients:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the tap did not connect")

@@ -27,14 +27,21 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.client import (
+    Account,
     BlockingClient,
+    PublishRefused,
     RelayClientProtocol,
     RelayDead,
     endpoint_string,
     relay_service,
     socket_address,
 )
-from twisted_relay.control import heartbeat_frame, parse_control, relay_info_frame
+from twisted_relay.control import (
+    account_answer_frame,
+    heartbeat_frame,
+    parse_control,
+    relay_info_frame,
+)
 from twisted_relay.testing import free_ports
 from twisted_relay.wire import Domain, build_frame
 
@@ -98,6 +105,38 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.client.incoming.torn, len(frames[2]) - 5)
         [warning] = [e for e in events if "middle of a frame" in e.get("log_format", "")]
         self.assertEqual(warning["torn"], len(frames[2]) - 5)
+
+    def test_accountAnswered(self) -> None:
+        """account() asks with a fresh token and fires with the relay's answer to it."""
+        asked = self.client.account()
+        request = self.client.transport.value()
+        self.assertEqual(parse_control(request, 0, len(request)).account, 1)
+        frame = frames_for(Domain.MARKET_DATA, 1)[0]
+        answer = Account(1, 4, 2, 1, {"filtered": 3})
+        self.client.dataReceived(account_answer_frame(Domain.MARKET_DATA, answer) + frame)
+        self.assertEqual(self.successResultOf(asked), answer)
+        self.assertEqual(self.client.frames, [(1, frame)])
+
+    def test_flushRefused(self) -> None:
+        """flush() fails with the refusals since the previous flush, and only those."""
+        first = self.client.flush()
+        self.client.dataReceived(
+            account_answer_frame(Domain.MARKET_DATA, Account(1, 5, 0, 0, {}))
+        )
+        self.assertEqual(self.successResultOf(first).accepted, 5)
+        second = self.client.flush()
+        self.client.dataReceived(
+            account_answer_frame(Domain.MARKET_DATA, Account(2, 7, 0, 0, {"bad_checksum": 2}))
+        )
+        refused = self.failureResultOf(second, PublishRefused).value
+        self.assertEqual((refused.account.accepted, dict(refused.account.refused)), (2, {"bad_checksum": 2}))
+        self.assertIn("refused 2 of the frames published (2 bad_checksum); 2 accepted", str(refused))
+
+    def test_accountLost(self) -> None:
+        """An account asked for fails if the connection ends before the answer."""
+        asked = self.client.account()
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(asked, ConnectionDone)
 
     def test_garbageCloses(self) -> None:
         """A stream that is not Protocol V2 closes the connection."""
@@ -268,6 +307,29 @@ def test_blocking_clients_through_a_relay(relay_path):
         assert [frame for _, frame in received] == frames
         assert [header.sequence for header, _ in received] == list(range(1, 21))
         assert subscriber.receive(1, timeout=0.2) == []
+
+
+def test_blocking_flush(relay_path):
+    """
+    flush() returns once the execution relay logged what was published, and
+    raises with the reasons when it refused some; frames received meanwhile stay.
+    """
+    path, _, _ = relay_path
+    orders = frames_for(Domain.EXECUTION, 10)
+    corrupt = bytearray(frames_for(Domain.EXECUTION, 11)[10])
+    corrupt[-1] ^= 1
+    with BlockingClient(path) as subscriber, BlockingClient(path) as publisher:
+        subscriber.introduce()
+        publisher.publish(b"".join(orders))
+        assert publisher.flush().as_dict() == {
+            "accepted": 10, "refused": {}, "delivered": 0, "dropped": 0
+        }
+        publisher.publish(bytes(corrupt) + frames_for(Domain.MARKET_DATA, 1)[0])
+        with pytest.raises(PublishRefused) as refused:
+            publisher.flush()
+        assert dict(refused.value.account.refused) == {"bad_checksum": 1, "filtered": 1}
+        assert subscriber.account().delivered == 10
+        assert [f for _, f in subscriber.receive(10, timeout=5)] == orders
 
 
 @pytest_twisted.ensureDeferred

@@ -16,10 +16,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.control import (
+    ACCOUNT,
     EVERYTHING,
     RELAY_ROLE,
     SUBSCRIBE_SOURCES,
+    Account,
+    account_frame,
     control_frame,
+    parse_account,
     parse_relay_info,
     recovery_frame,
 )
@@ -34,7 +38,16 @@ from twisted_relay.engine.delivery import (
 from twisted_relay.scan import pick_runs
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
-from .helpers import RecordingTransport, audited_relay, connect, frames_for, frames_in, make_relay
+from .helpers import (
+    DiskFull,
+    RecordingTransport,
+    audited_relay,
+    connect,
+    frames_for,
+    frames_in,
+    make_relay,
+    published,
+)
 
 
 def disconnect(client) -> None:
@@ -540,6 +553,116 @@ class SubscriptionTests(SynchronousTestCase):
         self.publisher.dataReceived(heartbeat)
         self.assertEqual(dict(self.publisher.stats.rejects), {"filtered": 1})
         self.assertEqual(self.other.transport.value(), b"")
+
+
+def answers(data: bytes) -> tuple[list[bytes], list[Account]]:
+    """The relayed frames of C{data} and, apart, the accounts among them."""
+    frames, accounts = [], []
+    for frame in frames_in(data):
+        account = parse_account(unpack_header(frame), frame)
+        if account is None:
+            frames.append(frame)
+        else:
+            accounts.append(account)
+    return frames, accounts
+
+
+class AccountTests(SynchronousTestCase):
+    """A client's account request, answered in order with its connection's counts."""
+
+    def test_publisherCounts(self) -> None:
+        """The answer counts what was accepted and refused before it, by reason, not after."""
+        relay = make_relay(Domain.SIGNAL)
+        publisher, subscriber = connect(relay), connect(relay)
+        good = frames_for(Domain.SIGNAL, 3)
+        corrupt = bytearray(frames_for(Domain.SIGNAL, 4)[3])
+        corrupt[-1] ^= 1
+        market = frames_for(Domain.MARKET_DATA, 1)[0]
+        publisher.dataReceived(
+            b"".join(good) + bytes(corrupt) + market + account_frame(7) + good[0]
+        )
+        frames, accounts = answers(publisher.transport.value())
+        self.assertEqual(frames, [])
+        self.assertEqual(
+            accounts, [Account(7, 3, 0, 0, {"bad_checksum": 1, "filtered": 1})]
+        )
+        self.assertEqual(accounts[0].refusals, 2)
+        self.assertEqual(published(subscriber.transport.value()), good + good[:1])
+        self.assertEqual(relay.totals.control_frames, 1)
+
+    def test_subscriberCounts(self) -> None:
+        """A subscriber's answer comes after the frames sent to it, and counts them."""
+        relay = make_relay()
+        publisher, subscriber = connect(relay), connect(relay)
+        frames = frames_for(Domain.MARKET_DATA, 5)
+        publisher.dataReceived(b"".join(frames))
+        subscriber.dataReceived(account_frame(1))
+        received, accounts = answers(subscriber.transport.value())
+        self.assertEqual(received, frames)
+        self.assertEqual(accounts, [Account(1, 0, 5, 0, {})])
+
+    def test_queuedAndDropped(self) -> None:
+        """
+        A slow subscriber's answer waits behind its queue: the frames ahead
+        of it count as delivered, those dropped to it (parked) as dropped.
+        """
+        relay = relay_with("drop", high=300)
+        publisher = connect(relay)
+        slow = connect(relay)
+        slow.outbox.pauseProducing()
+        frames = frames_for(Domain.MARKET_DATA, 40, size=20)
+        for frame in frames:
+            publisher.dataReceived(frame)
+        queued = slow.outbox.queued_frames
+        slow.dataReceived(account_frame(3))
+        slow.outbox.resumeProducing()
+        received, accounts = answers(slow.transport.value())
+        self.assertEqual((len(received), queued), (5, 5))  # 5 x 54 bytes under the mark
+        self.assertEqual(accounts, [Account(3, 0, 5, 35, {})])
+        self.assertEqual(slow.stats.frames_dropped, 35)
+
+    def test_withSubscription(self) -> None:
+        """One control frame may set a subscription and ask for the account: both answered."""
+        relay = make_relay()
+        client = connect(relay)
+        frame = build_frame(
+            Domain.SYSTEM, 0, 0, [(RELAY_ROLE, b"\x01"), (ACCOUNT, (9).to_bytes(4, "little"))]
+        )
+        client.dataReceived(frame)
+        info, account = frames_in(client.transport.value())
+        self.assertEqual(parse_relay_info(unpack_header(info), info), (1, "market"))
+        self.assertEqual(parse_account(unpack_header(account), account), Account(9, 0, 0, 0, {}))
+
+    def test_badRequest(self) -> None:
+        """An account request whose token is not 4 bytes is a bad control frame."""
+        relay = make_relay()
+        client = connect(relay)
+        client.dataReceived(build_frame(Domain.SYSTEM, 0, 0, [(ACCOUNT, b"\x01")]))
+        self.assertEqual(dict(client.stats.rejects), {"bad_control_frame": 1})
+        self.assertEqual(client.transport.value(), b"")
+
+    def test_afterTheAuditLog(self) -> None:
+        """With an audit log, the answer waits until the frames before it are logged."""
+        relay = audited_relay(self)
+        publisher = connect(relay)
+        holdup = DiskFull(relay.writeahead.audit)
+        self.addCleanup(holdup.free)
+        orders = frames_for(Domain.EXECUTION, 3, source=42)
+        publisher.dataReceived(b"".join(orders) + account_frame(5))
+        self.assertEqual(publisher.transport.value(), b"")
+        holdup.free()
+        relay.clock.advance(relay.writeahead.retry_interval)
+        _, accounts = answers(publisher.transport.value())
+        self.assertEqual(accounts, [Account(5, 3, 0, 0, {})])
+        self.assertEqual(relay.writeahead.forwarded, 3)
+
+    def test_auditLogIdle(self) -> None:
+        """With an audit log and nothing held, the answer is immediate."""
+        relay = audited_relay(self)
+        client = connect(relay)
+        client.dataReceived(account_frame(2))
+        _, accounts = answers(client.transport.value())
+        self.assertEqual(accounts, [Account(2, 0, 0, 0, {})])
 
 
 class SequenceTests(SynchronousTestCase):

@@ -161,12 +161,14 @@ SURFACE = {
         "tlv_spans", "unpack_header",
     ],
     "control": [
-        "BUSY", "BadControlFrame", "CONTROL_TLVS", "Control", "ControlFlood", "EVERYTHING",
+        "ACCOUNT", "Account", "BUSY", "BadControlFrame", "CONTROL_TLVS", "Control", "ControlFlood", "ERROR", "EVERYTHING",
         "HEARTBEAT",
         "NOTHING", "NOT_SUBSCRIBED", "NO_AUDIT_LOG", "RECOVERY_REQUEST", "RECOVERY_RESPONSE",
         "RELAY_INFO", "RELAY_ROLE", "RELAY_SOURCES", "REPLAYING", "ROLE_BOTH",
         "ROLE_PUBLISH_ONLY", "SUBSCRIBE_SOURCES", "SUBSCRIBE_TLV_TYPES", "Subscription",
-        "control_frame", "heartbeat_frame", "is_control", "parse_control", "parse_heartbeat",
+        "account_answer_frame", "account_frame",
+        "control_frame", "error_frame", "heartbeat_frame", "is_control", "parse_account",
+        "parse_control", "parse_error", "parse_heartbeat",
         "parse_recovery_response", "parse_relay_info", "recovery_frame",
         "recovery_response_frame", "relay_info_frame",
     ],
@@ -176,8 +178,8 @@ SURFACE = {
     ],
     "interfaces": ["DELIVERY_POLICIES", "IRelayLogic"],
     "client": [
-        "BlockingClient", "DEFAULT_MAX_FRAME", "Incoming", "MISSED_HEARTBEATS",
-        "RelayClientProtocol", "RelayDead", "relay_service",
+        "Account", "BlockingClient", "DEFAULT_MAX_FRAME", "Incoming", "MISSED_HEARTBEATS",
+        "PublishRefused", "RelayClientProtocol", "RelayDead", "relay_service",
     ],
     "audit": [
         "RECORD_OVERHEAD", "ROTATE_SIZE", "AuditDamage", "AuditFile", "AuditLog", "LogReader",

@@ -185,6 +185,43 @@ class PipelineTests(WriterTestCase):
         self.writer.step()
         self.assertEqual(self.received(), self.frames[:1])
 
+    def test_thenAfterTheFramesBefore(self) -> None:
+        """What waits on the log runs once the frames admitted before it are forwarded."""
+        writeahead, calls = self.relay.writeahead, []
+        self.publisher.dataReceived(b"".join(self.frames[:10]))
+        writeahead.then(lambda: calls.append(len(self.received())))
+        self.publisher.dataReceived(b"".join(self.frames[10:]))
+        self.writer.step()
+        self.assertEqual(calls, [10])
+        self.writer.step()
+        writeahead.then(lambda: calls.append(len(self.received())))
+        self.assertEqual(calls, [10, 30])
+
+    def test_thenSurvivesWithdraw(self) -> None:
+        """What waits on withdrawn frames runs after the frames kept before them, or now."""
+        writeahead, calls = self.relay.writeahead, []
+        bridged = SimpleNamespace(stats=self.publisher.stats, bridged=True)
+        self.publisher.dataReceived(self.frames[0])
+        writeahead.admit(bridged, [self.frames[1]], 1)
+        writeahead.then(lambda: calls.append("after the kept frame"))
+        writeahead.withdraw()
+        self.assertEqual(calls, [])
+        self.writer.step()
+        self.assertEqual(calls, ["after the kept frame"])
+
+    def test_thenOnWithdrawnFramesAlone(self) -> None:
+        """What waits on withdrawn frames, with nothing held before them, runs at once."""
+        writeahead, calls = self.relay.writeahead, []
+        bridged = SimpleNamespace(stats=self.publisher.stats, bridged=True)
+        holdup = DiskFull(writeahead.audit)
+        self.addCleanup(holdup.free)
+        writeahead.admit(bridged, [self.frames[0]], 1)
+        self.writer.step()
+        self.assertIsNotNone(writeahead.failure)
+        writeahead.then(lambda: calls.append("now"))
+        self.assertEqual(writeahead.withdraw(), 1)
+        self.assertEqual(calls, ["now"])
+
     def test_drainWaitsForTheWriter(self) -> None:
         """A stop first lets the batch with the writer land and fan out."""
         self.publisher.dataReceived(b"".join(self.frames))

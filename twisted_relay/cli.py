@@ -7,25 +7,33 @@ audit verify), without writing socket code.
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from . import __version__
 from .audit import AuditDamage, LogReader, Record, audit_paths, verify
-from .client import BlockingClient
+from .client import BlockingClient, PublishRefused, RelayClosed
 from .domains import UnknownDomain, find_domain
-from .testing import SYNTHETIC, synthetic
+from .framing import Framer
+from .interfaces import IRelayLogic
+from .testing import synthetic, synthetic_kinds
+from .validation import FramePolicy, refusal
 from .wire import (
     HEADER_SIZE,
+    MAGIC_BYTES,
+    MAX_EXTENDED_TLV,
     TLV_NAMES,
     Domain,
     FrameError,
+    FramingLost,
     Header,
     Source,
     tlv_spans,
@@ -97,6 +105,22 @@ def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def tlv(text: str) -> tuple[int, bytes]:
+    """A TLV given as TYPE:HEX, for publish --tlv."""
+    kind, _, value = text.partition(":")
+    try:
+        tlv_type, data = int(kind), bytes.fromhex(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE:HEX (e.g. 40:0a0b)") from None
+    if not 1 <= tlv_type <= 254:
+        raise argparse.ArgumentTypeError(f"TLV type {tlv_type} is not from 1 to 254")
+    if len(data) > MAX_EXTENDED_TLV:
+        raise argparse.ArgumentTypeError(
+            f"a TLV value of {len(data):,} bytes is over the {MAX_EXTENDED_TLV:,}-byte limit"
+        )
+    return tlv_type, data
+
+
 def _source_name(source: int) -> str:
     try:
         return f"{Source(source).name}({source})"
@@ -112,7 +136,7 @@ def _tlv_types(frame: bytes) -> list[int] | None:
 
 
 def frame_fields(header: Header, frame: bytes) -> dict[str, object]:
-    """The fields --json shows for a frame."""
+    """The fields --json shows for a frame, its bytes in hex last (what publish --from takes)."""
     return {
         "timestamp_ns": header.timestamp,
         "relay_domain": header.relay_domain,
@@ -120,6 +144,7 @@ def frame_fields(header: Header, frame: bytes) -> dict[str, object]:
         "sequence": header.sequence,
         "tlv_types": _tlv_types(frame),
         "size": len(frame),
+        "frame": frame.hex(),
     }
 
 
@@ -160,17 +185,6 @@ def connect(args: argparse.Namespace) -> BlockingClient:
 def where(args: argparse.Namespace) -> str:
     """The relay the command talks to, as the user gave it (or the domain's socket)."""
     return args.endpoint or args.logic.socket_path
-
-
-def send(relay: BlockingClient, data: bytes, frames_before: int, args: argparse.Namespace) -> None:
-    """Publish C{data}; a relay that goes away is an error saying how far the command got."""
-    try:
-        relay.publish(data)
-    except (BrokenPipeError, ConnectionResetError):
-        raise Failed(
-            f"the relay at {where(args)} closed the connection "
-            f"after {frames_before:,} frames were sent"
-        ) from None
 
 
 def introduce(relay: BlockingClient, args: argparse.Namespace, **declaration) -> None:
@@ -243,38 +257,181 @@ def received(relay: BlockingClient, args: argparse.Namespace) -> Iterator[tuple[
 
 
 def publish(args: argparse.Namespace) -> None:
-    if args.logic.domain not in SYNTHETIC:
-        raise Failed(f"no synthetic frames for domain {args.logic.name}")
-    progress = sys.stderr.isatty()
+    """Publish frames (built, or read from --from), each checked first as the relay would."""
+    logic = args.logic
+    policy = FramePolicy.for_logic(logic)
+    given = [f"--{name}" for name in ("size", "tlv", "source") if getattr(args, name) is not None]
+    if args.input is not None and given:
+        raise Failed(f"--from sends the file's frames as they are: drop {' '.join(given)}")
+    if args.size is not None and args.tlv is not None:
+        raise Failed("--size and --tlv both say what a frame holds: give one of them")
+    if args.input is not None:
+        frames = checked(read_frames(args.input, policy.max_frame_size), logic, policy)
+        if args.count:
+            frames = itertools.islice(frames, args.count)
+    else:
+        try:
+            built = synthetic(
+                logic, args.count or 1000, args.source, size=args.size, tlvs=args.tlv
+            )
+        except ValueError as e:
+            raise Failed(str(e)) from None
+        # Built frames differ only in their sequence: the first of each kind is checked.
+        kinds = len(synthetic_kinds(logic)[1])
+        frames = itertools.chain(checked(itertools.islice(built, kinds), logic, policy), built)
+    try:
+        first = next(frames)  # a bad first frame fails before connecting
+    except StopIteration:
+        raise Failed(f"no frames in {args.input}") from None
+    frames = itertools.chain([first], frames)
     with connect(args) as relay:
         introduce(relay, args, publish_only=True)
         started = time.monotonic()
-        sent = size = 0
-        batch: list[bytes] = []
-        for frame in synthetic(args.logic.domain, args.count, args.source):
+        sent, size, stopped = deliver(relay, frames, args)
+        elapsed = time.monotonic() - started
+        done = (
+            f"published {sent:,} {logic.name} frames ({size:,} bytes) in {elapsed:.2f}s: "
+            f"{sent / elapsed if elapsed else 0:,.0f} frames/s"
+        )
+        settle(relay, args, sent, done)
+    if stopped is not None:
+        raise stopped
+
+
+def checked(frames: Iterable[bytes], logic: IRelayLogic, policy: FramePolicy) -> Iterator[bytes]:
+    """C{frames}, each checked as the relay would: the first it would refuse stops them."""
+    for n, frame in enumerate(frames, 1):
+        error = refusal(logic, policy, frame)
+        if error is not None:
+            raise Failed(
+                f"frame {n:,} would be refused by the {logic.name} relay "
+                f"({error.reason}): {error}"
+            )
+        yield frame
+
+
+def read_frames(path: str, max_frame_size: int) -> Iterator[bytes]:
+    """
+    The frames of C{path} (C{-}: standard input): raw Protocol V2 frames
+    back to back, or one frame per line, in hex or as the JSON objects of
+    C{tap --json} and C{replay --json} (their C{frame} field).
+    """
+    try:
+        stream = cast(io.BufferedReader, sys.stdin.buffer) if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise Failed(f"cannot read {path}: {e.strerror}") from None
+    with stream:
+        if stream.peek(len(MAGIC_BYTES))[: len(MAGIC_BYTES)] == MAGIC_BYTES:
+            yield from _raw_frames(stream, path, max_frame_size)
+        else:
+            yield from _line_frames(stream, path)
+
+
+def _raw_frames(stream: io.BufferedReader, path: str, max_frame_size: int) -> Iterator[bytes]:
+    framer = Framer(max_frame_size)
+    try:
+        while chunk := stream.read(256 * 1024):
+            for buf, start, header in framer.frames(chunk):
+                yield bytes(buf[start : start + HEADER_SIZE + header.payload_size])
+    except FramingLost as e:
+        raise Failed(f"{path} is not Protocol V2 frames at byte {e.offset:,}: {e}") from None
+    if framer.buffered:
+        raise Failed(f"{path} ends in the middle of a frame ({framer.buffered:,} bytes of it)")
+
+
+def _line_frames(stream: io.BufferedReader, path: str) -> Iterator[bytes]:
+    for number, line in enumerate(stream, 1):
+        text = line.strip()
+        if not text or text.startswith(b"#"):
+            continue
+        try:
+            if text.startswith(b"{"):
+                frame = bytes.fromhex(json.loads(text)["frame"])
+            else:
+                frame = bytes.fromhex(text.decode())
+        except (ValueError, KeyError, TypeError):
+            raise Failed(
+                f"{path} line {number:,} is neither a frame in hex nor a JSON object with "
+                f"its \"frame\" in hex (as tap --json prints)"
+            ) from None
+        yield frame
+
+
+def deliver(
+    relay: BlockingClient, frames: Iterable[bytes], args: argparse.Namespace
+) -> tuple[int, int, Failed | None]:
+    """
+    Send C{frames} in batches, at --rate if given: the frames and bytes
+    sent, and what stopped them early (a frame that may not be sent).
+    """
+    rate = args.rate
+    progress = sys.stderr.isatty()
+    started = shown = time.monotonic()
+    sent = size = 0
+    batch: list[bytes] = []
+    stopped = None
+
+    def send() -> None:
+        nonlocal sent, size, batch
+        data = b"".join(batch)
+        try:
+            relay.publish(data)
+        except RelayClosed as closed:
+            raise Failed(
+                f"the relay at {where(args)} closed the connection after {sent:,} frames "
+                f"were sent{_told(closed)}"
+            ) from None
+        sent, size, batch = sent + len(batch), size + len(data), []
+
+    try:
+        for frame in frames:
             batch.append(frame)
-            sent += 1
-            if len(batch) < WRITE_BATCH and sent < args.count and not args.rate:
+            if len(batch) < WRITE_BATCH and not rate:
                 continue
-            data = b"".join(batch)
-            send(relay, data, sent - len(batch), args)
-            size += len(data)
-            batch = []
-            if args.rate:
-                delay = started + sent / args.rate - time.monotonic()
+            send()
+            if rate:
+                delay = started + sent / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            if progress and (sent % 4096 < len(data) // 32 or sent == args.count):
-                done = sent / args.count
-                sys.stderr.write(f"\r[{'#' * int(done * 30):<30}] {done:4.0%} {sent:,} frames")
-                sys.stderr.flush()
-        elapsed = time.monotonic() - started
+            if progress and time.monotonic() - shown > 0.2:
+                shown = time.monotonic()
+                sys.stderr.write(f"\r{sent:,} frames sent")
+    except Failed as reason:
+        stopped = reason
+    if batch:
+        send()
     if progress:
-        sys.stderr.write("\n")
-    print(
-        f"published {sent:,} {args.logic.name} frames ({size:,} bytes) in {elapsed:.2f}s: "
-        f"{sent / elapsed if elapsed else 0:,.0f} frames/s"
-    )
+        sys.stderr.write(f"\r{sent:,} frames sent\n")
+    return sent, size, stopped
+
+
+def _told(closed: RelayClosed) -> str:
+    return f": {closed.error[1]} ({closed.error[0]})" if closed.error else ""
+
+
+def settle(relay: BlockingClient, args: argparse.Namespace, sent: int, done: str) -> None:
+    """
+    Ask the relay for its account of what was sent, and print C{done} with
+    it: anything refused is a failure naming the reasons.
+    """
+    try:
+        account = relay.flush(timeout=args.timeout)
+    except PublishRefused as refused:
+        print(f"{done}; the relay accepted {refused.account.accepted:,}")
+        raise Failed(str(refused)) from None
+    except RelayClosed as closed:
+        print(done)
+        raise Failed(
+            f"the relay at {where(args)} closed the connection after {sent:,} frames were "
+            f"sent{_told(closed)}"
+        ) from None
+    except TimeoutError:
+        print(done)
+        raise Failed(
+            f"the relay at {where(args)} did not account for the {sent:,} frames sent "
+            f"within {args.timeout:g}s"
+        ) from None
+    print(f"{done}; the relay accepted all {account.accepted:,}")
 
 
 def status(args: argparse.Namespace) -> None:
@@ -385,7 +542,6 @@ def replay(args: argparse.Namespace) -> None:
                 line = json.dumps({
                     "index": record.index, "received_ns": record.received_ns,
                     "client_id": record.client_id, **frame_fields(header, record.frame),
-                    "frame": record.frame.hex(),
                 })
             else:
                 received = datetime.fromtimestamp(record.received_ns / 1e9, timezone.utc)
@@ -403,27 +559,23 @@ def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
     """Send the frames of C{records} to the relay at --to, byte for byte, in log order."""
     with connect(args) as relay:
         introduce(relay, args, publish_only=True)
-        sent = size = 0
-        batch: list[bytes] = []
+        sent, size, stopped = deliver(relay, _logged_frames(records), args)
+        settle(relay, args, sent, f"republished {sent:,} frames ({size:,} bytes) to {args.endpoint}")
+    if stopped is not None:
+        raise stopped
 
-        def flush() -> None:
-            nonlocal sent, size, batch
-            data = b"".join(batch)
-            send(relay, data, sent, args)
-            sent, size, batch = sent + len(batch), size + len(data), []
 
-        try:
-            for record in records:
-                batch.append(record.frame)
-                if len(batch) == WRITE_BATCH:
-                    flush()
-        except AuditDamage as damage:
-            flush()
-            raise Failed(
-                f"the audit log is damaged: {damage}; republished the {sent:,} frames before it"
-            ) from None
-        flush()
-    print(f"republished {sent:,} frames ({size:,} bytes) to {args.endpoint}")
+def _logged_frames(records: Iterator[Record]) -> Iterator[bytes]:
+    """The frames of C{records}; damage to the log stops them, with the reason."""
+    sent = 0
+    try:
+        for record in records:
+            yield record.frame
+            sent += 1
+    except AuditDamage as damage:
+        raise Failed(
+            f"the audit log is damaged: {damage}; republished the {sent:,} frames before it"
+        ) from None
 
 
 def audit_verify(args: argparse.Namespace) -> int:
@@ -480,14 +632,36 @@ def parser() -> argparse.ArgumentParser:
     tap_command.add_argument("--timeout", type=positive(float), help="stop after this many quiet seconds")
     tap_command.set_defaults(run=tap)
 
-    publish_command = relay_command("publish", "Publish well-formed synthetic frames.")
+    publish_command = relay_command(
+        "publish",
+        "Publish frames: built for the domain, or read from a file; each is checked as the "
+        "relay would first, and the relay's account of them ends the command.",
+    )
     publish_command.add_argument(
-        "--count", type=positive(int), default=1000, help="frames to send [default: 1000]"
+        "--count", type=positive(int),
+        help="frames to send [default: 1000 built, or every frame of --from]",
     )
     publish_command.add_argument(
         "--rate", type=positive(float), help="frames per second [default: as fast as possible]"
     )
     publish_command.add_argument("--source", type=byte, help="source type [default: one of the domain]")
+    publish_command.add_argument(
+        "--size", type=positive(int), metavar="BYTES",
+        help="make each frame this many bytes, header included, with one TLV of the domain",
+    )
+    publish_command.add_argument(
+        "--tlv", type=tlv, action="append", metavar="TYPE:HEX",
+        help="the frame's TLVs, in order, instead of the domain's; repeatable (e.g. 40:0a0b)",
+    )
+    publish_command.add_argument(
+        "--from", dest="input", metavar="FILE",
+        help="send the frames of FILE (- for standard input): raw frames, one frame in hex "
+        "per line, or the JSON lines of tap --json",
+    )
+    publish_command.add_argument(
+        "--timeout", type=positive(float), default=30.0,
+        help="seconds to wait for the relay's account of the frames [default: 30]",
+    )
     publish_command.set_defaults(run=publish)
 
     status_command = _command(commands, "status", "Show a relay's health endpoint.")
@@ -520,6 +694,13 @@ def parser() -> argparse.ArgumentParser:
         help="only frames received from TIME on: nanoseconds since the epoch or ISO-8601 (naive: UTC)",
     )
     replay_command.add_argument("--until", type=time_ns, metavar="TIME", help="only frames received up to TIME")
+    replay_command.add_argument(
+        "--rate", type=positive(float), help="with --to: frames per second [default: as fast as possible]"
+    )
+    replay_command.add_argument(
+        "--timeout", type=positive(float), default=30.0,
+        help="with --to: seconds to wait for the relay's account of the frames [default: 30]",
+    )
     replay_command.set_defaults(run=replay)
 
     audit_command = _command(commands, "audit", "Work on an audit log.")

@@ -13,10 +13,12 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import count
 from typing import cast
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITransport
 from twisted.internet.protocol import Factory, Protocol
@@ -25,8 +27,12 @@ from twisted.python.failure import Failure
 
 from .control import (
     REPLAYING,
+    Account,
+    account_frame,
     control_frame,
     is_control,
+    parse_account,
+    parse_error,
     parse_heartbeat,
     parse_recovery_response,
     parse_relay_info,
@@ -37,11 +43,14 @@ from .framing import Framer
 from .wire import HEADER_SIZE, FramingLost, Header
 
 __all__ = [
+    "Account",
     "BlockingClient",
     "DEFAULT_MAX_FRAME",
     "Incoming",
     "MISSED_HEARTBEATS",
+    "PublishRefused",
     "RelayClientProtocol",
+    "RelayClosed",
     "RelayDead",
     "relay_service",
 ]
@@ -56,14 +65,41 @@ class RelayDead(ConnectionError):
     """The relay sent nothing, not even a heartbeat, for three intervals."""
 
 
+class RelayClosed(ConnectionError):
+    """
+    The relay closed the connection; C{error}: the reason it gave, if it
+    gave one (its Error frame: the reason as counted, and what happened).
+    """
+
+    def __init__(self, error: tuple[str, str] | None) -> None:
+        self.error = error
+        told = f": {error[1]} ({error[0]})" if error else ""
+        super().__init__(f"the relay closed the connection{told}")
+
+
+class PublishRefused(Exception):
+    """
+    The relay refused frames published since the last flush: C{account}
+    holds the counts of that stretch, C{refused} by reason.
+    """
+
+    def __init__(self, account: Account) -> None:
+        self.account = account
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(account.refused.items()))
+        super().__init__(
+            f"the relay refused {account.refusals:,} of the frames published ({reasons}); "
+            f"{account.accepted:,} accepted"
+        )
+
+
 #: What L{Incoming.deliver} returns for a frame the application does not get now.
 _NOTHING: tuple[tuple[Header, bytes], ...] = ()
 
 
 class Incoming:
     """
-    Sorts what the relay sends: heartbeats and recovery answers are taken
-    out of the stream. Live frames of a source being recovered that arrive
+    Sorts what the relay sends: heartbeats, recovery answers, accounts and
+    the relay's other frames are taken out of the stream. Live frames of a source being recovered that arrive
     before the relay's answer are held: if a replay follows the answer it
     carries them again, in order, and they are dropped; otherwise they are
     delivered when the answer comes.
@@ -71,7 +107,15 @@ class Incoming:
 
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, onAccount: Callable[[Account], None] = lambda account: None) -> None:
+        """
+        @param onAccount: called with each answer to an account request.
+        """
+        self.onAccount = onAccount
+        #: The relay's latest answer to an account request.
+        self.account: Account | None = None
+        #: Why the relay closed the connection, if it said: C{(reason, detail)}.
+        self.error: tuple[str, str] | None = None
         #: Bytes of a frame the connection ended in the middle of, discarded.
         self.torn = 0
         #: The relay's heartbeat interval, once a heartbeat came.
@@ -130,9 +174,21 @@ class Incoming:
                 held = self._held.pop(source, [])
                 return _NOTHING if status == REPLAYING else tuple(held)
             info = parse_relay_info(header, frame)
+            account = None if info is not None else parse_account(header, frame)
+            error = None if info or account else parse_error(header, frame)
             if info is not None:
                 self.relay_info = info
                 self.relay_infos += 1
+            elif account is not None:
+                self.account = account
+                self.onAccount(account)
+            elif error is not None:
+                self.error = error
+                self.log.warn(
+                    "the relay is closing the connection: {detail} ({reason})",
+                    reason=error[0],
+                    detail=error[1],
+                )
             else:
                 self.other_system_frames += 1
             return _NOTHING  # the relay's own frames are never the application's
@@ -151,6 +207,27 @@ class Declaring:
         raise NotImplementedError
 
     incoming: Incoming
+    #: The tokens of account requests, set up with the connection.
+    _tokens: Iterator[int]
+    #: The account the last flush checked against.
+    _flushed: Account | None = None
+
+    def _askAccount(self) -> int:
+        """Ask for the connection's account; the token its answer carries."""
+        token = next(self._tokens)
+        self.publish(account_frame(token))
+        return token
+
+    def _checkFlush(self, account: Account) -> Account:
+        """
+        The counts since the last flush, from its answer C{account}.
+
+        @raise PublishRefused: the relay refused some of the frames.
+        """
+        since, self._flushed = account.since(self._flushed), account
+        if since.refusals:
+            raise PublishRefused(since)
+        return since
 
     def declare(
         self,
@@ -186,7 +263,9 @@ class RelayClientProtocol(Declaring, Protocol):
 
     def connectionMade(self) -> None:
         self._framer = Framer(self.max_frame_size)
-        self.incoming = Incoming()
+        self._tokens = count(1)
+        self._accounts: dict[int, Deferred[Account]] = {}
+        self.incoming = Incoming(onAccount=self._accountReceived)
         if self.clock is None:
             from twisted.internet import reactor
 
@@ -226,6 +305,31 @@ class RelayClientProtocol(Declaring, Protocol):
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
         self.incoming.ended(self._framer)
+        waiting, self._accounts = self._accounts, {}
+        for deferred in waiting.values():
+            deferred.errback(reason)
+
+    def account(self) -> Deferred[Account]:
+        """
+        This connection's account: fires once the relay has taken (or
+        refused) everything published before, with its counts since the
+        connection was made; fails if the connection is lost first.
+        """
+        waiting: Deferred[Account] = Deferred()
+        self._accounts[self._askAccount()] = waiting
+        return waiting
+
+    def flush(self) -> Deferred[Account]:
+        """
+        Like L{account}, the counts since the previous flush; fails with
+        L{PublishRefused} if the relay refused any of those frames.
+        """
+        return self.account().addCallback(self._checkFlush)
+
+    def _accountReceived(self, account: Account) -> None:
+        waiting = self._accounts.pop(account.token, None)
+        if waiting is not None:
+            waiting.callback(account)
 
     def frameReceived(self, header: Header, frame: bytes) -> None:
         """A whole frame arrived: C{frame} is its exact bytes."""
@@ -318,6 +422,7 @@ class BlockingClient(Declaring):
         else:
             self.socket = socket.create_connection(cast("tuple[str, int]", where))
         self._framer = Framer(max_frame_size)
+        self._tokens = count(1)
         self._ready: deque[tuple[Header, bytes]] = deque()
         self.incoming = Incoming()
         #: False once the relay closed the connection.
@@ -338,9 +443,23 @@ class BlockingClient(Declaring):
         return self._framer.buffered
 
     def publish(self, frame: bytes) -> None:
-        """Send one or more whole frames, waiting as long as the relay holds publishers back."""
+        """
+        Send one or more whole frames, waiting as long as the relay holds
+        publishers back.
+
+        @raise RelayClosed: the relay closed the connection (why, if it said).
+        """
         self.socket.settimeout(None)
-        self.socket.sendall(frame)
+        try:
+            self.socket.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            self._drain(deadline=time.monotonic() + 1.0)
+            raise RelayClosed(self.incoming.error) from None
+
+    def _drain(self, deadline: float) -> None:
+        """Read what the relay sent before it closed (its reason, with luck), until C{deadline}."""
+        while self.connected and self._readBefore(deadline):
+            pass
 
     def introduce(
         self,
@@ -365,6 +484,32 @@ class BlockingClient(Declaring):
                 raise TimeoutError(f"no answer from the relay within {timeout}s")
         assert self.incoming.relay_info is not None
         return self.incoming.relay_info
+
+    def account(self, timeout: float = 10.0) -> Account:
+        """
+        This connection's account, once the relay has taken (or refused)
+        everything published before: its counts since the connection was
+        made. Frames that arrive meanwhile stay for L{frames}.
+
+        @raise TimeoutError: no answer within C{timeout} seconds.
+        @raise RelayClosed: the relay closed the connection first.
+        """
+        token = self._askAccount()
+        deadline = time.monotonic() + timeout
+        while self.incoming.account is None or self.incoming.account.token != token:
+            if not self._readBefore(deadline):
+                if not self.connected:
+                    raise RelayClosed(self.incoming.error)
+                raise TimeoutError(f"no account from the relay within {timeout}s")
+        return self.incoming.account
+
+    def flush(self, timeout: float = 10.0) -> Account:
+        """
+        Like L{account}, the counts since the previous flush.
+
+        @raise PublishRefused: the relay refused some of those frames.
+        """
+        return self._checkFlush(self.account(timeout))
 
     def next_heartbeat(self, timeout: float) -> dict[int, int]:
         """
@@ -441,6 +586,8 @@ class BlockingClient(Declaring):
                     f"heartbeat intervals)"
                 ) from None
             return False
+        except ConnectionResetError:
+            data = b""  # closed all the same, with what it said before kept
         if not data:
             self.connected = False
             self.incoming.ended(self._framer)

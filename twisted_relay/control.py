@@ -25,6 +25,18 @@ Two Protocol V2 system TLVs are also understood (layouts in docs/protocol.md):
                            sequence wanted u64; one TLV per source
     111 RecoveryResponse   the relay's answer, before the replayed frames:
                            source u8, first sequence wanted u64, status u8
+    102 Error              sent by the relay to a client it closes because the
+                           client's stream cannot be relayed: the reason it is
+                           counted under (length u8, then the name), then what
+                           happened (UTF-8)
+
+and one of the relay's own, from the vendor range:
+
+    254 Account            asked for by a client, in a control frame: a token
+                           (u32); answered by the relay, after everything the
+                           client sent before it is accepted or refused (and,
+                           with an audit log, logged), with the token and the
+                           connection's counts (L{Account})
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .scan import NO_WALK, allowed_types
 from .wire import (
@@ -47,11 +60,14 @@ from .wire import (
 )
 
 __all__ = [
+    "ACCOUNT",
+    "Account",
     "BUSY",
     "BadControlFrame",
     "ControlFlood",
     "CONTROL_TLVS",
     "Control",
+    "ERROR",
     "EVERYTHING",
     "HEARTBEAT",
     "NOTHING",
@@ -68,10 +84,15 @@ __all__ = [
     "SUBSCRIBE_SOURCES",
     "SUBSCRIBE_TLV_TYPES",
     "Subscription",
+    "account_answer_frame",
+    "account_frame",
     "control_frame",
+    "error_frame",
     "heartbeat_frame",
     "is_control",
+    "parse_account",
     "parse_control",
+    "parse_error",
     "parse_heartbeat",
     "parse_recovery_response",
     "parse_relay_info",
@@ -86,9 +107,14 @@ SUBSCRIBE_TLV_TYPES = 252
 #: The relay's answer to a control frame: its relay_domain (1 byte), then its name.
 RELAY_INFO = 253
 HEARTBEAT = 100
+ERROR = 102
 RECOVERY_REQUEST = 110
 RECOVERY_RESPONSE = 111
-CONTROL_TLVS = frozenset({RELAY_ROLE, SUBSCRIBE_SOURCES, SUBSCRIBE_TLV_TYPES, RECOVERY_REQUEST})
+#: A client's request for its connection's account (token u32), and the relay's answer.
+ACCOUNT = 254
+CONTROL_TLVS = frozenset(
+    {RELAY_ROLE, SUBSCRIBE_SOURCES, SUBSCRIBE_TLV_TYPES, RECOVERY_REQUEST, ACCOUNT}
+)
 
 #: RecoveryResponse status: the replay from the audit log follows.
 REPLAYING = 0
@@ -101,6 +127,10 @@ BUSY = 2
 NOT_SUBSCRIBED = 3
 
 _RECOVERY_RESPONSE = struct.Struct("<BQB")
+#: An account answer's fixed part: token, frames accepted, delivered, dropped.
+_ACCOUNT = struct.Struct("<IQQQ")
+#: Then, per refusal reason: its count and the length of its name.
+_REFUSED = struct.Struct("<QB")
 
 #: The source type the relay of each domain puts on the frames it makes.
 RELAY_SOURCES: dict[int, int] = {
@@ -187,11 +217,13 @@ def is_control(header: Header) -> bool:
 class Control:
     """
     What one control frame asks for: a new subscription (C{None}: keep the
-    current one), and the first sequence wanted per source to be replayed.
+    current one), the first sequence wanted per source to be replayed, and
+    the connection's account (the client's token; C{None}: not asked for).
     """
 
     subscription: Subscription | None
     recovery: Mapping[int, int]
+    account: int | None = None
 
 
 def parse_control(buf: bytes, start: int, end: int) -> Control | None:
@@ -203,11 +235,16 @@ def parse_control(buf: bytes, start: int, end: int) -> Control | None:
     """
     fields: dict[int, bytes] = {}
     recovery: dict[int, int] = {}
+    account = None
     for tlv_type, value_start, value_end in tlv_spans(buf, start + HEADER_SIZE, end):
         if tlv_type not in CONTROL_TLVS:
             return None
         value = bytes(buf[value_start:value_end])
-        if tlv_type == RECOVERY_REQUEST:
+        if tlv_type == ACCOUNT:
+            if len(value) != UINT32.size:
+                raise BadControlFrame(f"Account request of {len(value)} bytes is not a u32 token")
+            (account,) = UINT32.unpack(value)
+        elif tlv_type == RECOVERY_REQUEST:
             if len(value) != SOURCE_SEQUENCE.size:
                 raise BadControlFrame(
                     f"RecoveryRequest value of {len(value)} bytes is not source u8 + "
@@ -217,9 +254,9 @@ def parse_control(buf: bytes, start: int, end: int) -> Control | None:
             recovery[source] = sequence
         else:
             fields[tlv_type] = value
-    if not fields and not recovery:
+    if not fields and not recovery and account is None:
         return None
-    return Control(_subscription(fields) if fields else None, recovery)
+    return Control(_subscription(fields) if fields else None, recovery, account)
 
 
 def _subscription(fields: dict[int, bytes]) -> Subscription:
@@ -268,9 +305,108 @@ def _recovery_tlvs(recover: Mapping[int, int]) -> list[tuple[int, bytes]]:
     return [(RECOVERY_REQUEST, SOURCE_SEQUENCE.pack(s, q)) for s, q in sorted(recover.items())]
 
 
+def account_frame(token: int) -> bytes:
+    """A control frame that asks for the connection's account, answered with C{token}."""
+    return build_frame(Domain.SYSTEM, 0, 0, [(ACCOUNT, UINT32.pack(token))])
+
+
+@dataclass(frozen=True)
+class Account:
+    """
+    One connection's counts since it connected, as the relay answered an
+    account request: the frames it published that the relay accepted, and
+    those it refused by reason; the frames the relay delivered to it, and
+    those it dropped to it (the drop policy; a subscriber too slow).
+    """
+
+    token: int
+    accepted: int
+    delivered: int
+    dropped: int
+    refused: Mapping[str, int]
+
+    @property
+    def refusals(self) -> int:
+        return sum(self.refused.values())
+
+    def since(self, before: Account | None) -> Account:
+        """The counts from C{before}'s answer to this one (all of them if C{None})."""
+        if before is None:
+            return self
+        refused = {
+            reason: count - before.refused.get(reason, 0)
+            for reason, count in self.refused.items()
+            if count > before.refused.get(reason, 0)
+        }
+        return Account(
+            self.token,
+            self.accepted - before.accepted,
+            self.delivered - before.delivered,
+            self.dropped - before.dropped,
+            refused,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "refused": dict(self.refused),
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+        }
+
+
+def account_answer_frame(domain: int, account: Account) -> bytes:
+    """The relay's answer to an account request."""
+    value = _ACCOUNT.pack(account.token, account.accepted, account.delivered, account.dropped)
+    for reason, count in sorted(account.refused.items()):
+        name = reason.encode()[:255]
+        value += _REFUSED.pack(count, len(name)) + name
+    return _relay_frame(domain, ACCOUNT, value)
+
+
+def parse_account(header: Header, frame: bytes) -> Account | None:
+    """The L{Account} if C{frame} is a relay's answer to an account request, else C{None}."""
+    value = _system_tlv(header, frame, ACCOUNT)
+    if value is None or len(value) < _ACCOUNT.size:
+        return None
+    token, accepted, delivered, dropped = _ACCOUNT.unpack_from(value)
+    refused: dict[str, int] = {}
+    offset = _ACCOUNT.size
+    while offset < len(value):
+        if offset + _REFUSED.size > len(value):
+            return None
+        count, length = _REFUSED.unpack_from(value, offset)
+        offset += _REFUSED.size
+        if offset + length > len(value):
+            return None
+        refused[value[offset : offset + length].decode(errors="replace")] = count
+        offset += length
+    return Account(token, accepted, delivered, dropped, refused)
+
+
 def recovery_response_frame(domain: int, source: int, first: int, status: int) -> bytes:
     """The relay's answer to a RecoveryRequest for C{source} from C{first}."""
     return _relay_frame(domain, RECOVERY_RESPONSE, _RECOVERY_RESPONSE.pack(source, first, status))
+
+
+#: The most bytes of an Error frame's account of what happened.
+_ERROR_DETAIL = 1024
+
+
+def error_frame(domain: int, reason: str, detail: str) -> bytes:
+    """The relay's last frame to a client it closes: why (C{reason}, as counted), and what happened."""
+    name = reason.encode()[:255]
+    told = detail.encode()[:_ERROR_DETAIL]
+    return _relay_frame(domain, ERROR, bytes([len(name)]) + name + told)
+
+
+def parse_error(header: Header, frame: bytes) -> tuple[str, str] | None:
+    """C{(reason, detail)} if C{frame} is the relay's Error frame, else C{None}."""
+    value = _system_tlv(header, frame, ERROR)
+    if not value or 1 + value[0] > len(value):
+        return None
+    end = 1 + value[0]
+    return value[1:end].decode(errors="replace"), value[end:].decode(errors="replace")
 
 
 def heartbeat_frame(

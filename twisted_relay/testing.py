@@ -35,8 +35,17 @@ from .domains import EXECUTION, MARKET, SIGNAL
 from .engine.protocol import RelayProtocol
 from .engine.relay import RelayFactory
 from .engine.writeahead import Offload
+from .interfaces import IRelayLogic
 from .validation import FramePolicy
-from .wire import Domain, Source, build_frame, unpack_header
+from .wire import (
+    HEADER_SIZE,
+    MAX_EXTENDED_TLV,
+    MAX_STANDARD_TLV,
+    Domain,
+    Source,
+    build_frame,
+    unpack_header,
+)
 
 __all__ = [
     "NatsCluster",
@@ -100,15 +109,89 @@ SYNTHETIC = {
     Domain.SIGNAL: (Source.ARBITRAGE_STRATEGY, [(20, 16), (22, 32)]),
     Domain.EXECUTION: (Source.EXECUTION_ENGINE, [(40, 48)]),
 }
+#: The vendor TLV type of a domain that allows any (not strict).
+VENDOR_TLV = 200
 
-def synthetic(domain: int, count: int, source: int | None) -> Iterator[bytes]:
-    """Well-formed frames of C{domain}, sequences 1..count, CRC-32 filled in."""
-    default_source, kinds = SYNTHETIC[Domain(domain)]
-    source = default_source if source is None else source
+
+def synthetic_kinds(logic: IRelayLogic) -> tuple[int, list[tuple[int, int]]]:
+    """
+    The source and C{(TLV type, value length)} kinds of the synthetic frames
+    of C{logic}'s domain: the shipped ones, or for any other domain the
+    lowest TLV type it allows (a vendor type if it allows any), source 0.
+    """
+    if logic.domain in SYNTHETIC:
+        return SYNTHETIC[Domain(logic.domain)]
+    allowed = sorted(logic.allowed_tlv_types) if logic.strict_tlv else [VENDOR_TLV]
+    return 0, [(allowed[0] if allowed else VENDOR_TLV, 8)]
+
+
+def synthetic(
+    logic: IRelayLogic,
+    count: int,
+    source: int | None = None,
+    *,
+    size: int | None = None,
+    tlvs: list[tuple[int, bytes]] | None = None,
+) -> Iterator[bytes]:
+    """
+    Frames for C{logic}'s relay, sequences 1..count, CRC-32 filled in: of
+    C{tlvs} if given, else of the domain's kinds (L{synthetic_kinds}), or
+    of as few TLVs of its first kind as make each frame C{size} bytes.
+
+    @raise ValueError: no frame is C{size} bytes.
+    """
+    default_source, kinds = synthetic_kinds(logic)
+    shapes = [[(tlv_type, [length])] for tlv_type, length in kinds]
+    if size is not None:
+        shapes = [[(kinds[0][0], _value_sizes(size))]]
+    return _synthetic(logic.domain, count, default_source if source is None else source, shapes, tlvs)
+
+
+def _synthetic(
+    domain: int,
+    count: int,
+    source: int,
+    shapes: list[list[tuple[int, list[int]]]],
+    tlvs: list[tuple[int, bytes]] | None,
+) -> Iterator[bytes]:
     for sequence in range(1, count + 1):
-        tlv_type, length = kinds[sequence % len(kinds)]
-        value = sequence.to_bytes(8, "little") * (length // 8)
-        yield build_frame(domain, source, sequence, [(tlv_type, value)])
+        if tlvs is not None:
+            payload = tlvs
+        else:
+            filler = sequence.to_bytes(8, "little")
+            payload = [
+                (tlv_type, (filler * (length // 8 + 1))[:length])
+                for tlv_type, lengths in shapes[sequence % len(shapes)]
+                for length in lengths
+            ]
+        yield build_frame(domain, source, sequence, payload)
+
+
+#: The bytes one TLV takes, by form: standard (2 + up to 255), extended (5 + 256 up to 65,535).
+_STANDARD = range(2, 2 + MAX_STANDARD_TLV + 1)
+_EXTENDED = range(5 + MAX_STANDARD_TLV + 1, 5 + MAX_EXTENDED_TLV + 1)
+
+
+def _value_sizes(size: int) -> list[int]:
+    """The value lengths of the TLVs, as few as may be, that make a frame C{size} bytes."""
+    payload = size - HEADER_SIZE
+    if payload < 0 or payload == 1:
+        raise ValueError(
+            f"no frame is {size} bytes: a frame is 32 bytes of header, then TLVs of 2 bytes or more"
+        )
+    lengths = []
+    while payload:
+        if payload in _STANDARD or payload in _EXTENDED:
+            take = payload
+        elif payload < _EXTENDED.start:  # 258 to 260: two standard TLVs
+            take = payload // 2
+        else:  # the most one TLV takes, leaving a rest that TLVs can make
+            take = _EXTENDED.stop - 1
+            if payload - take == 1 or payload - take in range(_STANDARD.stop, _EXTENDED.start):
+                take -= _EXTENDED.start
+        lengths.append(take - (2 if take in _STANDARD else 5))
+        payload -= take
+    return lengths
 
 
 class RecordingTransport(StringTransport):

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .framing import Framer
 from .interfaces import IRelayLogic
 from .scan import NO_WALK, allowed_types
 from .wire import (
     CHECKSUM_OFFSET,
     HEADER_SIZE,
+    MAGIC,
     UINT32,
+    VERSION,
     BadChecksum,
+    FrameError,
+    Header,
+    IncompleteFrame,
+    NotForwarded,
     UnknownTLVType,
     frame_checksum,
     tlv_spans,
@@ -94,3 +101,40 @@ class FramePolicy:
                         f"TLV type {tlv_type} is not allowed on this relay "
                         f"(source {header.source}, sequence {header.sequence})"
                     )
+
+
+def not_forwarded(logic: IRelayLogic, header: Header) -> NotForwarded:
+    """The refusal of a frame that C{logic}'s C{should_forward} does not carry."""
+    return NotForwarded(
+        f"frame of relay_domain {header.relay_domain} (source {header.source}, sequence "
+        f"{header.sequence}) is not carried by the {logic.name} relay"
+    )
+
+
+def refusal(logic: IRelayLogic, policy: FramePolicy, frame: bytes) -> FrameError | None:
+    """
+    Why the relay of C{logic} would refuse C{frame} under C{policy}, with
+    the relay's own reason; C{None} if it would take it. What a publisher
+    checks before sending (the relay may be started with other overrides).
+    """
+    try:
+        if len(frame) < HEADER_SIZE:
+            return IncompleteFrame(f"{len(frame)} bytes are not one whole frame")
+        header = unpack_header(frame)
+        if (
+            header.magic != MAGIC
+            or header.version != VERSION
+            or header.payload_size > policy.max_frame_size - HEADER_SIZE
+        ):
+            return Framer(policy.max_frame_size).lost(frame, 0)
+        if len(frame) != HEADER_SIZE + header.payload_size:
+            return IncompleteFrame(
+                f"{len(frame)} bytes are not one whole frame of payload_size "
+                f"{header.payload_size}"
+            )
+        if not logic.should_forward(header):
+            return not_forwarded(logic, header)
+        policy.check(frame, 0, len(frame))
+    except FrameError as error:
+        return error
+    return None

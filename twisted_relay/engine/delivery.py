@@ -218,6 +218,11 @@ class Outbox:
             self.blocking = True
             self.gate.block(self)
 
+    @property
+    def queued_frames(self) -> int:
+        """The frames queued for the transport: ahead of whatever is sent now."""
+        return sum(frames for _, frames, _ in self.queue)
+
     def _queueOwn(self, runs: list[bytes], size: int) -> None:
         if self.own + size > OWN_LIMIT:
             self.cut(

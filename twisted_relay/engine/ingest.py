@@ -24,7 +24,7 @@ from ..domains import RelayDomain
 from ..framing import Framer
 from ..interfaces import IRelayLogic
 from ..scan import scan_run
-from ..validation import FramePolicy
+from ..validation import FramePolicy, not_forwarded
 from ..wire import (
     HEADER_SIZE,
     MAGIC,
@@ -37,7 +37,6 @@ from ..wire import (
     IncompleteFrame,
     IncompleteFrameTimeout,
     MiB,
-    NotForwarded,
     PartialFramesOverLimit,
     frame_checksum,
     unpack_header,
@@ -340,11 +339,7 @@ class Ingest:
                     header=bytes(buf[start : start + HEADER_SIZE]),
                 )
             if header is not None and not logic.should_forward(header):
-                raise NotForwarded(
-                    f"frame of relay_domain {header.relay_domain} (source "
-                    f"{header.source}, sequence {header.sequence}) is not "
-                    f"carried by the {logic.name} relay"
-                )
+                raise not_forwarded(logic, header)
             if self._check is not None:
                 self._check(buf, start, end)
         except FrameRejected as error:

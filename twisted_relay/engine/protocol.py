@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..access import Peer, peer_of
-from ..control import NOTHING, Control, Subscription
+from ..control import NOTHING, Control, Subscription, error_frame
 from ..wire import FramingLost
 from .accounting import ClientStats
 from .delivery import DeliverySettings, Outbox, PublisherGate
@@ -141,7 +141,12 @@ class RelayProtocol(Protocol):
         self.factory.controlReceived(self, control)
 
     def _framingLost(self, error: FramingLost) -> None:
-        """The stream cannot be cut into frames any more: close, once what is queued is sent."""
+        """
+        The stream cannot be relayed any more: tell the client why, then
+        close once what is queued is sent.
+        """
         self._closing = True
         self.stats.close_reason = error.reason
+        told = error_frame(self.factory.logic.domain, error.reason, str(error))
+        self.outbox.send([told], 0, len(told))
         self.outbox.flushAndClose(self.factory.delivery.stall_timeout)

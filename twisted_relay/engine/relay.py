@@ -24,8 +24,10 @@ from ..control import (
     NO_AUDIT_LOG,
     NOT_SUBSCRIBED,
     NOTHING,
+    Account,
     Control,
     Subscription,
+    account_answer_frame,
     recovery_response_frame,
     relay_info_frame,
 )
@@ -256,6 +258,36 @@ class RelayFactory(ServerFactory):
             client.outbox.send([answer], 0, len(answer))
         if control.recovery:
             self.recover(client, control.recovery)
+        if control.account is not None:
+            self.account(client, control.account)
+
+    def account(self, client: RelayProtocol, token: int) -> None:
+        """
+        Answer C{client}'s account request, in order: once every frame
+        accepted before it is forwarded (logged first, with an audit log).
+        What it published is counted as of the request; what it was sent,
+        as of the answer: the frames ahead of the answer in its stream.
+        """
+        stats = client.stats
+        accepted, refused = stats.frames_in, dict(stats.rejects)
+
+        def answer() -> None:
+            if stats.client_id in self._parkedAs:
+                self._settle(stats.client_id)
+            account = Account(
+                token,
+                accepted,
+                stats.frames_out + client.outbox.queued_frames,
+                stats.frames_dropped,
+                refused,
+            )
+            frame = account_answer_frame(self.logic.domain, account)
+            client.outbox.send([frame], 0, len(frame))
+
+        if self.writeahead is None:
+            answer()
+        else:
+            self.writeahead.then(answer)
 
     def subscribe(self, client: RelayProtocol, subscription: Subscription) -> None:
         """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
@@ -98,6 +98,8 @@ class _Held:
     frames: int
     received_ns: int
     logged: bool = False
+    #: What to call once these frames are forwarded (L{WriteAhead.then}).
+    then: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _timedOut(failure: Failure) -> None:
@@ -108,6 +110,11 @@ def _fire(waiting: list[Deferred[None]]) -> None:
     for deferred in waiting:
         if not deferred.called:
             deferred.callback(None)
+
+
+def _call(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 def _size(held: _Held) -> int:
@@ -299,7 +306,15 @@ class WriteAhead:
         taken: list[_Held] = []
         kept = self.held[: self.flying]
         for held in self.held[self.flying :]:
-            (taken if held.sender.bridged and not held.logged else kept).append(held)
+            if held.sender.bridged and not held.logged:
+                taken.append(held)
+                if held.then:  # due once what came before it is forwarded
+                    if kept:
+                        kept[-1].then += held.then
+                    else:
+                        _call(held.then)
+            else:
+                kept.append(held)
         if taken:
             self.held = kept
             self._waiting = sum(_size(h) for h in kept[self.flying :])
@@ -323,6 +338,13 @@ class WriteAhead:
     def held_frames(self) -> int:
         """The frames waiting for the log."""
         return sum(held.frames for held in self.held)
+
+    def then(self, call: Callable[[], None]) -> None:
+        """Call C{call} once every frame admitted so far is forwarded: now, if none is held."""
+        if self.held:
+            self.held[-1].then.append(call)
+        else:
+            call()
 
     def admit(self, sender: Publisher, runs: list[bytes], frames: int) -> None:
         """Log C{runs}; they are forwarded once logged, after those admitted before."""
@@ -412,6 +434,7 @@ class WriteAhead:
         for held in batch:
             self.forwarded += held.frames
             self.forward(held.sender, held.runs, held.frames)
+            _call(held.then)
 
     def _settle(self) -> None:
         waiting, self._settled = self._settled, []
