@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("client", ["client"]),
     ("bridge", ["bridge.messages", "bridge.outbound", "bridge.inbound", "bridge.service", "bridge"]),
     ("app", ["app.endpoints", "app.status", "app.services", "app.tap", "app"]),
-    ("tools", ["testing", "cli"]),
+    ("tools", ["testing", "live", "cli"]),
 ]
 RANK = {
     module: (layer, position)
@@ -179,7 +179,7 @@ SURFACE = {
     "interfaces": ["DELIVERY_POLICIES", "IRelayLogic"],
     "client": [
         "Account", "BlockingClient", "DEFAULT_MAX_FRAME", "Incoming", "MISSED_HEARTBEATS",
-        "PublishRefused", "RelayClientProtocol", "RelayDead", "relay_service",
+        "PublishRefused", "RelayClientProtocol", "RelayClosed", "RelayDead", "relay_service",
     ],
     "audit": [
         "RECORD_OVERHEAD", "ROTATE_SIZE", "AuditDamage", "AuditFile", "AuditLog", "LogReader",

@@ -10,6 +10,7 @@ import argparse
 import io
 import itertools
 import json
+import random
 import sys
 import time
 import urllib.error
@@ -20,10 +21,12 @@ from typing import NoReturn, cast
 
 from . import __version__
 from .audit import AuditDamage, LogReader, Record, audit_paths, verify
-from .client import BlockingClient, PublishRefused, RelayClosed
+from .client import BlockingClient, PublishRefused, RelayClosed, RelayDead
+from .control import BUSY, NO_AUDIT_LOG, NOT_SUBSCRIBED, REPLAYING
 from .domains import UnknownDomain, find_domain
 from .framing import Framer
 from .interfaces import IRelayLogic
+from .live import TapView
 from .testing import synthetic, synthetic_kinds
 from .validation import FramePolicy, refusal
 from .wire import (
@@ -204,56 +207,207 @@ def introduce(relay: BlockingClient, args: argparse.Namespace, **declaration) ->
         )
 
 
-def tap(args: argparse.Namespace) -> None:
-    with connect(args) as relay:
-        introduce(relay, args, sources=args.source or None, tlv_types=args.tlv_type or None)
-        shown, frames, size, gaps = 0, 0, 0, 0
-        last: dict[int, int] = {}
-        window_start, window_frames, window_bytes = time.monotonic(), 0, 0
-        for header, frame in received(relay, args):
-            previous = last.get(header.source)
-            if previous is not None and header.sequence > previous + 1:
-                gaps += header.sequence - previous - 1
-            last[header.source] = header.sequence
-            frames, size = frames + 1, size + len(frame)
-            if args.stats:
-                window_frames, window_bytes = window_frames + 1, window_bytes + len(frame)
-                elapsed = time.monotonic() - window_start
-                if elapsed >= 1:
-                    sys.stdout.write(
-                        f"\r{window_frames / elapsed:12,.0f} frames/s {window_bytes / elapsed / 1e6:9.2f}"
-                        f" MB/s  {frames:,} frames  {gaps:,} gaps   "
-                    )
-                    sys.stdout.flush()
-                    window_start, window_frames, window_bytes = time.monotonic(), 0, 0
-            else:
-                print(describe(header, frame, args.json), flush=True)
-            shown += 1
-            if args.count and shown >= args.count:
-                break
-        if args.stats:
-            print(f"\n{frames:,} frames, {size:,} bytes, {gaps:,} sequence gaps")
-        if not relay.connected:
-            raise Failed(
-                f"the relay at {where(args)} closed the connection after {frames:,} frames "
-                f"were received"
-            )
-        if args.count and shown < args.count:
-            raise Failed(
-                f"{shown:,} of the {args.count:,} frames asked for arrived within "
-                f"{args.timeout:g}s of quiet"
-            )
-
-
-def received(relay: BlockingClient, args: argparse.Namespace) -> Iterator[tuple[Header, bytes]]:
+def tap(args: argparse.Namespace) -> int:
     """
-    The relay's frames for C{tap}; a relay gone silent or reset is a
-    one-line error (errors writing to stdout are not caught here).
+    Print the frames the relay sends (or, with --stats, a line a second),
+    then a summary; --follow reconnects and resumes where the tap left off.
     """
+    view = TapView(time.monotonic(), gaps=not args.tlv_type)
+    tapping = Tapping(args, view)
+    interrupted = False
     try:
-        yield from relay.frames(timeout=args.timeout)
-    except ConnectionError as e:
-        raise Failed(f"lost the relay at {where(args)}: {e}") from None
+        tapping.run()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if tapping.relay is not None:  # it tapped: what it saw, however it ended
+            tapping.close()
+            summary = view.summary(time.monotonic())
+            if args.stats:
+                print(("\n" if tapping.live else "") + summary, flush=True)
+            else:
+                print(summary, file=sys.stderr)
+    if interrupted:
+        return 130
+    if args.count and view.frames < args.count:
+        raise Failed(
+            f"{view.frames:,} of the {args.count:,} frames asked for arrived within "
+            f"{args.timeout:g}s of quiet"
+        )
+    return 0
+
+
+#: Seconds between the tap's attempts to reach a relay that went away
+#: (--follow): the first wait, and the longest.
+FOLLOW_BACKOFF = (0.1, 5.0)
+
+
+class Tapping:
+    """One run of the tap: its connections to the relay, and what it prints."""
+
+    def __init__(self, args: argparse.Namespace, view: TapView) -> None:
+        self.args = args
+        self.view = view
+        self.relay: BlockingClient | None = None
+        #: The frames read while waiting for the relay's recovery answers.
+        self.early: list[tuple[Header, bytes]] = []
+        self.live = sys.stdout.isatty()
+
+    def run(self) -> None:
+        args, view = self.args, self.view
+        self.relay = self._connect(dict(args.recover or ()))
+        now = time.monotonic()
+        next_tick, quiet_since = now + 1, now
+        while not (args.count and view.frames >= args.count):
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = max(next_tick + 1, now + 0.5)
+            if args.timeout and now - quiet_since >= args.timeout:
+                return
+            waits = [next_tick - now]
+            if args.timeout:
+                waits.append(quiet_since + args.timeout - now)
+            batch = self._take(max(0.0, min(waits)))
+            if batch:
+                quiet_since = time.monotonic()
+                self._show(batch)
+
+    def _take(self, timeout: float) -> list[tuple[Header, bytes]]:
+        """The next frames; a relay gone is an error, or with --follow, reconnected."""
+        if self.early:
+            batch, self.early = self.early, []
+            return batch
+        relay = self.relay
+        assert relay is not None
+        try:
+            batch = relay.take(timeout)
+            if batch or relay.connected:
+                return batch
+            gone = str(RelayClosed(relay.incoming.error))
+        except (RelayDead, OSError) as e:
+            gone = str(e)
+        if not self.args.follow:
+            raise Failed(
+                f"lost the relay at {where(self.args)} after {self.view.frames:,} frames: {gone}"
+            )
+        print(f"lost the relay at {where(self.args)} ({gone}); reconnecting", file=sys.stderr)
+        relay.close()
+        self.view.reconnected()
+        self.relay = self._reconnect()
+        return []
+
+    def _reconnect(self) -> BlockingClient:
+        """Connect again, with backoff, asking for each source from the frame after the last seen."""
+        delay, longest = FOLLOW_BACKOFF
+        while True:
+            try:
+                relay = self._connect({s: q + 1 for s, q in self.view.last.items()})
+            except Failed as e:
+                print(f"{e}; again in {delay:.1f}s", file=sys.stderr)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, longest)
+                continue
+            print(f"reconnected to {where(self.args)}", file=sys.stderr)
+            return relay
+
+    def _connect(self, wanted: dict[int, int]) -> BlockingClient:
+        """A connection to the relay, subscribed, with the replay of C{wanted} under way."""
+        args = self.args
+        relay = connect(args)
+        try:
+            introduce(relay, args, sources=args.source or None, tlv_types=args.tlv_type or None)
+            relay.incoming.onAccount = self.view.accounted
+            if wanted:
+                self._recover(relay, wanted)
+        except BaseException:
+            relay.close()
+            raise
+        return relay
+
+    def _recover(self, relay: BlockingClient, wanted: dict[int, int]) -> None:
+        """Ask for the replay of C{wanted} and wait for the relay's answers."""
+        answered = len(relay.incoming.answers)
+        relay.recover(wanted)
+        deadline = time.monotonic() + 10
+        while len(relay.incoming.answers) < answered + len(wanted):
+            if time.monotonic() > deadline or not relay.connected:
+                raise Failed(f"the relay at {where(self.args)} did not answer the recovery request")
+            self.early += relay.take(deadline - time.monotonic())
+        for source, first, status in relay.incoming.answers[answered:]:
+            if status == NO_AUDIT_LOG and not self.args.recover:
+                print(
+                    f"the relay at {where(self.args)} keeps no audit log: what source "
+                    f"{source} published from sequence {first} on while the tap was away "
+                    f"is lost to it (counted as gaps)",
+                    file=sys.stderr,
+                )
+            elif status != REPLAYING:
+                raise Failed(
+                    f"the relay at {where(self.args)} cannot replay source {source} from "
+                    f"sequence {first}: {RECOVERY_REFUSALS.get(status, f'status {status}')}"
+                )
+
+    def _show(self, batch: list[tuple[Header, bytes]]) -> None:
+        args, view = self.args, self.view
+        if args.count:
+            batch = batch[: args.count - view.frames]
+        view.take(batch, time.time_ns())
+        if not args.stats:
+            lines = [describe(header, frame, args.json) for header, frame in batch]
+            if args.hex and not args.json:
+                lines = [f"{line}  {frame[HEADER_SIZE:].hex()}" for line, (_, frame) in zip(lines, batch)]
+            print("\n".join(lines), flush=True)
+
+    def _tick(self, now: float) -> None:
+        """A second is over: show its line (--stats), and ask the relay what it dropped to us."""
+        line = self.view.tick(now)
+        if self.args.stats:
+            if self.live:
+                sys.stdout.write("\r\x1b[K" + line)
+                sys.stdout.flush()
+            else:
+                print(line, flush=True)
+        relay = self.relay
+        if relay is not None and relay.connected:
+            try:
+                relay.ask_account()
+            except RelayClosed:
+                pass  # found out at the next read
+
+    def close(self) -> None:
+        """The tap is over: the relay's last account of what it dropped to us, then hang up."""
+        relay = self.relay
+        if relay is None:
+            return
+        if relay.connected:
+            try:
+                self.view.accounted(relay.account(timeout=2))
+            except (TimeoutError, OSError):
+                pass  # the summary goes with the accounts that came
+        relay.close()
+
+
+#: Why a relay refuses a replay, by RecoveryResponse status.
+RECOVERY_REFUSALS = {
+    NO_AUDIT_LOG: "it keeps no audit log (the execution relay does, or --audit-dir)",
+    BUSY: "a replay is already running for this connection",
+    NOT_SUBSCRIBED: "this connection receives nothing (publish-only, or not allowed to subscribe)",
+}
+
+
+def source_sequence(text: str) -> tuple[int, int]:
+    """SOURCE:SEQUENCE, for tap --recover."""
+    source, _, sequence = text.partition(":")
+    try:
+        pair = byte(source), int(sequence)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not SOURCE:SEQUENCE (a source 0-255, the first sequence wanted)"
+        ) from None
+    if pair[1] < 0:
+        raise argparse.ArgumentTypeError(f"sequence {pair[1]} is below 0")
+    return pair
 
 
 def publish(args: argparse.Namespace) -> None:
@@ -621,15 +775,37 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--domain", default="market", help="relay domain [default: market]")
         return command
 
-    tap_command = relay_command("tap", "Print the frames a relay carries.")
-    tap_command.add_argument("--json", action="store_true", help="one JSON object per frame")
+    tap_command = relay_command(
+        "tap",
+        "Print the frames a relay carries, or a live line a second (--stats); a summary at the "
+        "end, on Ctrl-C too.",
+    )
+    tap_command.add_argument(
+        "--json", action="store_true",
+        help="one JSON object per frame, its bytes in hex (what publish --from takes)",
+    )
+    tap_command.add_argument("--hex", action="store_true", help="each frame's payload in hex after its line")
     tap_command.add_argument("--source", type=byte, action="append", help="only this source; repeatable")
     tap_command.add_argument("--tlv-type", type=byte, action="append", help="only frames with this TLV type; repeatable")
     tap_command.add_argument(
         "--count", type=positive(int), help="stop after this many frames; exit 1 if fewer arrive"
     )
-    tap_command.add_argument("--stats", action="store_true", help="a live rate line instead of frames")
+    tap_command.add_argument(
+        "--stats", action="store_true",
+        help="a line a second instead of frames: rates, totals, frames the relay dropped to "
+        "this tap, sequence gaps upstream, latency from the frames' timestamps",
+    )
     tap_command.add_argument("--timeout", type=positive(float), help="stop after this many quiet seconds")
+    tap_command.add_argument(
+        "--recover", type=source_sequence, action="append", metavar="SOURCE:SEQ",
+        help="start with source's frames from sequence SEQ on, from the relay's audit log, "
+        "then live; repeatable",
+    )
+    tap_command.add_argument(
+        "--follow", action="store_true",
+        help="when the relay goes away, reconnect (with backoff) and resume from the frame "
+        "after the last seen, where the relay keeps an audit log",
+    )
     tap_command.set_defaults(run=tap)
 
     publish_command = relay_command(

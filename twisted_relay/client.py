@@ -30,7 +30,6 @@ from .control import (
     Account,
     account_frame,
     control_frame,
-    is_control,
     parse_account,
     parse_error,
     parse_heartbeat,
@@ -40,7 +39,7 @@ from .control import (
 )
 from .domains import MARKET
 from .framing import Framer
-from .wire import HEADER_SIZE, FramingLost, Header
+from .wire import HEADER_SIZE, Domain, FramingLost, Header
 
 __all__ = [
     "Account",
@@ -92,6 +91,8 @@ class PublishRefused(Exception):
         )
 
 
+#: The relay_domain of the relay's own frames (L{control.is_control}), as a plain int.
+_SYSTEM = int(Domain.SYSTEM)
 #: What L{Incoming.deliver} returns for a frame the application does not get now.
 _NOTHING: tuple[tuple[Header, bytes], ...] = ()
 
@@ -160,7 +161,7 @@ class Incoming:
 
     def deliver(self, header: Header, frame: bytes) -> tuple[tuple[Header, bytes], ...]:
         """The C{(header, frame)} pairs the application gets now, in order."""
-        if is_control(header):
+        if header.relay_domain == _SYSTEM:
             beat = parse_heartbeat(header, frame)
             if beat is not None:
                 self.heartbeat_interval, self.last_sequences = beat
@@ -212,8 +213,12 @@ class Declaring:
     #: The account the last flush checked against.
     _flushed: Account | None = None
 
-    def _askAccount(self) -> int:
-        """Ask for the connection's account; the token its answer carries."""
+    def ask_account(self) -> int:
+        """
+        Ask for the connection's account without waiting for it: the answer
+        becomes C{incoming.account} (and is given to C{incoming.onAccount}).
+        Returns the token the answer carries.
+        """
         token = next(self._tokens)
         self.publish(account_frame(token))
         return token
@@ -316,7 +321,7 @@ class RelayClientProtocol(Declaring, Protocol):
         connection was made; fails if the connection is lost first.
         """
         waiting: Deferred[Account] = Deferred()
-        self._accounts[self._askAccount()] = waiting
+        self._accounts[self.ask_account()] = waiting
         return waiting
 
     def flush(self) -> Deferred[Account]:
@@ -494,7 +499,7 @@ class BlockingClient(Declaring):
         @raise TimeoutError: no answer within C{timeout} seconds.
         @raise RelayClosed: the relay closed the connection first.
         """
-        token = self._askAccount()
+        token = self.ask_account()
         deadline = time.monotonic() + timeout
         while self.incoming.account is None or self.incoming.account.token != token:
             if not self._readBefore(deadline):
@@ -546,6 +551,21 @@ class BlockingClient(Declaring):
             while not self._ready:
                 if not self._readBefore(deadline):
                     return
+
+    def take(self, timeout: float | None) -> list[tuple[Header, bytes]]:
+        """
+        The frames received and not yet taken; if there are none, those of
+        one read within C{timeout} seconds (C{None}: no limit), which may be
+        none (after the timeout, or when the relay closed the connection:
+        see L{connected}). For loops that must also wake on time.
+
+        @raise RelayDead: the relay went silent, heartbeats included.
+        """
+        if not self._ready:
+            self._read(timeout)
+        taken = list(self._ready)
+        self._ready.clear()
+        return taken
 
     def receive(self, count: int, timeout: float) -> list[tuple[Header, bytes]]:
         """The next C{count} frames, or fewer if C{timeout} seconds pass first."""
