@@ -30,7 +30,7 @@ from .. import scan
 from ..audit import AuditDamage
 from ..engine.relay import RelayFactory
 from ..paths import UntrustedDirectory, check_directory
-from .endpoints import UnixSocketEndpoint
+from .endpoints import AdoptedUnixEndpoint, UnixSocketEndpoint
 
 if TYPE_CHECKING:
     from ..bridge.service import NatsBridge
@@ -80,7 +80,7 @@ class ListeningService(Service):
             "listening on {endpoint}",
             endpoint=(
                 repr(self.endpoint)
-                if isinstance(self.endpoint, UnixSocketEndpoint)
+                if isinstance(self.endpoint, (UnixSocketEndpoint, AdoptedUnixEndpoint))
                 else self.description
             ),
         )

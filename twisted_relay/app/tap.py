@@ -34,6 +34,7 @@ from ..validation import FramePolicy
 from .endpoints import server_endpoint
 from .services import ListeningService, RelayService, RelayServices
 from .status import status_site
+from .systemd import Notifier, SystemdService
 
 
 def _number(kind: type, option: str, value: str | None):
@@ -425,4 +426,11 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
             factory, options["listen"], bridge, access_log=options["http-access-log"]
         )
         listening(options["http"], site).setServiceParent(top)
+    notifier = Notifier.fromEnvironment()
+    if notifier is not None:  # last: READY=1 once everything above has started
+        SystemdService(
+            notifier,
+            cast(IReactorTime, reactor),
+            f"relaying {options['logic'].name} frames on {', '.join(options['listen'])}",
+        ).setServiceParent(top)
     return top
