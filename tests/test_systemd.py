@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 
@@ -28,7 +29,7 @@ from twisted_relay.app.systemd import (
     watchdog_interval,
 )
 from twisted_relay.client import BlockingClient
-from twisted_relay.testing import RelayProcess, frames_for
+from twisted_relay.testing import RelayProcess, frames_for, script
 from twisted_relay.wire import Domain
 
 #: Seconds any one wait of these tests may last.
@@ -296,6 +297,21 @@ def test_adoptedSocketSurvives(workdir):
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, relay.log()
     finally:
         sock.close()
+
+
+def test_adoptedSocketMissing(workdir):
+    """A --listen naming a socket systemd did not pass is refused in one line."""
+    run = subprocess.run(
+        [script("twistd"), "-n", "--pidfile=", "relay", "--listen",
+         "systemd:domain=UNIX:name=market"],
+        cwd=workdir, capture_output=True, text=True, timeout=WAIT,
+    )
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        "twistd relay: --listen 'systemd:domain=UNIX:name=market': systemd passed this "
+        "process no such socket (see LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID) "
+        "(see twistd relay --help)"
+    ]
 
 
 def test_journalLogFormat(workdir):

@@ -158,6 +158,20 @@ class JournalObserver:
         self.stream.flush()
 
 
+def error_line(text: str, environ: Mapping[str, str] = os.environ) -> str:
+    """
+    C{text} as a line for standard error, marked as an error (C{<3>}) when
+    standard error is the journal: C{$JOURNAL_STREAM} names its device and
+    inode (systemd.exec(5)).
+    """
+    try:
+        stderr = os.fstat(2)
+    except OSError:
+        return text
+    journal = environ.get("JOURNAL_STREAM") == f"{stderr.st_dev}:{stderr.st_ino}"
+    return f"<3>{text}" if journal else text
+
+
 def journal_observer() -> JournalObserver:
     """For C{twistd --logger twisted_relay.app.systemd.journal_observer}: standard output."""
     return JournalObserver(sys.stdout)
