@@ -1,6 +1,7 @@
 """
 How the relay starts under twistd and twist, and how it fails to: one line
-naming the reason on standard error and a non-zero exit, daemonized or not.
+naming the reason on standard error and a non-zero exit, daemonized or not;
+and no warning about the plugin cache for a user who cannot write it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -18,6 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_relay.app.services import RelayServices
 from twisted_relay.app.tap import Options
 from twisted_relay.testing import RelayProcess, script
+
+from .relayprocess import REPO
 
 #: Seconds any one wait of these tests may last.
 WAIT = 10.0
@@ -126,3 +130,42 @@ def test_errorPriorityForTheJournal(workdir):
         stderr.seek(0)
         assert stderr.read().startswith(b"<3>twistd relay: unknown domain 'nope'")
     assert run.returncode == 1
+
+
+def test_pluginCacheBuiltAtInstall(workdir):
+    """
+    A plugin directory the relay's user cannot write: a warning at every
+    start (twice) until the command of docs/operations.md builds the cache,
+    none after. A read-only copy of the plugin directory stands for the
+    installed one and root without its capabilities for the relay's user
+    (the tests' interpreter may live where another user cannot run it).
+    """
+    plugins = os.path.join(workdir, "site", "twisted", "plugins")
+    os.makedirs(plugins)
+    shutil.copy(os.path.join(REPO, "twisted", "plugins", "twisted_relay_plugin.py"), plugins)
+    env = {"PYTHONPATH": os.path.join(workdir, "site")}
+    # As root, drop the capabilities that let root write anywhere.
+    unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.getuid() == 0 else []
+    if unprivileged and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run without root's capabilities")
+
+    def start_log() -> str:
+        os.chmod(plugins, 0o555)
+        try:
+            relay = RelayProcess(workdir, "--listen", f"unix:{workdir}/r.sock", env=env)
+            relay.args = [*unprivileged, *relay.args]
+            relay.start().wait_listening()
+            relay.stop()
+            return relay.log()
+        finally:
+            os.chmod(plugins, 0o755)
+
+    warning = f"Unable to write to plugin cache {plugins}/dropin.cache"
+    assert start_log().count(warning) == 2
+    subprocess.run(
+        [sys.executable, "-c",
+         "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"],
+        cwd="/", env={**os.environ, **env}, check=True, timeout=WAIT,
+    )
+    assert os.path.exists(os.path.join(plugins, "dropin.cache"))
+    assert warning not in start_log()
