@@ -3,8 +3,9 @@ systemd's side of a service, spoken directly (sd_notify(3): one datagram per
 message to C{$NOTIFY_SOCKET}), so the relay needs no library for it: READY=1
 once the relay serves, STOPPING=1 when its stop begins, and WATCHDOG=1 from
 the reactor, so a relay whose reactor is blocked stops pinging and systemd
-restarts it (C{WatchdogSec=}). And a log observer for journald
-(L{journal_observer}), which reads each line's priority off its start.
+restarts it (C{WatchdogSec=}). And the journal's priorities, which journald
+reads off the start of each line: a log observer (L{journal_observer}) and
+the one line of a failed start (L{error_line}).
 """
 
 from __future__ import annotations
