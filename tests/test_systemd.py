@@ -270,8 +270,8 @@ def test_readyWatchdogStopping(workdir):
         while len(pings) < 6:
             pings += messages(notify, "WATCHDOG=1")
         elapsed = time.monotonic() - start
-        # Six pings 0.2s apart, the first at once: about one second.
-        assert 0.8 <= elapsed <= 2.0, (elapsed, pings)
+        # Six pings 0.2s apart, the first at once: one second, give or take a busy machine.
+        assert 0.8 <= elapsed <= 3.0, (elapsed, pings)
         relay.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         assert messages(notify, "STOPPING=1")[-1].startswith("STOPPING=1")
         assert relay.wait_exit() == -signal.SIGTERM  # twistd ends by the signal
