@@ -103,11 +103,14 @@ def test_failedStartExitsWithReason(workdir, command):
         assert lines == [f"twistd relay: cannot listen on unix:{path}: {reason}"], run
 
 
-@pytest.mark.parametrize("runner", ["twistd", "twist"])
-def test_optionErrorIsOneLine(workdir, runner):
+@pytest.mark.parametrize(
+    "runner, before", [("twistd", ["-n"]), ("twistd", []), ("twist", [])],
+    ids=["twistd -n", "twistd", "twist"],
+)
+def test_optionErrorIsOneLine(workdir, runner, before):
     """A bad option: exit 1, one line on stderr, nothing on stdout."""
     run = subprocess.run(
-        [script(runner), "relay", "--domain", "nope"],
+        [script(runner), *before, "relay", "--domain", "nope"],
         cwd=workdir, capture_output=True, text=True, timeout=WAIT,
     )
     assert run.returncode == 1
