@@ -37,3 +37,11 @@ def http_relay():
     for relay, workdir in started:
         relay.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir():
+    """A fresh directory with a short path (Unix socket paths max out at 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

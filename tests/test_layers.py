@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     ("client", ["client"]),
     ("bridge", ["bridge.messages", "bridge.outbound", "bridge.inbound", "bridge.service", "bridge"]),
-    ("app", ["app.endpoints", "app.status", "app.services", "app.tap", "app"]),
+    ("app", ["app.endpoints", "app.systemd", "app.status", "app.services", "app.tap", "app"]),
     ("tools", ["testing", "live", "cli"]),
 ]
 RANK = {

@@ -279,7 +279,12 @@ class RelayProcess:
         env: dict[str, str] | None = None,
         preexec_fn=None,
         runner: str = "twistd",
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
+        """
+        @param pass_fds: descriptors the relay inherits (as C{subprocess}
+            takes them), e.g. a socket passed as systemd would.
+        """
         self.workdir = workdir
         if "execution" in args and not {"--no-audit", "--audit-dir"} & {
             a.partition("=")[0] for a in args
@@ -296,6 +301,7 @@ class RelayProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.preexec_fn = preexec_fn
+        self.pass_fds = pass_fds
 
     def start(self) -> RelayProcess:
         self._log = open(self.log_path, "wb")
@@ -306,6 +312,7 @@ class RelayProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             preexec_fn=self._prepare,
+            pass_fds=self.pass_fds,
         )
         return self
 

@@ -10,6 +10,11 @@ not a socket, removes a stale socket, and binds with the final mode from the
 first instant. Two relays starting at the same instant serialise on a lock of
 the directory, so exactly one of them binds.
 
+A Unix socket adopted from systemd (C{systemd:domain=UNIX:name=NAME}) gets
+L{AdoptedUnixEndpoint}: the socket file is systemd's, which keeps it bound
+across restarts of the relay, so the relay never removes it (Twisted's port
+would, at stop).
+
 TLS listeners may require a client certificate, so a relay reached over the
 network knows who is on the other end (the certificate's common name, matched
 by C{cn:NAME} in the access lists). Twisted's C{ssl:} server endpoint string
@@ -29,8 +34,10 @@ import socket
 import stat
 from typing import cast
 
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
     UNIXServerEndpoint,
     _parse,
@@ -39,6 +46,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
+    IReactorSocket,
     IReactorSSL,
     IReactorUNIX,
     IStreamServerEndpoint,
@@ -69,12 +77,22 @@ def server_endpoint(
         return client_certificate_endpoint(reactor, description)
     try:
         endpoint = serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        if description.startswith("systemd:") and isinstance(e, (KeyError, IndexError)):
+            raise ValueError(
+                "systemd passed this process no such socket (see LISTEN_FDS, "
+                "LISTEN_FDNAMES and LISTEN_PID)"
+            ) from None
         raise ValueError(str(e)) from None
     if isinstance(endpoint, UNIXServerEndpoint):
         if re.search(r"(^|:)mode=", description):
             raise ValueError("give the socket mode with --mode")
         return UnixSocketEndpoint(reactor, endpoint._address, mode, endpoint._backlog, strict)
+    if (
+        isinstance(endpoint, AdoptedStreamServerEndpoint)
+        and endpoint.addressFamily == socket.AF_UNIX
+    ):
+        return AdoptedUnixEndpoint(reactor, endpoint.fileno)
     return endpoint
 
 
@@ -163,6 +181,58 @@ class UnixSocketEndpoint:
             raise SocketPathUnavailable(f"a relay is already listening on {self.path}")
         finally:
             probe.close()
+
+
+class _AdoptedUnixPort(unix.Port):
+    """
+    A listening Unix socket systemd bound and keeps: at stop, the relay
+    closes its own descriptor and nothing more. A shutdown() would stop the
+    socket listening for systemd as well (Twisted skips it for adopted TCP
+    ports only), and unix.Port would unlink the file.
+    """
+
+    _shouldShutdown = False
+
+    def connectionLost(self, reason):
+        tcp.Port.connectionLost(self, reason)
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedUnixEndpoint:
+    """
+    A listening Unix socket inherited from systemd (socket activation): the
+    relay accepts on it and closes its own descriptor at stop; the file and
+    the socket stay systemd's, for the next start of the relay.
+    """
+
+    def __init__(self, reactor: IReactorSocket, fileno: int) -> None:
+        """@raise ValueError: C{fileno} is not a socket."""
+        self._reactor = reactor
+        self.fileno = fileno
+        try:
+            with socket.fromfd(fileno, socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+                self.path = os.fsdecode(bound.getsockname())
+        except OSError as e:
+            raise ValueError(f"descriptor {fileno} from systemd: {e.strerror or e}") from None
+
+    def __repr__(self) -> str:
+        return f"systemd socket {self.fileno} (unix:{self.path})"
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return execute(self._listen, protocolFactory)
+
+    def _listen(self, protocolFactory: IProtocolFactory) -> IListeningPort:
+        os.set_blocking(self.fileno, False)
+        port = _AdoptedUnixPort._fromListeningDescriptor(
+            self._reactor, self.fileno, protocolFactory
+        )
+        if self.path.startswith("/"):
+            # unix.Port chmods the file as it starts: to the mode it has (SocketMode=).
+            port.mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        port.startListening()
+        # The port listens on its own duplicate; this one is not needed now.
+        os.close(self.fileno)
+        return port
 
 
 CA_CERTS = "caCerts"

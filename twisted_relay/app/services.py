@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, cast
+import sys
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -30,7 +31,8 @@ from .. import scan
 from ..audit import AuditDamage
 from ..engine.relay import RelayFactory
 from ..paths import UntrustedDirectory, check_directory
-from .endpoints import UnixSocketEndpoint
+from .endpoints import AdoptedUnixEndpoint, UnixSocketEndpoint
+from .systemd import error_line
 
 if TYPE_CHECKING:
     from ..bridge.service import NatsBridge
@@ -80,7 +82,7 @@ class ListeningService(Service):
             "listening on {endpoint}",
             endpoint=(
                 repr(self.endpoint)
-                if isinstance(self.endpoint, UnixSocketEndpoint)
+                if isinstance(self.endpoint, (UnixSocketEndpoint, AdoptedUnixEndpoint))
                 else self.description
             ),
         )
@@ -122,13 +124,21 @@ class ListeningService(Service):
 class RelayServices(MultiService):
     """
     The relay's services; a start-up that fails part-way leaves no socket
-    behind, and a stop closes the audit log only once nothing can add a
-    frame to it.
+    behind and says why in one line (exit status 1), and a stop closes the
+    audit log only once nothing can add a frame to it.
     """
 
     log = Logger()
     #: The NATS bridge, if the relay has one: its stop has two steps of the order.
     bridge: NatsBridge | None = None
+
+    def __init__(self, runner: MutableMapping[str, Any] | None = None) -> None:
+        """
+        @param runner: the options of the twistd that runs the relay, if
+            one does: where it keeps its status pipe once it has daemonized.
+        """
+        super().__init__()
+        self.runner = runner
 
     def privilegedStartService(self) -> None:
         self._start(super().privilegedStartService)
@@ -139,7 +149,7 @@ class RelayServices(MultiService):
     def _start(self, start: Callable[[], None]) -> None:
         try:
             start()
-        except SystemExit:
+        except SystemExit as e:
             for service in self:
                 if isinstance(service, (ListeningService, RelayService)):
                     try:
@@ -147,7 +157,36 @@ class RelayServices(MultiService):
                     except Exception:
                         # The start-up's own reason is the one to report.
                         self.log.failure("while undoing a failed start-up")
-            raise
+            if not isinstance(e.code, str):
+                raise
+            self._report(e.code)
+            raise SystemExit(1) from None
+
+    def _report(self, reason: str) -> None:
+        """
+        Say why the start-up failed, in one line, where the one who started
+        the relay sees it. Daemonized by twistd (no -n), the relay's
+        standard error is /dev/null and the launching process waits on
+        twistd's status pipe: the reason goes there (twistd prints what
+        fits in its 100 bytes and exits 1) and to the log. Otherwise it
+        goes to the process's real standard error (twistd has pointed
+        C{sys.stderr} at the log).
+        """
+        runner = self.runner if self.runner is not None else {}
+        if runner.get("pidfile"):  # as twistd does for a start-up that raised
+            try:
+                os.unlink(runner["pidfile"])
+            except FileNotFoundError:
+                pass
+        pipe = runner.get("statusPipe")
+        if pipe is None:
+            print(error_line(reason), file=sys.__stderr__, flush=True)
+            return
+        self.log.critical("{reason}", reason=reason)
+        short = reason.removeprefix("twistd relay: ").encode("ascii", "backslashreplace")
+        os.write(pipe, b"1 " + (short if len(short) <= 98 else short[:95] + b"..."))
+        os.close(pipe)
+        runner["statusPipe"] = None
 
     def stopService(self) -> Deferred[None]:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import socket
 import sys
@@ -34,6 +35,7 @@ from ..validation import FramePolicy
 from .endpoints import server_endpoint
 from .services import ListeningService, RelayService, RelayServices
 from .status import status_site
+from .systemd import Notifier, SystemdService, error_line
 
 
 def _number(kind: type, option: str, value: str | None):
@@ -234,6 +236,19 @@ Examples:
         """Who may subscribe, as --allow-publish; repeatable [default: anyone who can connect]."""
         self["allow-subscribe"].append(entry)
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Under twistd or twist, a mistake is one line on standard error and
+        exit status 1, not the whole usage text (which C{--help} prints).
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:  # not run as a twistd/twist plugin
+                raise
+            runner = f"{os.path.basename(sys.argv[0])} relay"
+            raise SystemExit(error_line(f"{runner}: {e} (see {runner} --help)")) from None
+
     def postOptions(self) -> None:
         if self["nats"]:
             self._natsOptions()
@@ -398,7 +413,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         partial_timeout=options["partial-timeout"],
         clock=cast(IReactorTime, reactor),
     )
-    top = RelayServices()
+    top = RelayServices(getattr(options, "parent", None))
     RelayService(
         factory,
         options["stats-interval"],
@@ -425,4 +440,11 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
             factory, options["listen"], bridge, access_log=options["http-access-log"]
         )
         listening(options["http"], site).setServiceParent(top)
+    notifier = Notifier.fromEnvironment()
+    if notifier is not None:  # last: READY=1 once everything above has started
+        SystemdService(
+            notifier,
+            cast(IReactorTime, reactor),
+            f"relaying {options['logic'].name} frames on {', '.join(options['listen'])}",
+        ).setServiceParent(top)
     return top
