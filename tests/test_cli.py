@@ -252,15 +252,15 @@ def test_status_exit_status(http_relay):
         wait_for(url, lambda health: health["status"] == "degraded")
         shown = run("status", url)
         assert shown.returncode == 1
-        assert "status     degraded\nreasons    frames dropped for client 1 " in shown.stdout
+        assert "status     degraded\nreasons    frames dropped for client 1, " in shown.stdout
         assert re.fullmatch(
-            rf"twisted-relay: the relay at {url}/health is degraded: frames dropped for client 1 "
-            r"\d+s ago \(degraded for 60s after\)\n",
+            rf"twisted-relay: the relay at {url}/health is degraded: frames dropped for client 1, "
+            r"\d+s ago \(degraded for 60s after each\)\n",
             shown.stderr,
         ), shown.stderr
         shown = run("status", url, "--json")
         assert shown.returncode == 1 and shown.stderr.count("\n") == 1
-        assert json.loads(shown.stdout)["reasons"][0].startswith("frames dropped for client 1 ")
+        assert json.loads(shown.stdout)["reasons"][0].startswith("frames dropped for client 1, ")
         http_relay.relay.process.send_signal(signal.SIGTERM)
         wait_for(url, lambda health: health["status"] == "stopping")
         shown = run("status", url)

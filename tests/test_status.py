@@ -81,7 +81,7 @@ class StatusTests(SynchronousTestCase):
         health = json.loads(body)
         self.assertEqual((code, health["status"]), (503, "degraded"))
         self.assertEqual(
-            health["reasons"], ["frames dropped for client 2 2s ago (degraded for 60s after)"]
+            health["reasons"], ["frames dropped for client 2, 2s ago (degraded for 60s after each)"]
         )
         self.relay.clock.advance(59)
         code, body = self.get("/health")
@@ -258,7 +258,7 @@ async def test_degraded_real_relay(http_relay):
         publisher.publish(b"".join(frames_for(Domain.MARKET_DATA, 20_000)))
         code, health = await until(url, lambda code, health: code != 200)
         assert (code, health["status"]) == (503, "degraded")
-        assert health["reasons"][0].startswith("frames dropped for client 1 ")
+        assert health["reasons"][0].startswith("frames dropped for client 1, ")
         assert health["totals"]["frames_dropped"] > 0
 
 

@@ -82,9 +82,9 @@ def health(
     bridge: NatsBridge | None = None,
 ) -> dict:
     """Everything an operator asks first, as one JSON-ready dict."""
+    totals = factory.totals  # first: it brings every client's counters up to date
     now = factory.clock.seconds()
     gate = factory.gate
-    totals = factory.totals  # first: it brings every client's counters up to date
     reasons = _reasons(factory, now, bridge)
     clients = list(factory.clients.values())
     busiest = sorted(clients, key=lambda c: c.stats.bytes_in + c.stats.bytes_out, reverse=True)
@@ -134,7 +134,8 @@ def _reasons(factory: RelayFactory, now: float, bridge: NatsBridge | None) -> li
     trouble = accounting.last_trouble
     if trouble is not None and now - trouble < DEGRADED_FOR:
         reasons.append(
-            f"{accounting.trouble} {now - trouble:.0f}s ago (degraded for {DEGRADED_FOR:g}s after)"
+            f"{accounting.trouble}, {now - trouble:.0f}s ago (degraded for {DEGRADED_FOR:g}s "
+            "after each)"
         )
     if bridge is not None and not bridge.counters.connected:
         reasons.append("not connected to NATS")
