@@ -112,7 +112,7 @@ class StatusTests(SynchronousTestCase):
         code, body = self.get("/health")
         health = json.loads(body)
         self.assertEqual((code, health["status"]), (503, "stopping"))
-        self.assertEqual(health["reasons"], ["stopping: draining the clients"])
+        self.assertEqual(health["reasons"], ["draining the clients"])
 
     def test_clientsBounded(self) -> None:
         """/health lists the busiest clients, in connection order, and counts the others."""
@@ -274,6 +274,6 @@ async def test_stopping_real_relay(http_relay):
         relay.process.send_signal(signal.SIGTERM)
         code, health = await until(url, lambda code, health: code != 200)
         assert (code, health["status"]) == (503, "stopping")
-        assert health["reasons"] == ["stopping: draining the clients"]
+        assert health["reasons"] == ["draining the clients"]
         assert relay.wait_exit() == -signal.SIGTERM  # twistd ends by the signal it got
         assert "stopped: 20000 frames accepted" in relay.log()

@@ -129,7 +129,7 @@ def _reasons(factory: RelayFactory, now: float, bridge: NatsBridge | None) -> li
     accounting = factory.accounting
     reasons = []
     if factory.draining:
-        reasons.append("stopping: draining the clients")
+        reasons.append("draining the clients")
     reasons.extend(f"publishers held back: {why}" for why, _ in factory.gate.blockers.values())
     trouble = accounting.last_trouble
     if trouble is not None and now - trouble < DEGRADED_FOR:
