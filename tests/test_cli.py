@@ -127,6 +127,7 @@ def test_errors_are_one_line():
         (("publish", "--rate", "fast"), "argument --rate: 'fast' is not a number"),
         (("tap", "--frobnicate"), "unrecognized arguments: --frobnicate"),
         (("status", "--count", "3"), "--count goes with --watch"),
+        (("status", "--interval", "2"), "--interval goes with --watch"),
         (("status", "--json", "--watch"), "argument --watch: not allowed with argument --json"),
     ],
 )

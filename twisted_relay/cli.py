@@ -320,12 +320,14 @@ def verdict(url: str, health: dict) -> None:
 
 def status(args: argparse.Namespace) -> int | None:
     url = health_url(args.url)
-    if args.count and not args.watch:
-        print(
-            "twisted-relay status: --count goes with --watch (see twisted-relay status --help)",
-            file=sys.stderr,
-        )
-        return 2
+    for given, name in ((args.count, "--count"), (args.interval, "--interval")):
+        if given is not None and not args.watch:
+            print(
+                f"twisted-relay status: {name} goes with --watch "
+                "(see twisted-relay status --help)",
+                file=sys.stderr,
+            )
+            return 2
     if args.watch:
         return watch(url, args)
     body, health = read_health(url, args.timeout)
@@ -418,7 +420,7 @@ def watch(url: str, args: argparse.Namespace) -> int | None:
             shown += 1
             if args.count and shown >= args.count:
                 break
-            time.sleep(max(0.0, started + args.interval - time.monotonic()))
+            time.sleep(max(0.0, started + (args.interval or 1.0) - time.monotonic()))
     except KeyboardInterrupt:
         return 0
     if failure is not None:
@@ -680,8 +682,8 @@ def parser() -> argparse.ArgumentParser:
         help="a live view, refreshed every --interval: rates, queues and drops per client",
     )
     status_command.add_argument(
-        "--interval", type=positive(float), default=1.0,
-        help="seconds between refreshes of --watch [default: 1]",
+        "--interval", type=positive(float),
+        help="with --watch: seconds between refreshes [default: 1]",
     )
     status_command.add_argument(
         "--count", type=positive(int),

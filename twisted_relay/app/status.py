@@ -88,7 +88,7 @@ def health(
     reasons = _reasons(factory, now, bridge)
     clients = list(factory.clients.values())
     busiest = sorted(clients, key=lambda c: c.stats.bytes_in + c.stats.bytes_out, reverse=True)
-    shown = {id(client) for client in busiest[:HEALTH_CLIENTS]}
+    shown = {client.stats.client_id for client in busiest[:HEALTH_CLIENTS]}
     return {
         "status": "stopping" if factory.draining else "degraded" if reasons else "ok",
         "reasons": reasons,
@@ -110,7 +110,7 @@ def health(
                 **_counters(client.stats),
             }
             for client in clients
-            if id(client) in shown
+            if client.stats.client_id in shown
         ],
         "clients_omitted": len(clients) - len(shown),
         "totals": {
