@@ -54,6 +54,21 @@ class AuditLogTests(SynchronousTestCase):
         self.assertEqual({r.client_id for r in records}, {5})
         self.assertEqual([r.sequence for r in records[:3]], [1, 2, 3])
 
+    def test_syncTimed(self) -> None:
+        """Each fdatasync that runs is timed through sync_timer; a sync with nothing new is not."""
+        log = AuditLog(self.directory)
+        timings: list[float] = []
+        log.sync_timer = timings.append
+        log.open()
+        self.addCleanup(log.close)
+        log.append(5, [FRAMES[0]], 1_000)
+        log.sync()
+        log.sync()
+        log.append(5, [FRAMES[1]], 1_001)
+        log.sync()
+        self.assertEqual(len(timings), 2)
+        self.assertTrue(all(0 <= seconds < 10 for seconds in timings), timings)
+
     def test_chain(self) -> None:
         """Each record's checksum covers it and starts from the previous record's."""
         write_log(self.directory, FRAMES[:2], rotate=1 << 20)

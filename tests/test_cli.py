@@ -5,16 +5,22 @@ formats, its synthetic frames, and the commands against a real relay.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -22,15 +28,14 @@ from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay import cli
-from twisted_relay.cli import describe
+from twisted_relay.cli import CLEAR, describe
 from twisted_relay.client import BlockingClient
 from twisted_relay.domains import BUILTIN_DOMAINS
 from twisted_relay.interfaces import IRelayLogic
-from twisted_relay.testing import synthetic
+from twisted_relay.testing import frames_for, synthetic
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
-from .helpers import frames_for
 from .relayprocess import RelayProcess
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
@@ -125,6 +130,9 @@ def test_errors_are_one_line():
         (("publish", "--count", "-5"), "argument --count: '-5' is not above 0"),
         (("publish", "--rate", "fast"), "argument --rate: 'fast' is not a number"),
         (("tap", "--frobnicate"), "unrecognized arguments: --frobnicate"),
+        (("status", "--count", "3"), "--count goes with --watch"),
+        (("status", "--interval", "2"), "--interval goes with --watch"),
+        (("status", "--json", "--watch"), "argument --watch: not allowed with argument --json"),
     ],
 )
 def test_bad_arguments_are_one_line(args, message):
@@ -548,3 +556,148 @@ def test_tap_hex(http_relay):
     assert run("publish", path, "--tlv", "1:c0ffee", "--count", "1").returncode == 0
     code, lines, _ = tap.finish()
     assert code == 0 and lines[0].endswith("Trade(1)  37 B  0103c0ffee"), lines
+
+
+def health_of(url: str) -> dict:
+    """The relay's health document, whatever its HTTP status."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        with e:
+            return json.load(e)
+
+
+def wait_for(url: str, check, timeout: float = 10.0) -> dict:
+    """The first health document of C{url} that passes C{check}, polled for C{timeout}s."""
+    deadline = time.monotonic() + timeout
+    while not check(health := health_of(url)):
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    return health
+
+
+def test_status_exit_status(http_relay):
+    """status and status --json exit 0 when ok, 1 with one line when degraded and when stopping."""
+    path, url = http_relay("market", "--high-water", "65536", "--drain-timeout", "5")
+    shown = run("status", url, "--json")
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert json.loads(shown.stdout)["status"] == "ok"
+    with BlockingClient(path), BlockingClient(path) as publisher:
+        wait_for(url, lambda health: len(health["clients"]) == 2)
+        publisher.publish(b"".join(frames_for(Domain.MARKET_DATA, 20_000)))
+        wait_for(url, lambda health: health["status"] == "degraded")
+        shown = run("status", url)
+        assert shown.returncode == 1
+        assert "status     degraded\nreasons    frames dropped for client 1, " in shown.stdout
+        assert re.fullmatch(
+            rf"twisted-relay: the relay at {url}/health is degraded: frames dropped for client 1, "
+            r"\d+s ago \(degraded for 60s after each\)\n",
+            shown.stderr,
+        ), shown.stderr
+        shown = run("status", url, "--json")
+        assert shown.returncode == 1 and shown.stderr.count("\n") == 1
+        assert json.loads(shown.stdout)["reasons"][0].startswith("frames dropped for client 1, ")
+        http_relay.relay.process.send_signal(signal.SIGTERM)
+        wait_for(url, lambda health: health["status"] == "stopping")
+        shown = run("status", url)
+        assert shown.returncode == 1 and "status     stopping" in shown.stdout
+        assert shown.stderr.startswith(f"twisted-relay: the relay at {url}/health is stopping: ")
+
+
+def watch_views(output: str) -> list[list[str]]:
+    """The views of a status --watch output without a terminal (each begins with the time)."""
+    return [view.splitlines() for view in re.split(r"\n\n(?=\d\d:\d\d:\d\d  )", output)]
+
+
+def test_status_watch_lines(http_relay):
+    """--watch without a terminal: plain lines, one view a refresh, rates from the second on."""
+    path, url = http_relay("market")
+    with BlockingClient(path) as subscriber:
+        wait_for(url, lambda health: len(health["clients"]) == 1)
+        publisher = subprocess.Popen(
+            [COMMAND, "publish", path, "--rate", "2000", "--count", "100000"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(url, lambda health: health["totals"]["frames_in"] > 0)
+            shown = run("status", url, "--watch", "--count", "3", "--interval", "0.5")
+        finally:
+            publisher.kill()
+            publisher.wait()
+        subscriber.close()
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert "\x1b" not in shown.stdout
+    views = watch_views(shown.stdout)
+    assert len(views) == 3, shown.stdout
+    for view in views:
+        assert re.fullmatch(r"\d\d:\d\d:\d\d  market relay \(domain 1\)  OK  up .*", view[0])
+        assert view[1].startswith("relay     2 clients")
+    assert "frames/s" not in views[0][1]  # no rates without an earlier sample
+    rates = re.search(r"  in ([\d,]+) frames/s", views[2][1])
+    assert rates and int(rates[1].replace(",", "")) > 0, views[2]
+    [publisher_row] = [line for line in views[2] if " publisher " in line]
+    assert int(publisher_row.split()[3].replace(",", "")) > 0, publisher_row
+
+
+def test_status_watch_terminal(http_relay):
+    """--watch on a terminal clears it before each view and keeps to its width and height."""
+    _, url = http_relay("market")
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 5, 50, 0, 0))
+    watcher = subprocess.Popen(
+        [COMMAND, "status", url, "--watch", "--count", "2", "--interval", "0.2"],
+        stdout=terminal, stderr=subprocess.PIPE,
+        # The terminal's own size, not one a shell may have exported.
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+    )
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not select.select([main], [], [], 1)[0]:
+            continue
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal's other end is closed: the watcher is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert watcher.wait(timeout=10) == 0, watcher.stderr.read()
+    text = output.decode()
+    assert text.count(CLEAR) == 2, text
+    for view in text.split(CLEAR)[1:]:
+        lines = view.replace("\r\n", "\n").rstrip("\n").split("\n")
+        assert len(lines) <= 4 and max(map(len, lines)) <= 50, lines
+        assert lines[-1].startswith("... ") and lines[-1].endswith(" more rows"), lines
+
+
+def test_status_watch_interrupted(http_relay):
+    """Ctrl-C ends --watch cleanly: exit status 0, nothing on stderr."""
+    _, url = http_relay("market")
+    watcher = subprocess.Popen(
+        [COMMAND, "status", url, "--watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert select.select([watcher.stdout], [], [], 20)[0], "no view within 20s"
+        assert " market relay " in watcher.stdout.readline()
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=10)
+    finally:
+        watcher.kill()
+    assert (watcher.returncode, stderr) == (0, "")
+
+
+def test_status_watch_unreachable():
+    """--watch goes on through an unreachable relay, a line each refresh; a bounded run then exits 1."""
+    shown = run("status", "http://127.0.0.1:9", "--watch", "--count", "2", "--interval", "0.1")
+    assert shown.returncode == 1
+    lines = shown.stdout.split("\n\n")
+    assert len(lines) == 2
+    assert all(" cannot read http://127.0.0.1:9/health: " in line for line in lines)
+    assert shown.stderr.startswith("twisted-relay: cannot read http://127.0.0.1:9/health: ")
+    assert shown.stderr.count("\n") == 1

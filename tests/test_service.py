@@ -9,6 +9,7 @@ import stat
 import tempfile
 import threading
 
+from twisted.application.service import Service
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
@@ -136,6 +137,7 @@ class MakeServiceTests(SynchronousTestCase):
         """--http adds one more listener, serving the status site."""
         top = makeService(parse("--http", "tcp:9100:interface=127.0.0.1"))
         *_, http = list(top)
+        self.assertIs(top.status_page, http)
         self.assertEqual(http.description, "tcp:9100:interface=127.0.0.1")
         self.assertIsNotNone(http.factory.resource.getStaticEntity(b"metrics"))
 
@@ -386,6 +388,23 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual(
             (summary["name"], summary["checksum"], summary["delivery"]), ("market", "off", "drop")
         )
+
+    def test_statusPageOutlivesTheDrain(self) -> None:
+        """The status page stops after the relay has drained its clients, before the log closes."""
+        relay = make_relay()
+        services = RelayServices()
+        RelayService(relay, 0, drain_timeout=5).setServiceParent(services)
+        page = Service()
+        page.setServiceParent(services)
+        services.status_page = page
+        services.startService()
+        client = connect(relay)
+        stopped = services.stopService()
+        self.assertTrue(relay.draining)
+        self.assertTrue(page.running)
+        client.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(stopped)
+        self.assertFalse(page.running)
 
     def test_pythonScanWarned(self) -> None:
         """Without the native scan, the start says so, and why, in a warning of its own."""

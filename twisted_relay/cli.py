@@ -7,10 +7,12 @@ audit verify), without writing socket code.
 from __future__ import annotations
 
 import argparse
+import http
 import io
 import itertools
 import json
 import random
+import shutil
 import sys
 import time
 import urllib.error
@@ -56,7 +58,9 @@ EXAMPLES = {
   twisted-relay publish tcp:10.0.0.5:7001 --source 2""",
     "status": """examples:
   twisted-relay status                                # http://127.0.0.1:9100
-  twisted-relay status http://10.0.0.5:9100""",
+  twisted-relay status http://10.0.0.5:9100
+  twisted-relay status --json | jq .reasons           # exit status 1 unless ok
+  twisted-relay status --watch                        # a live view, like top""",
     "replay": """examples:
   twisted-relay replay /tmp/torq/audit/execution      # every audited frame, oldest first
   twisted-relay replay DIR --json --source 42 --from-sequence 1000 --to-sequence 1999
@@ -588,34 +592,83 @@ def settle(relay: BlockingClient, args: argparse.Namespace, sent: int, done: str
     print(f"{done}; the relay accepted all {account.accepted:,}")
 
 
-def status(args: argparse.Namespace) -> None:
-    base = args.url if "://" in args.url else f"http://{args.url}"
+def health_url(text: str) -> str:
+    """The /health URL of the relay at C{text}: any path given, the relay's own."""
+    base = text if "://" in text else f"http://{text}"
     scheme, _, rest = base.partition("://")
-    url = f"{scheme}://{rest.split('/', 1)[0]}/health"  # any path given: the relay's own
+    return f"{scheme}://{rest.split('/', 1)[0]}/health"
+
+
+def read_health(url: str, timeout: float) -> tuple[bytes, dict]:
+    """The health document at C{url}, as sent and parsed; a relay not ok answers 503."""
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
-            health = json.load(response)
-        totals = health["totals"]
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as e:
+            if e.code != http.HTTPStatus.SERVICE_UNAVAILABLE:
+                raise
+            with e:
+                body = e.read()
     except (urllib.error.URLError, OSError) as e:
         raise Failed(f"cannot read {url}: {getattr(e, 'reason', e)}") from None
+    try:
+        health = json.loads(body)
+        known = isinstance(health["status"], str) and isinstance(health["totals"], dict)
     except (ValueError, KeyError, TypeError):
-        raise Failed(f"{url} is not a relay's status endpoint") from None
-    print(f"status     {health['status']}")
-    print(f"domain     {health['domain']} ({health['relay_domain']}), delivery {health['delivery']}")
-    print(f"version    {health['version']}, up {health['uptime_s']:.0f}s")
-    print(f"listening  {', '.join(health['listening'])}")
-    print(
+        known = False
+    if not known:
+        raise Failed(f"{url} is not a relay's status endpoint")
+    return body, health
+
+
+def verdict(url: str, health: dict) -> None:
+    """Nothing if the relay is ok; otherwise the one line that makes the exit status 1."""
+    if health["status"] != "ok":
+        reasons = "; ".join(health.get("reasons") or ["no reason given"])
+        raise Failed(f"the relay at {url} is {health['status']}: {reasons}")
+
+
+def status(args: argparse.Namespace) -> int | None:
+    url = health_url(args.url)
+    for given, name in ((args.count, "--count"), (args.interval, "--interval")):
+        if given is not None and not args.watch:
+            print(
+                f"twisted-relay status: {name} goes with --watch "
+                "(see twisted-relay status --help)",
+                file=sys.stderr,
+            )
+            return 2
+    if args.watch:
+        return watch(url, args)
+    body, health = read_health(url, args.timeout)
+    if args.json:
+        sys.stdout.buffer.write(body)
+    else:
+        print("\n".join(status_lines(health)))
+    verdict(url, health)
+    return None
+
+
+def status_lines(health: dict) -> list[str]:
+    """The health document as the table C{status} prints."""
+    totals = health["totals"]
+    lines = [f"status     {health['status']}"]
+    if health.get("reasons"):
+        lines.append(f"reasons    {'; '.join(health['reasons'])}")
+    lines += [
+        f"domain     {health['domain']} ({health['relay_domain']}), delivery {health['delivery']}",
+        f"version    {health['version']}, up {health['uptime_s']:.0f}s",
+        f"listening  {', '.join(health['listening'])}",
         f"frames     {totals['frames_in']:,} in, {totals['frames_out']:,} out, "
-        f"{totals['frames_dropped']:,} dropped, {totals['frames_lost']:,} lost"
-    )
-    print(f"rejects    {totals['rejects'] or 'none'}; cut off {totals['cut_offs'] or 'none'}")
-    print(
+        f"{totals['frames_dropped']:,} dropped, {totals['frames_lost']:,} lost",
+        f"rejects    {totals['rejects'] or 'none'}; cut off {totals['cut_offs'] or 'none'}",
         f"pauses     {totals['publisher_pauses']}, {totals['publishers_paused_s']}s in all, "
-        f"longest {totals['longest_pause_s']}s"
-    )
+        f"longest {totals['longest_pause_s']}s",
+    ]
     bridge = health.get("nats")
     if bridge is not None:
-        print(
+        lines.append(
             f"nats       {'connected' if bridge['connected'] else 'NOT CONNECTED'} as "
             f"{bridge['origin']}: {bridge['frames_out']:,} frames out, "
             f"{bridge['frames_in']:,} in, {bridge['frames_dropped']:,} dropped, "
@@ -624,18 +677,138 @@ def status(args: argparse.Namespace) -> None:
     audit = health.get("audit")
     if audit is not None:
         state = f"FAILING: {audit['failing']}" if audit["failing"] else "ok"
-        print(
+        lines.append(
             f"audit log  {audit['directory']}: {audit['records']:,} records, chain head "
             f"{audit['chain_head']}, fsync {audit['fsync']}, {state}"
         )
-    print()
-    print(f"{'id':>4}  {'role':<20} {'peer':<26} {'in':>12} {'out':>12} {'dropped':>9} {'buffered':>10}")
+    lines += [
+        "",
+        f"{'id':>4}  {'role':<20} {'peer':<26} {'in':>12} {'out':>12} {'dropped':>9} {'buffered':>10}",
+    ]
     for client in health["clients"]:
-        print(
+        lines.append(
             f"{client['id']:>4}  {client['role']:<20} {client['peer']:<26} "
             f"{client['frames_in']:>12,} {client['frames_out']:>12,} "
             f"{client['frames_dropped']:>9,} {client['buffered_bytes']:>10,}"
         )
+    if health.get("clients_omitted"):
+        lines.append(f"      and {health['clients_omitted']:,} less busy clients not listed")
+    return lines
+
+
+#: Clear the terminal and go home, before each view of C{status --watch} on a TTY.
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def watch(url: str, args: argparse.Namespace) -> int | None:
+    """
+    C{status --watch}: the health document every --interval seconds as a
+    live view, rates worked out from successive samples; Ctrl-C ends it (0).
+    A bounded run (--count) exits as C{status} would for its last sample.
+    """
+    tty = sys.stdout.isatty()
+    previous: dict | None = None
+    shown = 0
+    try:
+        while True:
+            started = time.monotonic()
+            moment = time.strftime("%H:%M:%S")
+            failure: Failed | None = None
+            try:
+                _, health = read_health(url, args.timeout)
+                lines = watch_lines(health, previous, moment)
+            except Failed as e:
+                failure, health, lines = e, None, [f"{moment}  {e}"]
+            previous = health
+            if tty:
+                size = shutil.get_terminal_size()
+                lines = fit(lines, size.columns, size.lines - 1)
+                sys.stdout.write(CLEAR)
+            elif shown:
+                lines.insert(0, "")
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+            time.sleep(max(0.0, started + (args.interval or 1.0) - time.monotonic()))
+    except KeyboardInterrupt:
+        return 0
+    if failure is not None:
+        raise failure
+    assert health is not None
+    verdict(url, health)
+    return None
+
+
+def fit(lines: list[str], columns: int, rows: int) -> list[str]:
+    """C{lines} cut to a terminal's width and height, saying how many rows did not fit."""
+    if len(lines) > rows:
+        lines = [*lines[: max(rows - 1, 0)], f"... {len(lines) - rows + 1} more rows"]
+    return [line[:columns] for line in lines]
+
+
+def watch_lines(health: dict, previous: dict | None, moment: str) -> list[str]:
+    """
+    One view of C{status --watch}: the relay, its rates and totals, and a row
+    per client, busiest first. Rates are over the relay's own clock (its
+    uptime) since C{previous}; none for the first sample or after a restart.
+    """
+    elapsed, then = None, None
+    if previous is not None and health["uptime_s"] > previous["uptime_s"]:
+        elapsed, then = health["uptime_s"] - previous["uptime_s"], previous
+    before = {c["id"]: c for c in then["clients"]} if then else {}
+
+    def rates(now: dict, was: dict | None) -> tuple[float, float, float, float] | None:
+        if elapsed is None or was is None:
+            return None
+        return (
+            (now["frames_in"] - was["frames_in"]) / elapsed,
+            (now["bytes_in"] - was["bytes_in"]) / elapsed,
+            (now["frames_out"] - was["frames_out"]) / elapsed,
+            (now["bytes_out"] - was["bytes_out"]) / elapsed,
+        )
+
+    def shown(rate: tuple[float, float, float, float] | None) -> str:
+        if rate is None:
+            return f"{'-':>10} {'-':>8} {'-':>10} {'-':>8}"
+        frames_in, bytes_in, frames_out, bytes_out = rate
+        return f"{frames_in:>10,.0f} {bytes_in / 1e6:>8.2f} {frames_out:>10,.0f} {bytes_out / 1e6:>8.2f}"
+
+    totals = health["totals"]
+    clients = len(health["clients"]) + health.get("clients_omitted", 0)
+    queued = sum(client["buffered_bytes"] for client in health["clients"])
+    relay = f"relay     {clients:,} clients"
+    if then is not None and elapsed is not None:
+        frames_in, bytes_in, frames_out, bytes_out = rates(totals, then["totals"]) or (0, 0, 0, 0)
+        drops = (totals["frames_dropped"] - then["totals"]["frames_dropped"]) / elapsed
+        relay += (
+            f"  in {frames_in:,.0f} frames/s {bytes_in / 1e6:.2f} MB/s  out {frames_out:,.0f} "
+            f"frames/s {bytes_out / 1e6:.2f} MB/s  drops {drops:,.0f}/s"
+        )
+    lines = [
+        f"{moment}  {health['domain']} relay (domain {health['relay_domain']})  "
+        f"{health['status'].upper()}  up {health['uptime_s']:.0f}s  delivery "
+        f"{health['delivery']}  version {health['version']}",
+        *(f"  {reason}" for reason in health.get("reasons", ())),
+        f"{relay}  queued {queued:,} B",
+        f"totals    {totals['frames_in']:,} in, {totals['frames_out']:,} out, "
+        f"{totals['frames_dropped']:,} dropped, {totals['frames_lost']:,} lost, "
+        f"{sum(totals['rejects'].values()):,} rejected",
+        "",
+        f"{'id':>4}  {'role':<20} {'peer':<26} {'in/s':>10} {'MB/s':>8} {'out/s':>10} "
+        f"{'MB/s':>8} {'queue B':>10} {'drops':>9}",
+    ]
+    rows = [(rates(client, before.get(client["id"])), client) for client in health["clients"]]
+    rows.sort(key=lambda row: -(row[0][1] + row[0][3]) if row[0] else 0)
+    for rate, client in rows:
+        lines.append(
+            f"{client['id']:>4}  {client['role']:<20.20} {client['peer']:<26.26} {shown(rate)} "
+            f"{client['buffered_bytes']:>10,} {client['frames_dropped']:>9,}"
+        )
+    if health.get("clients_omitted"):
+        lines.append(f"{'':>4}  and {health['clients_omitted']:,} less busy clients not listed")
+    return lines
 
 
 def time_ns(text: str) -> int:
@@ -840,13 +1013,31 @@ def parser() -> argparse.ArgumentParser:
     )
     publish_command.set_defaults(run=publish)
 
-    status_command = _command(commands, "status", "Show a relay's health endpoint.")
+    status_command = _command(
+        commands,
+        "status",
+        "Show a relay's health endpoint; exit status 1 unless the relay is ok.",
+    )
     status_command.add_argument(
         "url", nargs="?", default="http://127.0.0.1:9100",
         help="the relay's --http address, as http://HOST:PORT or HOST:PORT [default: http://127.0.0.1:9100]",
     )
     status_command.add_argument(
         "--timeout", type=positive(float), default=5.0, help="seconds to wait [default: 5]"
+    )
+    view = status_command.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="the health document as the relay sends it")
+    view.add_argument(
+        "--watch", action="store_true",
+        help="a live view, refreshed every --interval: rates, queues and drops per client",
+    )
+    status_command.add_argument(
+        "--interval", type=positive(float),
+        help="with --watch: seconds between refreshes [default: 1]",
+    )
+    status_command.add_argument(
+        "--count", type=positive(int),
+        help="with --watch: stop after this many refreshes, exit status as for the last one",
     )
     status_command.set_defaults(run=status)
 

@@ -131,6 +131,9 @@ class RelayServices(MultiService):
     log = Logger()
     #: The NATS bridge, if the relay has one: its stop has two steps of the order.
     bridge: NatsBridge | None = None
+    #: The status page's listener, if any: it stops after the drain, so that
+    #: meanwhile C{/health} answers 503 "stopping".
+    status_page: Service | None = None
 
     def __init__(self, runner: MutableMapping[str, Any] | None = None) -> None:
         """
@@ -190,18 +193,23 @@ class RelayServices(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop in the order that loses nothing: the listeners and the status
-        page; the NATS bridge stops receiving; the relay drains its clients;
-        the bridge sends what they published; the audit log closes. A step
-        that fails is logged and the next one still runs.
+        Stop in the order that loses nothing: the listeners; the NATS bridge
+        stops receiving; the relay drains its clients; the bridge sends what
+        they published; the status page; the audit log closes. A step that
+        fails is logged and the next one still runs.
         """
         Service.stopService(self)
         relay = next(service for service in self if isinstance(service, RelayService))
-        bridge = self.bridge
-        first = [service for service in reversed(self.services) if service not in (relay, bridge)]
-        steps = [relay.stopService, relay.close]
+        bridge, page = self.bridge, self.status_page
+        first = [
+            service for service in reversed(self.services) if service not in (relay, bridge, page)
+        ]
+        steps: list[Callable[[], object]] = [relay.stopService]
         if bridge is not None:
-            steps = [bridge.stopReceiving, relay.stopService, bridge.stopService, relay.close]
+            steps = [bridge.stopReceiving, relay.stopService, bridge.stopService]
+        if page is not None:
+            steps.append(page.stopService)
+        steps.append(relay.close)
         stopping = DeferredList([maybeDeferred(service.stopService) for service in first])
         for step in steps:
             stopping.addBoth(self._next, step)

@@ -439,7 +439,8 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         site = status_site(
             factory, options["listen"], bridge, access_log=options["http-access-log"]
         )
-        listening(options["http"], site).setServiceParent(top)
+        top.status_page = listening(options["http"], site)
+        top.status_page.setServiceParent(top)
     notifier = Notifier.fromEnvironment()
     if notifier is not None:  # last: READY=1 once everything above has started
         SystemdService(

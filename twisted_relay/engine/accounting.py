@@ -92,8 +92,9 @@ class Accounting:
         self.totals = Counters()
         #: Connections accepted since the start.
         self.connections = 0
-        #: When a client was last dropped from, cut off or lost frames.
+        #: When a client was last dropped from, cut off or lost frames, and which.
         self.last_trouble: float | None = None
+        self.trouble: str | None = None
         self._ids = itertools.count(1)
         self._sampled = RateLimiter(clock)
         self._controls = RateLimiter(clock, burst=CONTROL_RATE)
@@ -155,7 +156,7 @@ class Accounting:
 
     def lost(self, stats: ClientStats, frames: int, size: int) -> None:
         """Frames still queued for a client when its connection ended."""
-        self.last_trouble = self.clock.seconds()
+        self._troubled(f"frames lost with client {stats.client_id}")
         totals = self.totals
         stats.frames_lost += frames
         stats.bytes_lost += size
@@ -182,7 +183,7 @@ class Accounting:
         Frames the drop policy did not deliver to a client, logged at a
         bounded rate unless C{quiet} (counts brought up to date on reading).
         """
-        self.last_trouble = self.clock.seconds()
+        self._troubled(f"frames dropped for client {stats.client_id}")
         totals = self.totals
         stats.frames_dropped += frames
         stats.bytes_dropped += size
@@ -203,7 +204,7 @@ class Accounting:
 
     def cutOff(self, stats: ClientStats, reason: str, detail: str) -> None:
         """A client the relay disconnects, for C{reason}."""
-        self.last_trouble = self.clock.seconds()
+        self._troubled(f"client {stats.client_id} cut off ({reason})")
         stats.cut_offs[reason] += 1
         stats.close_reason = reason
         self.totals.cut_offs[reason] += 1
@@ -274,3 +275,8 @@ class Accounting:
             self.log.warn(**event)
         else:
             self._sampled.log(("sequence", kind), self.log.warn, **event)
+
+    def _troubled(self, what: str) -> None:
+        """Remember C{what} happened now: the relay reports itself degraded for a while."""
+        self.last_trouble = self.clock.seconds()
+        self.trouble = what

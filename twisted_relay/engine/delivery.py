@@ -463,8 +463,8 @@ class PublisherGate:
         self.publishers = publishers
         #: Set once the relay drains: the publishers are never resumed.
         self.draining = False
-        #: What holds the publishers back, with its stall timer if it has one.
-        self.blockers: dict[object, IDelayedCall | None] = {}
+        #: What holds the publishers back: why, and its stall timer if it has one.
+        self.blockers: dict[object, tuple[str, IDelayedCall | None]] = {}
         self.paused_since: float | None = None
         self.pauses = 0
         self.paused_seconds = 0.0
@@ -486,7 +486,7 @@ class PublisherGate:
 
     def hold(self, holder: object, why: str, timer: IDelayedCall | None = None) -> None:
         """Hold the publishers back until L{unblock}C{(holder)}."""
-        self.blockers[holder] = timer
+        self.blockers[holder] = (why, timer)
         if self.paused_since is not None:
             self.log.info("publishers held back as well: {why}", why=why)
             return
@@ -499,7 +499,7 @@ class PublisherGate:
     def unblock(self, holder: object) -> None:
         if holder not in self.blockers:
             return
-        call = self.blockers.pop(holder)
+        _, call = self.blockers.pop(holder)
         if call is not None and call.active():
             call.cancel()
         if not self.blockers and self.paused_since is not None:
