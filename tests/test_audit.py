@@ -16,6 +16,7 @@ from twisted_relay.audit import (
     AuditDamage,
     AuditFile,
     AuditLog,
+    LogFollower,
     audit_files,
     verify,
 )
@@ -302,3 +303,73 @@ class AuditLogTests(SynchronousTestCase):
         self.addCleanup(log.close)
         error = self.assertRaises(OSError, AuditLog(self.directory).open)
         self.assertIn("another relay writes", str(error))
+
+
+class Enough(Exception):
+    """Raised by a test's sleep to end a follower."""
+
+
+class FollowerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.join(temp_dir(self), "audit")
+        os.makedirs(self.directory)
+
+    def follow(self, steps) -> list:
+        """The records a follower yields while each of C{steps} runs at one of its waits."""
+        waits = iter(steps)
+
+        def sleep(seconds: float) -> None:
+            self.assertEqual(seconds, 0.2)
+            try:
+                next(waits)()
+            except StopIteration:
+                raise Enough() from None
+
+        records = []
+        with self.assertRaises(Enough):
+            for record in LogFollower(self.directory, sleep=sleep):
+                records.append(record)
+        return records
+
+    def test_growingAcrossRotations(self) -> None:
+        """Records come out as they are appended, across new files, each once, in order."""
+        log = AuditLog(self.directory, rotate_size=4096)
+        self.addCleanup(log.close)
+
+        def append(frames):
+            return lambda: [log.append(5, [frame], 0) for frame in frames]
+
+        steps = [log.open] + [append(FRAMES[n : n + 37]) for n in range(0, 300, 37)]
+        records = self.follow(steps)
+        self.assertGreater(len(audit_files(self.directory)), 3)
+        self.assertEqual([r.frame for r in records], FRAMES)
+        self.assertEqual([r.index for r in records], list(range(300)))
+
+    def test_recordBeingWrittenWaits(self) -> None:
+        """A record only part written is waited for, then read whole."""
+        write_log(self.directory, FRAMES[:3], rotate=1 << 20)
+        [audit_file] = audit_files(self.directory)
+        with open(audit_file.path, "rb") as f:
+            whole = f.read()
+
+        def cut() -> None:
+            with open(audit_file.path, "r+b") as f:
+                f.truncate(len(whole) - 10)
+
+        def finish() -> None:
+            with open(audit_file.path, "wb") as f:
+                f.write(whole)
+
+        cut()
+        records = self.follow([lambda: None, finish])
+        self.assertEqual([r.frame for r in records], FRAMES[:3])
+
+    def test_damageStops(self) -> None:
+        """An altered record is damage, not something to wait for."""
+        write_log(self.directory, FRAMES[:3], rotate=1 << 20)
+        [audit_file] = audit_files(self.directory)
+        with open(audit_file.path, "r+b") as f:
+            f.seek(audit_file.header_size + SIZE + 20)
+            f.write(b"\xff")
+        with self.assertRaises(AuditDamage):
+            list(LogFollower(self.directory, sleep=lambda seconds: None))

@@ -701,3 +701,24 @@ def test_status_watch_unreachable():
     assert all(" cannot read http://127.0.0.1:9/health: " in line for line in lines)
     assert shown.stderr.startswith("twisted-relay: cannot read http://127.0.0.1:9/health: ")
     assert shown.stderr.count("\n") == 1
+
+
+def test_replay_follow(http_relay, tmp_path):
+    """replay --follow prints each frame as the relay logs it, across the log's files, until Ctrl-C."""
+    audit = tmp_path / "audit"
+    path, _ = http_relay("execution", "--audit-dir", str(audit), "--audit-rotate", "65536")
+    follow = Lines("replay", str(audit), "--follow", "--json")
+    orders = frames_for(Domain.EXECUTION, 3000, source=42)
+    try:
+        with BlockingClient(path) as publisher:
+            for start in range(0, 3000, 500):
+                publisher.publish(b"".join(orders[start : start + 500]))
+                publisher.flush()
+                follow.wait_for(rf'"sequence": {start + 500},')
+        follow.process.send_signal(signal.SIGINT)
+        code, lines, stderr = follow.finish()
+    finally:
+        follow.process.kill()
+    assert code == 130, stderr
+    assert len(os.listdir(audit)) > 2
+    assert [bytes.fromhex(json.loads(line)["frame"]) for line in lines] == orders

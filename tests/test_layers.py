@@ -182,7 +182,8 @@ SURFACE = {
         "PublishRefused", "RelayClientProtocol", "RelayClosed", "RelayDead", "relay_service",
     ],
     "audit": [
-        "RECORD_OVERHEAD", "ROTATE_SIZE", "AuditDamage", "AuditFile", "AuditLog", "LogReader",
+        "RECORD_OVERHEAD", "ROTATE_SIZE", "AuditDamage", "AuditFile", "AuditLog", "LogFollower",
+        "LogReader",
         "Position", "Record", "VerifyReport", "audit_files", "audit_paths", "audit_records",
         "audit_records_python", "verify",
     ],

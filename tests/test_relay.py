@@ -13,10 +13,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay import scan
-from twisted_relay.control import control_frame
+from twisted_relay.control import control_frame, parse_error
 from twisted_relay.engine import ingest
 from twisted_relay.engine.accounting import CONTROL_RATE
-from twisted_relay.wire import MAGIC, Domain, Header, build_frame, frame_checksum
+from twisted_relay.wire import MAGIC, Domain, Header, build_frame, frame_checksum, unpack_header
 
 from .helpers import RecordingTransport, connect, frames_for, make_relay, native_loops, split
 
@@ -138,6 +138,10 @@ class RejectTests(SynchronousTestCase):
         relay, publisher, subscriber = self.publish(domain, good + bad + good)
         self.assertEqual(subscriber.transport.value(), good)
         self.assertTrue(publisher.transport.disconnecting)
+        told = publisher.transport.value()  # the relay's last frame to it: why
+        error = parse_error(unpack_header(told), told)
+        self.assertEqual(error[0], reason)
+        self.assertIn(f"from client {publisher.stats.client_id}", error[1])
         self.assertEqual(dict(relay.totals.rejects), {reason: 1})
         self.assertEqual(publisher.stats.close_reason, reason)
         publisher.dataReceived(good)

@@ -12,20 +12,29 @@ import re
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 
 import pytest
+import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
 
-from twisted_relay.client import BlockingClient
+from twisted_relay.client import BlockingClient, RelayClientProtocol, relay_service
 from twisted_relay.control import control_frame
-from twisted_relay.wire import build_frame
+from twisted_relay.wire import Domain, build_frame
 
-from .helpers import free_ports
+from .helpers import frames_for, free_ports
 from .relayprocess import RelayProcess
+
+COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -155,3 +164,68 @@ def test_plainTcpWarning(interface: str, warned: bool) -> None:
     log = relay.log()
     shutil.rmtree(directory, ignore_errors=True)
     assert ("is plain TCP on" in log) is warned, log
+
+
+@pytest_twisted.ensureDeferred
+async def test_clientsOverTLS(pki) -> None:
+    """
+    Both client classes and the CLI speak TLS with a client certificate,
+    given as Twisted's client endpoint strings (tls: and ssl:); a file that
+    cannot be read is one line.
+    """
+    directory, files = pki
+    (port,) = free_ports(1)
+    roots = os.path.join(directory, "roots")
+    os.mkdir(roots)
+    shutil.copy(files["ca"][0], os.path.join(roots, "ca.pem"))
+    server_crt, server_key = files["localhost"]
+    relay = RelayProcess(
+        directory, "--domain", "execution",
+        "--listen",
+        f"ssl:{port}:interface=127.0.0.1:privateKey={server_key}:certKey={server_crt}"
+        f":caCerts={files['ca'][0]}",
+        "--allow-publish", "cn:gateway",
+    ).start().wait_listening()
+    crt, key = files["gateway"]
+    tls = f"tls:host=localhost:port={port}:trustRoots={roots}:certificate={crt}:privateKey={key}"
+    ssl_form = f"ssl:localhost:{port}:caCertsDir={roots}:certKey={crt}:privateKey={key}"
+    orders = frames_for(Domain.EXECUTION, 6, source=42)
+    received: list[bytes] = []
+    six: Deferred[None] = Deferred()
+
+    class Subscriber(RelayClientProtocol):
+        def frameReceived(self, header, frame) -> None:
+            received.append(frame)
+            if len(received) == 6:
+                six.callback(None)
+
+    service = relay_service(reactor, tls, Factory.forProtocol(Subscriber))
+    service.startService()
+    try:
+        subscriber = await service.whenConnected(failAfterFailures=20)
+        await subscriber.account().addTimeout(10, reactor)  # subscribed: it has an account
+        with BlockingClient(ssl_form) as publisher:
+            publisher.introduce(publish_only=True)
+            publisher.publish(b"".join(orders[:3]))
+            assert publisher.flush().accepted == 3
+        published = await deferToThread(
+            subprocess.run,
+            [COMMAND, "replay", os.path.join(directory, "audit"), "--to", tls],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert published.returncode == 0, published.stderr
+        assert "the relay accepted all 3" in published.stdout
+        await six.addTimeout(10, reactor)
+        assert received == orders[:3] * 2
+        unreadable = await deferToThread(
+            subprocess.run,
+            [COMMAND, "tap", tls.replace(crt, "/nonexistent.crt"), "--domain", "execution"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert unreadable.returncode == 1
+        assert unreadable.stderr.startswith("twisted-relay: cannot connect to tls:") and (
+            "cannot load the TLS files" in unreadable.stderr
+        ), unreadable.stderr
+    finally:
+        await service.stopService()
+        relay.stop()

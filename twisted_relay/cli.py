@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import NoReturn, cast
 
 from . import __version__
-from .audit import AuditDamage, LogReader, Record, audit_paths, verify
+from .audit import AuditDamage, LogFollower, LogReader, Record, audit_paths, verify
 from .client import BlockingClient, PublishRefused, RelayClosed, RelayDead
 from .control import BUSY, NO_AUDIT_LOG, NOT_SUBSCRIBED, REPLAYING
 from .domains import UnknownDomain, find_domain
@@ -516,18 +516,22 @@ def _line_frames(stream: io.BufferedReader, path: str) -> Iterator[bytes]:
 
 
 def deliver(
-    relay: BlockingClient, frames: Iterable[bytes], args: argparse.Namespace
-) -> tuple[int, int, Failed | None]:
+    relay: BlockingClient,
+    frames: Iterable[bytes],
+    args: argparse.Namespace,
+    batch_size: int = WRITE_BATCH,
+) -> tuple[int, int, BaseException | None]:
     """
     Send C{frames} in batches, at --rate if given: the frames and bytes
-    sent, and what stopped them early (a frame that may not be sent).
+    sent, and what stopped them early (a frame that may not be sent, or
+    Ctrl-C).
     """
     rate = args.rate
     progress = sys.stderr.isatty()
     started = shown = time.monotonic()
     sent = size = 0
     batch: list[bytes] = []
-    stopped = None
+    stopped: BaseException | None = None
 
     def send() -> None:
         nonlocal sent, size, batch
@@ -544,7 +548,7 @@ def deliver(
     try:
         for frame in frames:
             batch.append(frame)
-            if len(batch) < WRITE_BATCH and not rate:
+            if len(batch) < batch_size and not rate:
                 continue
             send()
             if rate:
@@ -554,7 +558,7 @@ def deliver(
             if progress and time.monotonic() - shown > 0.2:
                 shown = time.monotonic()
                 sys.stderr.write(f"\r{sent:,} frames sent")
-    except Failed as reason:
+    except (Failed, KeyboardInterrupt) as reason:
         stopped = reason
     if batch:
         send()
@@ -831,13 +835,13 @@ def time_ns(text: str) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
-def log_paths(directory: str) -> list[str]:
-    """The audit files of C{directory}, oldest first; at least one."""
+def log_paths(directory: str, allow_empty: bool = False) -> list[str]:
+    """The audit files of C{directory}, oldest first; at least one, unless C{allow_empty}."""
     try:
         paths = audit_paths(directory)
     except OSError as e:
         raise Failed(f"cannot read the audit directory {directory}: {e.strerror}") from None
-    if not paths:
+    if not paths and not allow_empty:
         raise Failed(f"no audit files in {directory}")
     return paths
 
@@ -856,12 +860,23 @@ def kept(records: Iterator[Record], args: argparse.Namespace) -> Iterator[Record
             yield record
 
 
-def replay(args: argparse.Namespace) -> None:
+def replay(args: argparse.Namespace) -> int:
     # The directory is checked now, before --to connects to a relay.
-    records = kept(iter(LogReader(log_paths(args.directory))), args)
-    if args.endpoint:
-        republish(records, args)
-        return
+    log_paths(args.directory, allow_empty=args.follow)
+    reader = LogFollower(args.directory) if args.follow else LogReader(audit_paths(args.directory))
+    records = kept(iter(reader), args)
+    try:
+        if args.endpoint:
+            republish(records, args)
+        else:
+            show(records, args)
+    except KeyboardInterrupt:
+        return 130  # --follow ends so; what was republished is accounted for
+    return 0
+
+
+def show(records: Iterator[Record], args: argparse.Namespace) -> None:
+    """Print C{records}, one line each (--follow: each as it comes)."""
     try:
         for record in records:
             header = unpack_header(record.frame)
@@ -876,17 +891,22 @@ def replay(args: argparse.Namespace) -> None:
                     f"#{record.index} received {received:%Y-%m-%dT%H:%M:%S.%fZ} client "
                     f"{record.client_id}  {describe(header, record.frame, False)}"
                 )
-            print(line)
+            print(line, flush=args.follow)
     except AuditDamage as damage:
         sys.stdout.flush()  # the frames before the damage come before the error
         raise Failed(f"the audit log is damaged: {damage}") from None
 
 
 def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
-    """Send the frames of C{records} to the relay at --to, byte for byte, in log order."""
+    """
+    Send the frames of C{records} to the relay at --to, byte for byte, in log
+    order (--follow: each as it is logged, until Ctrl-C), then the relay's account.
+    """
     with connect(args) as relay:
         introduce(relay, args, publish_only=True)
-        sent, size, stopped = deliver(relay, _logged_frames(records), args)
+        sent, size, stopped = deliver(
+            relay, _logged_frames(records), args, 1 if args.follow else WRITE_BATCH
+        )
         settle(relay, args, sent, f"republished {sent:,} frames ({size:,} bytes) to {args.endpoint}")
     if stopped is not None:
         raise stopped
@@ -943,7 +963,9 @@ def parser() -> argparse.ArgumentParser:
         command = _command(commands, name, help)
         command.add_argument(
             "endpoint", nargs="?",
-            help="a socket path, unix:path=PATH or tcp:host=HOST:port=PORT (or unix:PATH, tcp:HOST:PORT) [default: the domain's socket]",
+            help="a socket path, or a Twisted client endpoint: unix:path=PATH, tcp:host=HOST:port=PORT, "
+            "tls:host=HOST:port=PORT:trustRoots=DIR:certificate=FILE:privateKey=FILE (or "
+            "unix:PATH, tcp:HOST:PORT, ssl:...) [default: the domain's socket]",
         )
         command.add_argument("--domain", default="market", help="relay domain [default: market]")
         return command
@@ -1048,7 +1070,7 @@ def parser() -> argparse.ArgumentParser:
     replay_command.add_argument("--json", action="store_true", help="one JSON object per frame, frame bytes in hex")
     replay_command.add_argument(
         "--to", dest="endpoint", metavar="ENDPOINT",
-        help="republish the frames to the relay at a socket path, unix:path=PATH or tcp:host=HOST:port=PORT",
+        help="republish the frames to the relay at a socket path or endpoint (as tap and publish take it)",
     )
     replay_command.add_argument(
         "--domain", default="execution", help="domain of the --to relay [default: execution]"
@@ -1061,6 +1083,10 @@ def parser() -> argparse.ArgumentParser:
         help="only frames received from TIME on: nanoseconds since the epoch or ISO-8601 (naive: UTC)",
     )
     replay_command.add_argument("--until", type=time_ns, metavar="TIME", help="only frames received up to TIME")
+    replay_command.add_argument(
+        "--follow", action="store_true",
+        help="go on with each frame logged after the end, across the log's files, until Ctrl-C",
+    )
     replay_command.add_argument(
         "--rate", type=positive(float), help="with --to: frames per second [default: as fast as possible]"
     )

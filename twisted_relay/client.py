@@ -8,9 +8,12 @@ relay.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import random
 import re
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -371,7 +374,8 @@ def _fields(description: str) -> tuple[str, list[str], dict[str, str]]:
 def socket_address(address: str) -> tuple[int, str | tuple[str, int]]:
     """
     The socket family and address of C{address} (a socket path, or a
-    C{unix:} or C{tcp:} endpoint string, positional or named arguments).
+    C{unix:}, C{tcp:}, C{tls:} or C{ssl:} endpoint string, positional or
+    named arguments).
 
     @raise ValueError: with one line saying what is wrong with it.
     """
@@ -381,15 +385,59 @@ def socket_address(address: str) -> tuple[int, str | tuple[str, int]]:
         if not path:
             raise ValueError(f"{address} names no socket path: give unix:path=PATH")
         return socket.AF_UNIX, path
-    if kind == "tcp":
+    if kind in _NETWORK:
         host = named.get("host") or (positional[0] if positional else "")
         port = named.get("port") or (positional[1] if len(positional) > 1 else "")
         if not host or not port.isdigit():
             raise ValueError(
-                f"{address} needs a host and a port: give tcp:host=HOST:port=PORT or tcp:HOST:PORT"
+                f"{address} needs a host and a port: give {kind}:host=HOST:port=PORT or "
+                f"{kind}:HOST:PORT"
             )
         return socket.AF_INET, (host, int(port))
-    raise ValueError(f"{address}: endpoint type {kind!r} is not one of unix, tcp")
+    raise ValueError(f"{address}: endpoint type {kind!r} is not one of unix, tcp, tls, ssl")
+
+
+#: The endpoint types on a network, and for TLS, the names of their arguments
+#: (as Twisted's client endpoints take them): trust roots, certificate.
+_NETWORK = {"tcp": None, "tls": ("trustRoots", "certificate"), "ssl": ("caCertsDir", "certKey")}
+
+
+def tls_context(address: str) -> ssl.SSLContext | None:
+    """
+    The TLS context for a C{tls:} or C{ssl:} endpoint string, as Twisted's
+    client endpoints read their arguments (C{None} for any other address):
+    the relay's certificate is checked against the C{.pem} files of the
+    C{trustRoots} (C{caCertsDir}) directory, or for C{tls:} without one the
+    system's authorities; C{ssl:} without one checks nothing, as Twisted's
+    does. C{certificate} (C{certKey}) and C{privateKey} are this client's.
+
+    @raise ValueError: a file cannot be read, with one line saying which.
+    """
+    kind, _, named = _fields(endpoint_string(address))
+    if kind not in ("tls", "ssl"):
+        return None
+    roots_name, certificate_name = cast("tuple[str, str]", _NETWORK[kind])
+    roots, certificate = named.get(roots_name), named.get(certificate_name)
+    try:
+        if roots:
+            pems = [
+                entry.path for entry in os.scandir(roots) if entry.name.lower().endswith(".pem")
+            ]
+            if not pems:
+                raise ValueError(f"{roots_name}={roots} holds no .pem file of authorities")
+            context = ssl.create_default_context(
+                cadata="".join(pathlib.Path(path).read_text() for path in sorted(pems))
+            )
+        else:
+            context = ssl.create_default_context()
+            if kind == "ssl":
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        if certificate:
+            context.load_cert_chain(certificate, named.get("privateKey") or certificate)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the TLS files of {address}: {e}") from None
+    return context
 
 
 def relay_service(
@@ -398,7 +446,8 @@ def relay_service(
     """
     A service that keeps a connection to the relay at the client endpoint
     string C{endpoint} (C{unix:path=/tmp/torq/market_data.sock},
-    C{tcp:host=10.0.0.5:port=7001}, or a bare socket path), reconnecting with
+    C{tcp:host=10.0.0.5:port=7001}, C{tls:host=relay:port=7001:trustRoots=DIR:
+    certificate=FILE:privateKey=FILE}, or a bare socket path), reconnecting with
     exponential backoff and jitter whenever it is lost.
     """
     return ClientService(
@@ -411,12 +460,14 @@ def relay_service(
 class BlockingClient(Declaring):
     """
     A relay client for scripts, on a plain socket: connect to a Unix socket
-    path or a C{unix:} or C{tcp:} endpoint string (L{socket_address}), send
-    frames, iterate over the frames received.
+    path or a C{unix:}, C{tcp:}, C{tls:} or C{ssl:} endpoint string
+    (L{socket_address}, L{tls_context}), send frames, iterate over the frames
+    received.
     """
 
     def __init__(self, address: str, max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
         family, where = socket_address(address)
+        context = tls_context(address)
         if family == socket.AF_UNIX:
             self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -425,7 +476,14 @@ class BlockingClient(Declaring):
                 self.socket.close()
                 raise
         else:
-            self.socket = socket.create_connection(cast("tuple[str, int]", where))
+            host, port = cast("tuple[str, int]", where)
+            self.socket = socket.create_connection((host, port))
+            if context is not None:
+                try:
+                    self.socket = context.wrap_socket(self.socket, server_hostname=host)
+                except OSError:
+                    self.socket.close()
+                    raise
         self._framer = Framer(max_frame_size)
         self._tokens = count(1)
         self._ready: deque[tuple[Header, bytes]] = deque()
@@ -606,7 +664,7 @@ class BlockingClient(Declaring):
                     f"heartbeat intervals)"
                 ) from None
             return False
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):
             data = b""  # closed all the same, with what it said before kept
         if not data:
             self.connected = False

@@ -18,7 +18,7 @@ from .format import (
     audit_files,
     audit_paths,
 )
-from .reader import LogReader, VerifyReport, verify
+from .reader import LogFollower, LogReader, VerifyReport, verify
 from .writer import AuditLog, audit_records, audit_records_python
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "AuditDamage",
     "AuditFile",
     "AuditLog",
+    "LogFollower",
     "LogReader",
     "Position",
     "Record",
