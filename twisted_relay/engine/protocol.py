@@ -147,6 +147,7 @@ class RelayProtocol(Protocol):
         """
         self._closing = True
         self.stats.close_reason = error.reason
-        told = error_frame(self.factory.logic.domain, error.reason, str(error))
+        where = "" if error.offset is None else f" at offset {error.offset} of its stream"
+        told = error_frame(self.factory.logic.domain, error.reason, error.detail + where)
         self.outbox.send([told], 0, len(told))
         self.outbox.flushAndClose(self.factory.delivery.stall_timeout)
