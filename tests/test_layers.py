@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("client", ["client"]),
-    ("bridge", ["bridge.messages", "bridge.outbound", "bridge.inbound", "bridge.service", "bridge"]),
+    ("bridge", ["bridge.messages", "bridge.connection", "bridge.outbound", "bridge.inbound", "bridge.service", "bridge"]),
     ("app", ["app.endpoints", "app.status", "app.services", "app.tap", "app"]),
     ("tools", ["testing", "cli"]),
 ]

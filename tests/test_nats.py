@@ -1,6 +1,7 @@
 """
 The NATS bridge against a real 3-node NATS cluster on loopback and real
-relay processes: relay A uses node 1, relay B node 3.
+relay processes: relay A uses node 1, relay B node 3; and against single
+nats-server processes that ask for a password or TLS client certificates.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,11 +22,18 @@ import pytest
 
 from twisted_relay.audit import LogReader, audit_paths
 from twisted_relay.client import BlockingClient
-from twisted_relay.testing import NatsCluster, bridged_relay, start_bridged
+from twisted_relay.testing import (
+    NatsCluster,
+    bridged_relay,
+    free_ports,
+    nats_server,
+    start_bridged,
+)
 from twisted_relay.wire import build_frame
 
 from .helpers import orders
 from .relayprocess import RelayProcess, limit_file_size
+from .test_tls import pki  # noqa: F401 (a fixture)
 
 TIMEOUT = 30.0
 PROBE_SOURCE = 99
@@ -382,3 +392,195 @@ def test_execution_gap_of_expired_messages(relays, cluster) -> None:
     assert "expired before this relay read them" in relay_b.log()
     assert health(url_b)["nats"]["stream_gaps"] >= 1
     assert audited_from_nats(audit) == frames[:100] + frames[200:]
+
+
+def test_execution_stop_with_nats_down(relays, cluster) -> None:
+    """
+    An execution relay stopped while every NATS node is down says in one
+    warning how many orders never reached the stream, with no traceback.
+    """
+    path_a, _, relay_a = relays("hostA", 0, "execution")
+    cluster.stop()
+    with BlockingClient(path_a) as publisher:
+        publisher.introduce(publish_only=True)
+        publisher.publish(b"".join(orders(100)))
+        deadline = time.monotonic() + TIMEOUT
+        while "client 1 disconnected" not in relay_a.log():
+            assert time.monotonic() < deadline, relay_a.log()
+            publisher.close()
+            time.sleep(0.05)
+    relay_a.stop()
+    log = relay_a.log()
+    assert "Server Shut Down" in log, log
+    assert "NATS bridge stopping with 100 frames not published" in log, log
+    assert "Traceback" not in log and "#critical" not in log, log
+
+
+@pytest.fixture
+def nats_node():
+    """Start one nats-server with the given arguments: its client port, once it answers."""
+    workdir = tempfile.mkdtemp(prefix="tr-nats-", dir="/tmp")
+    processes: list[subprocess.Popen] = []
+
+    def start(*args: str) -> int:
+        port, monitor = free_ports(2)
+        log = open(os.path.join(workdir, f"nats-{port}.log"), "wb")
+        processes.append(
+            subprocess.Popen(
+                [nats_server(), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        log.close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz", timeout=2):
+                    return port
+            except OSError:
+                assert time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.1)
+
+    yield start, workdir
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bridged(
+    workdir: str, name: str, nats: str, *args: str, domain: str = "market", env=None
+) -> tuple[str, RelayProcess]:
+    """A relay bridged to C{nats} with C{args}, started: its status URL and process."""
+    (port,) = free_ports(1)
+    relay = RelayProcess(
+        workdir, "--domain", domain, "--listen", f"unix:{workdir}/{name}.sock",
+        "--http", f"tcp:{port}:interface=127.0.0.1", "--nats", nats, "--relay-id", name,
+        *args, env=env,
+    )
+    return f"http://127.0.0.1:{port}", relay.start()
+
+
+def logged(relay: RelayProcess, text: str) -> str:
+    """The relay's log once it holds C{text} (bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while text not in (log := relay.log()):
+        assert relay.process.poll() is None and time.monotonic() < deadline, log
+        time.sleep(0.05)
+    return log
+
+
+def shown(url: str, relay: RelayProcess) -> dict[str, str]:
+    """What the relay shows of itself: its log, /health, status and its process arguments."""
+    status = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "twisted-relay"), "status", url],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    with open(f"/proc/{relay.process.pid}/cmdline", "rb") as f:
+        arguments = f.read().replace(b"\0", b" ").decode()
+    return {
+        "log": relay.log(),
+        "health": json.dumps(health(url)),
+        "status": status.stdout,
+        "arguments": arguments,
+    }
+
+
+def test_password_never_shown(nats_node) -> None:
+    """
+    A password from a file or from the environment gets the bridge into a
+    server that asks for one, and is in none of the relay's log, /health,
+    status or process arguments; one in the URL (warned against) is in the
+    arguments alone, and shown as *** everywhere else.
+    """
+    start, workdir = nats_node
+    secret = "s3cret-Pa55word"
+    port = start("--user", "relay", "--pass", secret)
+    user_file = os.path.join(workdir, "nats-user")
+    with open(user_file, "w") as f:
+        f.write(f"relay:{secret}\n")
+    server = f"nats://127.0.0.1:{port}"
+    relays = {
+        "file": bridged(workdir, "fromfile", server, "--nats-user-file", user_file),
+        "environment": bridged(
+            workdir, "fromenv", server, env={"NATS_USER": "relay", "NATS_PASSWORD": secret}
+        ),
+        "url": bridged(workdir, "inurl", f"nats://relay:{secret}@127.0.0.1:{port}"),
+    }
+    try:
+        for how, (url, relay) in relays.items():
+            logged(relay, "NATS bridge connected")
+            seen = shown(url, relay)
+            if how == "url":
+                assert secret in seen.pop("arguments")
+                assert "show in the process arguments" in seen["log"], seen["log"]
+                assert json.loads(seen["health"])["nats"]["servers"] == [
+                    f"nats://***@127.0.0.1:{port}"
+                ]
+            for where, text in seen.items():
+                assert secret not in text, (how, where, text)
+    finally:
+        for _, relay in relays.values():
+            relay.stop()
+
+
+def test_wrong_password_retried(nats_node) -> None:
+    """A refused password is a retry line that says what failed, and the relay carries on."""
+    start, workdir = nats_node
+    port = start("--user", "relay", "--pass", "right")
+    url, relay = bridged(
+        workdir, "wrong", f"nats://127.0.0.1:{port}",
+        env={"NATS_USER": "relay", "NATS_PASSWORD": "wrong"},
+    )
+    try:
+        log = logged(relay, "; retrying")
+        assert re.search(
+            rf"cannot connect to NATS at nats://127.0.0.1:{port} yet: .*[Aa]uthorization", log
+        ), log
+        assert health(url)["nats"]["connected"] is False
+    finally:
+        relay.stop()
+
+
+def test_tls_client_certificate(nats_node, pki) -> None:  # noqa: F811
+    """
+    A server that requires TLS client certificates takes the bridge given
+    --nats-tls-ca/--nats-tls-cert/--nats-tls-key; without them the bridge
+    says it cannot connect and retries.
+    """
+    start, workdir = nats_node
+    _, files = pki
+    (ca, _), (cert, key) = files["ca"], files["localhost"]
+    port = start("--tls", "--tlscert", cert, "--tlskey", key, "--tlscacert", ca, "--tlsverify")
+    server = f"nats://localhost:{port}"
+    gateway_cert, gateway_key = files["gateway"]
+    url, relay = bridged(
+        workdir, "tls", server,
+        "--nats-tls-ca", ca, "--nats-tls-cert", gateway_cert, "--nats-tls-key", gateway_key,
+    )
+    _, refused = bridged(workdir, "plain", server)
+    try:
+        logged(relay, "NATS bridge connected")
+        assert health(url)["nats"]["connected"] is True
+        assert "NATS bridge connected" not in logged(refused, "; retrying")
+    finally:
+        relay.stop()
+        refused.stop()
+
+
+def test_jetstream_missing_said(nats_node) -> None:
+    """An execution relay on a server without JetStream says what it waits for."""
+    start, workdir = nats_node
+    port = start()
+    _, relay = bridged(
+        workdir, "nojs", f"nats://127.0.0.1:{port}",
+        "--audit-dir", os.path.join(workdir, "audit"), domain="execution",
+    )
+    try:
+        log = logged(relay, "; retrying")
+        assert re.search(
+            r"JetStream does not answer for stream TORQ_EXECUTION yet: .+; retrying in", log
+        ), log
+    finally:
+        relay.stop()
