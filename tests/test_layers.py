@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "engine",
         [
+            "engine.logger",
             "engine.accounting",
             "engine.delivery",
             "engine.writeahead",
@@ -36,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     ("client", ["client"]),
     ("bridge", ["bridge.messages", "bridge.connection", "bridge.outbound", "bridge.inbound", "bridge.service", "bridge"]),
-    ("app", ["app.endpoints", "app.status", "app.services", "app.tap", "app"]),
+    ("app", ["app.endpoints", "app.logs", "app.status", "app.services", "app.tap", "app"]),
     ("tools", ["testing", "cli"]),
 ]
 RANK = {

@@ -32,6 +32,7 @@ from ..engine.writeahead import WriterThread
 from ..interfaces import IRelayLogic
 from ..validation import FramePolicy
 from .endpoints import server_endpoint
+from .logs import twistd_observer
 from .services import ListeningService, RelayService, RelayServices
 from .status import status_site
 
@@ -445,6 +446,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         clock=cast(IReactorTime, reactor),
     )
     top = RelayServices()
+    top.log_observer = twistd_observer(options, cast(IReactorTime, reactor))
     RelayService(
         factory,
         options["stats-interval"],

@@ -25,9 +25,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType
 from nats.js.errors import APIError, NotFoundError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from ..engine.delivery import HIGH_WATER
+from ..engine.logger import RelayLogger
 from ..engine.relay import RelayFactory
 from ..ratelimit import RateLimiter
 from .connection import NatsConnection, redact
@@ -70,7 +70,7 @@ class State(Enum):
 class NatsBridge(Service):
     """Connects the relay to NATS and carries its broadcast both ways."""
 
-    log = Logger()
+    log = RelayLogger(namespace="relay.nats")
 
     def __init__(
         self,
