@@ -6,6 +6,8 @@ nats-server processes that ask for a password or TLS client certificates.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -584,3 +586,77 @@ def test_jetstream_missing_said(nats_node) -> None:
         ), log
     finally:
         relay.stop()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _jwt(subject: str, name: str, nats: dict, signer) -> str:
+    """A NATS JWT (ed25519-nkey) for C{subject}, signed by the key pair C{signer}."""
+    claims = {
+        "iat": int(time.time()), "iss": signer.public_key.decode(), "name": name,
+        "sub": subject, "nats": {"version": 2, **nats},
+    }
+    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims).encode()).digest()).decode()
+    signed = _b64(b'{"typ":"JWT","alg":"ed25519-nkey"}') + "." + _b64(json.dumps(claims).encode())
+    return signed + "." + _b64(signer.sign(signed.encode()))
+
+
+def operator_mode(directory: str) -> tuple[str, str, str]:
+    """
+    An operator, an account and a user, as nsc would make them: the server's
+    configuration (operator JWT, the account preloaded), the user's .creds
+    file, and the user's NKEY seed.
+    """
+    import nkeys
+
+    def keys(prefix: int):
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return nkeys.from_seed(bytearray(seed)), seed.decode()
+
+    (operator, _), (account, _), (user, seed) = (
+        keys(nkeys.PREFIX_BYTE_OPERATOR), keys(nkeys.PREFIX_BYTE_ACCOUNT), keys(nkeys.PREFIX_BYTE_USER)
+    )
+    unlimited = dict.fromkeys(["subs", "data", "payload", "imports", "exports", "conn", "leaf"], -1)
+    account_id = account.public_key.decode()
+    config, creds = os.path.join(directory, "operator.conf"), os.path.join(directory, "relay.creds")
+    with open(config, "w") as f:
+        f.write(
+            f"operator: {_jwt(operator.public_key.decode(), 'op', {'type': 'operator'}, operator)}\n"
+            f"resolver: MEMORY\nresolver_preload: {{\n  {account_id}: "
+            f"{_jwt(account_id, 'torq', {'type': 'account', 'limits': unlimited}, operator)}\n}}\n"
+        )
+    user_jwt = _jwt(
+        user.public_key.decode(), "relay",
+        {"type": "user", "subs": -1, "data": -1, "payload": -1}, account,
+    )
+    with open(creds, "w") as f:
+        f.write(
+            f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    os.chmod(creds, 0o600)
+    return config, creds, seed
+
+
+def test_creds_file(nats_node) -> None:
+    """
+    A server in operator mode (JWT accounts) takes the bridge given the
+    user's .creds file; the user's NKEY seed is shown nowhere, and a relay
+    without credentials is refused.
+    """
+    start, workdir = nats_node
+    config, creds, seed = operator_mode(workdir)
+    port = start("-c", config)
+    url, relay = bridged(workdir, "creds", f"nats://127.0.0.1:{port}", "--nats-creds", creds)
+    _, refused = bridged(workdir, "nocreds", f"nats://127.0.0.1:{port}")
+    try:
+        log = logged(relay, "NATS bridge connected")
+        assert f"(credentials file {creds})" in log, log
+        for where, text in shown(url, relay).items():
+            assert seed not in text, (where, text)
+        assert "NATS bridge connected" not in logged(refused, "; retrying")
+    finally:
+        relay.stop()
+        refused.stop()
