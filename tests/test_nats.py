@@ -234,17 +234,19 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
         # bridge stops before the audit log closes.
         relay_b.stop()
         assert "audit log write failed" not in relay_b.log(), relay_b.log()
+        audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
+        before = len(audited_from_nats(audit))
         for start in range(1500, 3000, 50):
             publisher.publish(b"".join(frames[start : start + 50]))
             time.sleep(0.01)
         relay_b.start().wait_listening(2)
         deadline = time.monotonic() + 60
-        while health(url_b)["nats"]["frames_in"] < 1500:
+        # frames_in counts from the restart: the rest of the orders
+        while health(url_b)["nats"]["frames_in"] < len(frames) - before:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.2)
     bridge_a = health(url_a)["nats"]
     assert bridge_a["retries"] > 0 and bridge_a["frames_dropped"] == 0
-    audit = os.path.join(os.path.dirname(path_b), "hostB-audit")
     assert audited_from_nats(audit) == frames
 
 
@@ -571,21 +573,35 @@ def test_tls_client_certificate(nats_node, pki) -> None:  # noqa: F811
         refused.stop()
 
 
-def test_jetstream_missing_said(nats_node) -> None:
-    """An execution relay on a server without JetStream says what it waits for."""
+def test_jetstream_waits_said(nats_node) -> None:
+    """
+    An execution relay that cannot set up its stream yet says what it waits
+    for: a server without JetStream, or a stream it cannot create (three
+    replicas asked of a single server, as of a cluster still forming).
+    """
     start, workdir = nats_node
-    port = start()
-    _, relay = bridged(
-        workdir, "nojs", f"nats://127.0.0.1:{port}",
-        "--audit-dir", os.path.join(workdir, "audit"), domain="execution",
+    plain, single = start(), start("-js", "-sd", os.path.join(workdir, "js"))
+    _, no_jetstream = bridged(
+        workdir, "nojs", f"nats://127.0.0.1:{plain}",
+        "--audit-dir", os.path.join(workdir, "audit-nojs"), domain="execution",
+    )
+    _, no_stream = bridged(
+        workdir, "nostream", f"nats://127.0.0.1:{single}", "--nats-replicas", "3",
+        "--audit-dir", os.path.join(workdir, "audit-nostream"), domain="execution",
     )
     try:
-        log = logged(relay, "; retrying")
+        log = logged(no_jetstream, "; retrying")
         assert re.search(
-            r"JetStream does not answer for stream TORQ_EXECUTION yet: .+; retrying in", log
+            r"JetStream does not answer for stream TORQ_EXECUTION yet: .+; retrying in 0.5s", log
+        ), log
+        log = logged(no_stream, "; retrying")
+        assert re.search(
+            r"JetStream stream TORQ_EXECUTION not found yet, nor created: .+; retrying in 0.5s",
+            log,
         ), log
     finally:
-        relay.stop()
+        no_jetstream.stop()
+        no_stream.stop()
 
 
 def _b64(data: bytes) -> str:
