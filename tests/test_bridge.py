@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from nats.aio.msg import Msg
 from twisted.python import usage
@@ -195,8 +197,8 @@ class ConnectionTests(SynchronousTestCase):
     """How the bridge authenticates comes from files or the environment, and is never shown."""
 
     def setUp(self) -> None:
-        self.directory = self.mktemp()
-        os.mkdir(self.directory)
+        self.directory = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory, True)
 
     def file(self, text: str) -> str:
         path = os.path.join(self.directory, str(len(os.listdir(self.directory))))
