@@ -230,11 +230,16 @@ def test_file_descriptor_limit(hostile):
         except OSError:
             break  # the backlog is full too
     hostile.intact(subscriber, publisher)
-    wait_for_log(hostile.relay, "EMFILE encountered")
+    wait_for_log(hostile.relay, "refused a connection: the relay is at its limit of open files")
     hostile.close_sockets()
     assert settle(lambda: descriptors(hostile.pid), baseline) <= baseline
     subscriber, publisher = hostile.pair("market")
     hostile.intact(subscriber, publisher)
+    # The refusals after the first are one counted line, not a line each.
+    wait_for_log(hostile.relay, "connections in 10s at the limit of open files", timeout=15)
+    log = hostile.relay.log()
+    assert "EMFILE" not in log, log
+    assert log.count("refused a connection") == 1, log
 
 
 def test_stuck_and_filtered_subscribers(hostile):

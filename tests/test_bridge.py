@@ -7,12 +7,18 @@ in test_nats.py.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from nats.aio.msg import Msg
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_relay.app import tap
+from twisted_relay.bridge.connection import NatsConnection, redact
 from twisted_relay.bridge.messages import Subjects, message_id, origin_of, pieces
 from twisted_relay.bridge.service import NatsBridge, State
 from twisted_relay.control import control_frame
@@ -27,7 +33,7 @@ class InboundTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.relay = make_relay(Domain.EXECUTION)
-        self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.bridge = NatsBridge(self.relay, NatsConnection(["nats://127.0.0.1:4222"]), "hostB")
         self.relay.outlet = self.bridge
         self.subscriber = connect(self.relay)
         self.frames = frames_for(Domain.EXECUTION, 3)
@@ -111,7 +117,7 @@ class AcknowledgementTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.relay = audited_relay(self)
-        self.bridge = NatsBridge(self.relay, ["nats://127.0.0.1:4222"], "hostB")
+        self.bridge = NatsBridge(self.relay, NatsConnection(["nats://127.0.0.1:4222"]), "hostB")
         self.relay.outlet = self.bridge
         self.local = connect(self.relay)
         self.subscriber = connect(self.relay)
@@ -185,6 +191,84 @@ class MessageIdTests(SynchronousTestCase):
             ("torq.execution.hostA", "torq.execution.>", "TORQ_EXECUTION", "relay-hostA"),
         )
         self.assertEqual(origin_of("torq.execution.hostB.extra"), "hostB")
+
+
+class ConnectionTests(SynchronousTestCase):
+    """How the bridge authenticates comes from files or the environment, and is never shown."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+
+    def file(self, text: str) -> str:
+        path = os.path.join(self.directory, str(len(os.listdir(self.directory))))
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_redact(self) -> None:
+        """A user, password or token in a server URL is shown as ***; the rest as given."""
+        self.assertEqual(redact("nats://u:p@h:4222"), "nats://***@h:4222")
+        self.assertEqual(redact("tls://tok@h"), "tls://***@h")
+        self.assertEqual(redact("nats://h:4222"), "nats://h:4222")
+        shown = NatsConnection(["nats://u:p@h:1", "nats://h:2"]).shown
+        self.assertEqual(shown, ["nats://***@h:1", "nats://h:2"])
+
+    def test_userFile(self) -> None:
+        """A USER:PASSWORD file gives nats-py user and password, the servers untouched."""
+        settings = NatsConnection.from_options(
+            ["nats://h:1"], user_file=self.file("relay:pa:ss\n"), environ={}
+        )
+        arguments = settings.connect_arguments()
+        self.assertEqual(
+            (arguments["user"], arguments["password"], arguments["servers"]),
+            ("relay", "pa:ss", ["nats://h:1"]),
+        )
+        self.assertNotIn("pa:ss", repr(settings))
+
+    def test_environment(self) -> None:
+        """NATS_USER and NATS_PASSWORD, or NATS_TOKEN, come from the environment."""
+        env = {"NATS_USER": "relay", "NATS_PASSWORD": "pw"}
+        arguments = NatsConnection.from_options(["h"], environ=env).connect_arguments()
+        self.assertEqual((arguments["user"], arguments["password"]), ("relay", "pw"))
+        arguments = NatsConnection.from_options(
+            ["h"], environ={"NATS_TOKEN": "t"}
+        ).connect_arguments()
+        self.assertEqual(arguments["token"], "t")
+        self.assertNotIn("user", arguments)
+
+    def test_mistakes(self) -> None:
+        """Each mistake is a ValueError naming it."""
+        cases = [
+            ({"user_file": self.file("no-colon\n")}, "should hold USER:PASSWORD"),
+            ({"user_file": self.file("")}, "is empty"),
+            ({"user_file": "/nonexistent/file"}, "cannot read /nonexistent/file"),
+            ({"environ": {"NATS_USER": "u"}}, "NATS_USER and NATS_PASSWORD go together"),
+            (
+                {"token_file": self.file("t\n"), "environ": {"NATS_USER": "u", "NATS_PASSWORD": "p"}},
+                "not a user and password and a token",
+            ),
+            ({"tls_cert": self.file("x")}, "--nats-tls-cert and --nats-tls-key go together"),
+            (
+                {"tls_cert": self.file("x"), "tls_key": self.file("y")},
+                "the NATS TLS settings do not load",
+            ),
+        ]
+        for arguments, message in cases:
+            arguments.setdefault("environ", {})
+            with self.assertRaises(ValueError) as raised:
+                NatsConnection.from_options(["nats://h:1"], **arguments)
+            self.assertIn(message, str(raised.exception))
+        with self.assertRaises(ValueError) as raised:
+            NatsConnection.from_options(["nats://u:p@h"], token_file=self.file("t"), environ={})
+        self.assertIn("credentials in a --nats URL", str(raised.exception))
+
+    def test_onlyWithNats(self) -> None:
+        """A NATS credential option without --nats is a usage error."""
+        options = tap.Options()
+        with self.assertRaises(usage.UsageError) as raised:
+            options.parseOptions(["--nats-user-file", self.file("u:p")])
+        self.assertEqual(str(raised.exception), "--nats-user-file needs --nats")
 
 
 REACTOR_PROBE = """

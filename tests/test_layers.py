@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "engine",
         [
+            "engine.logger",
             "engine.accounting",
             "engine.delivery",
             "engine.writeahead",
@@ -35,8 +36,21 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("client", ["client"]),
-    ("bridge", ["bridge.messages", "bridge.outbound", "bridge.inbound", "bridge.service", "bridge"]),
-    ("app", ["app.endpoints", "app.systemd", "app.status", "app.services", "app.tap", "app"]),
+    (
+        "bridge",
+        [
+            "bridge.messages",
+            "bridge.connection",
+            "bridge.outbound",
+            "bridge.inbound",
+            "bridge.service",
+            "bridge",
+        ],
+    ),
+    (
+        "app",
+        ["app.endpoints", "app.logs", "app.systemd", "app.status", "app.services", "app.tap", "app"],
+    ),
     ("tools", ["testing", "live", "cli"]),
 ]
 RANK = {

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -385,8 +385,9 @@ class RelayServiceTests(SynchronousTestCase):
         self.successResultOf(services.stopService())
         self.assertEqual(domain.calls, ["initialize", "cleanup"])
         [summary] = [e for e in self.events if "starting" in e.get("log_format", "")]
+        [consumers] = [e for e in self.events if "slow consumers" in e.get("log_format", "")]
         self.assertEqual(
-            (summary["name"], summary["checksum"], summary["delivery"]), ("market", "off", "drop")
+            (summary["name"], summary["checksum"], consumers["delivery"]), ("market", "off", "drop")
         )
 
     def test_statusPageOutlivesTheDrain(self) -> None:
@@ -405,6 +406,14 @@ class RelayServiceTests(SynchronousTestCase):
         client.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(stopped)
         self.assertFalse(page.running)
+
+    def test_startupSummaryShort(self) -> None:
+        """The start-up summary is a few lines of at most 120 characters, not one of 400."""
+        self.patch(scan, "NATIVE", True)
+        RelayService(make_relay(), 0).privilegedStartService()
+        lines = [formatEvent(e) for e in self.events]
+        self.assertEqual(len(lines), 3)
+        self.assertLessEqual(max(map(len, lines)), 120, lines)
 
     def test_pythonScanWarned(self) -> None:
         """Without the native scan, the start says so, and why, in a warning of its own."""

@@ -58,9 +58,9 @@ from twisted.internet.ssl import (
     PrivateCertificate,
     trustRootFromCertificates,
 )
-from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..engine.logger import RelayLogger
 from ..paths import UntrustedDirectory, check_directory, make_directories
 
 
@@ -106,7 +106,7 @@ class SocketPathUnavailable(Exception):
 
 @implementer(IStreamServerEndpoint)
 class UnixSocketEndpoint:
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(
         self,

@@ -18,17 +18,19 @@ import sys
 from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from .. import scan
 from ..audit import AuditDamage
+from ..engine.logger import RelayLogger
 from ..engine.relay import RelayFactory
 from ..paths import UntrustedDirectory, check_directory
 from .endpoints import AdoptedUnixEndpoint, UnixSocketEndpoint
@@ -48,7 +50,7 @@ class ListeningService(Service):
     with a one-line reason instead of a traceback.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(
         self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
@@ -128,12 +130,14 @@ class RelayServices(MultiService):
     audit log only once nothing can add a frame to it.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
     #: The NATS bridge, if the relay has one: its stop has two steps of the order.
     bridge: NatsBridge | None = None
     #: The status page's listener, if any: it stops after the drain, so that
     #: meanwhile C{/health} answers 503 "stopping".
     status_page: Service | None = None
+    #: The observer twistd is to log to, if not its own (L{logs.twistd_observer}).
+    log_observer: ILogObserver | None = None
 
     def __init__(self, runner: MutableMapping[str, Any] | None = None) -> None:
         """
@@ -142,6 +146,15 @@ class RelayServices(MultiService):
         """
         super().__init__()
         self.runner = runner
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        """
+        Under twistd the parent is the application, whose L{ILogObserver}
+        component twistd logs to if there is one.
+        """
+        super().setServiceParent(parent)
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def privilegedStartService(self) -> None:
         self._start(super().privilegedStartService)
@@ -225,7 +238,7 @@ class RelayServices(MultiService):
 class RelayService(Service):
     """Runs the domain's life-cycle hooks and the periodic stats line."""
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
     #: Whether the domain and the audit log are set up.
     prepared = False
 
@@ -306,30 +319,35 @@ class RelayService(Service):
                 "slower: {why}",
                 why=scan.FALLBACK_REASON,
             )
+        # A few short lines rather than one of 400 characters.
         self.log.info(
-            "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, "
-            "checksum {checksum}, strict TLV {strict_tlv}, slow consumers: {delivery} "
-            "(high-water {high_water} bytes, low-water {low_water}, stall timeout "
-            "{stall_timeout}s), echo {echo}, scan {scan}, audit log {audit}, heartbeat "
-            "{heartbeat}, may publish: {publishers}, may subscribe: {subscribers}",
+            "{name} relay (domain {domain}) starting: max frame {max_frame} bytes, checksum "
+            "{checksum}, strict TLV {strict_tlv}, scan {scan}",
             name=logic.name,
             domain=logic.domain,
             max_frame=policy.max_frame_size,
             checksum=_onOff(policy.verify_checksum),
             strict_tlv=_onOff(policy.strict_tlv),
+            scan="native" if scan.NATIVE else "pure Python",
+        )
+        self.log.info(
+            "slow consumers: {delivery} (high-water {high_water} bytes, low-water "
+            "{low_water}, stall timeout {stall_timeout}s); echo {echo}; heartbeat {heartbeat}",
             delivery=factory.delivery.policy,
             high_water=factory.delivery.high_water,
             low_water=factory.delivery.low_water,
             stall_timeout=factory.delivery.stall_timeout,
             echo=_onOff(factory.echo),
-            scan="native" if scan.NATIVE else "pure Python",
+            heartbeat=f"{factory.heartbeat_interval:g}s" if factory.heartbeat_interval else "off",
+        )
+        self.log.info(
+            "audit log {audit}; may publish: {publishers}; may subscribe: {subscribers}",
             audit=(
                 f"{factory.writeahead.audit.directory} (fsync "
                 f"{factory.writeahead.fsync_description})"
                 if factory.writeahead is not None
                 else "off"
             ),
-            heartbeat=f"{factory.heartbeat_interval:g}s" if factory.heartbeat_interval else "off",
             publishers=factory.access.publish or "anyone",
             subscribers=factory.access.subscribe or "anyone",
         )

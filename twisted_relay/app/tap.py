@@ -33,6 +33,7 @@ from ..engine.writeahead import WriterThread
 from ..interfaces import IRelayLogic
 from ..validation import FramePolicy
 from .endpoints import server_endpoint
+from .logs import twistd_observer
 from .services import ListeningService, RelayService, RelayServices
 from .status import status_site
 from .systemd import Notifier, SystemdService, error_line
@@ -63,6 +64,17 @@ def _accessList(option: str, entries: list[str], own_uid: bool = False) -> Acces
         return AccessList(entries) if entries else None
     except ValueError as e:
         raise usage.UsageError(f"--{option}: {e}") from None
+
+
+#: The options that only mean something with --nats.
+_NATS_ONLY = (
+    "nats-user-file",
+    "nats-token-file",
+    "nats-creds",
+    "nats-tls-ca",
+    "nats-tls-cert",
+    "nats-tls-key",
+)
 
 
 class Options(usage.Options):
@@ -181,6 +193,24 @@ Examples:
             "servers (nats://HOST:PORT, comma-separated) [default: off].",
         ],
         [
+            "nats-user-file",
+            None,
+            None,
+            "A file whose first line is USER:PASSWORD for NATS [default: NATS_USER and "
+            "NATS_PASSWORD from the environment, if set].",
+        ],
+        [
+            "nats-token-file",
+            None,
+            None,
+            "A file whose first line is the NATS token [default: NATS_TOKEN from the "
+            "environment, if set].",
+        ],
+        ["nats-creds", None, None, "A NATS .creds file (user JWT and NKEY seed)."],
+        ["nats-tls-ca", None, None, "CA certificates (PEM) that NATS servers are checked against."],
+        ["nats-tls-cert", None, None, "Client certificate (PEM) presented to NATS servers."],
+        ["nats-tls-key", None, None, "Private key (PEM) of --nats-tls-cert."],
+        [
             "relay-id",
             None,
             re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()),
@@ -252,6 +282,10 @@ Examples:
     def postOptions(self) -> None:
         if self["nats"]:
             self._natsOptions()
+        else:
+            for name in _NATS_ONLY:
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --nats")
         try:
             self["logic"] = logic = find_domain(self["domain"])
         except UnknownDomain as e:
@@ -314,11 +348,24 @@ Examples:
         so the relay runs on Twisted's asyncio reactor, installed here unless
         another one was chosen (twistd -r).
         """
-        self["nats"] = [url.strip() for url in self["nats"].split(",") if url.strip()]
         if importlib.util.find_spec("nats") is None:  # imported by the bridge alone
             raise usage.UsageError(
                 "--nats needs the NATS client: pip install 'twisted_relay[nats]'"
             )
+        from ..bridge.connection import NatsConnection
+
+        try:
+            self["nats"] = NatsConnection.from_options(
+                [url.strip() for url in self["nats"].split(",") if url.strip()],
+                user_file=self["nats-user-file"],
+                token_file=self["nats-token-file"],
+                creds=self["nats-creds"],
+                tls_ca=self["nats-tls-ca"],
+                tls_cert=self["nats-tls-cert"],
+                tls_key=self["nats-tls-key"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if "twisted.internet.reactor" not in sys.modules:
             from twisted.internet import asyncioreactor
 
@@ -414,6 +461,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
         clock=cast(IReactorTime, reactor),
     )
     top = RelayServices(getattr(options, "parent", None))
+    top.log_observer = twistd_observer(options, cast(IReactorTime, reactor))
     RelayService(
         factory,
         options["stats-interval"],

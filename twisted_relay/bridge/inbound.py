@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
-from twisted.logger import Logger
 
 from ..engine.accounting import ClientStats
 from ..engine.ingest import Ingest
+from ..engine.logger import RelayLogger
 from ..engine.relay import RelayFactory
 from ..ratelimit import RateLimiter
 from .messages import BridgeCounters, origin_of
@@ -40,7 +40,7 @@ class Inbound:
         echo of its own can be told from another relay using its origin.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay.nats")
 
     def __init__(
         self,

@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Callable
 
 from nats.errors import Error as NatsError
-from twisted.logger import Logger
 
 from ..engine.delivery import PublisherGate
+from ..engine.logger import RelayLogger
 from ..ratelimit import RateLimiter
 from .messages import HEADER_ROOM, BridgeCounters, message_id, pieces
 
@@ -40,7 +40,7 @@ class Outbound:
         headers; known once connected.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay.nats")
 
     def __init__(
         self,

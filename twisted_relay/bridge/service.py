@@ -22,21 +22,36 @@ import nats
 from nats.errors import Error as NatsError
 from nats.errors import SlowConsumerError
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType
+from nats.js.errors import APIError, NotFoundError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from ..engine.delivery import HIGH_WATER
+from ..engine.logger import RelayLogger
 from ..engine.relay import RelayFactory
 from ..ratelimit import RateLimiter
+from .connection import NatsConnection, redact
 from .inbound import Inbound
 from .messages import HEADER_ROOM, BridgeCounters, Subjects
 from .outbound import ACK_TIMEOUT, Outbound
 
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
+#: Seconds between nats-py's attempts to connect to a server.
+_RETRY_WAIT = 0.5
 #: How long the stream keeps messages.
 STREAM_MAX_AGE = 24 * 3600.0
+
+
+class _NotJoined(Exception):
+    """What the bridge still waits for before it has joined, in words for the log."""
+
+
+def _why(error: BaseException) -> str:
+    """An error of nats-py in a few words: its description, not its repr."""
+    if isinstance(error, APIError) and error.description:
+        return error.description
+    return str(error).removeprefix("nats: ") or type(error).__name__
 
 
 class State(Enum):
@@ -55,18 +70,20 @@ class State(Enum):
 class NatsBridge(Service):
     """Connects the relay to NATS and carries its broadcast both ways."""
 
-    log = Logger()
+    log = RelayLogger(namespace="relay.nats")
 
     def __init__(
         self,
         relay: RelayFactory,
-        servers: list[str],
+        connection: NatsConnection,
         origin: str,
         high_water: int = HIGH_WATER,
         replicas: int = 0,
     ) -> None:
         self.relay = relay
-        self.servers = servers
+        self.connection = connection
+        #: The servers as shown (logs, /health): no credentials.
+        self.servers = connection.shown
         self.origin = origin
         #: JetStream replicas; 0 picks 3 when 3 or more servers are known, else 1.
         self.replicas = replicas
@@ -96,6 +113,8 @@ class NatsBridge(Service):
             receiving=lambda: self.state in (State.JOINING, State.JOINED),
         )
         self._sampled = sampled
+        #: nats-py retries a server every half second: one line in ten seconds says so.
+        self._unreachable = RateLimiter(relay.clock, burst=1, interval=10.0)
         self._nc: Any = None
         self._js: Any = None
         self._consumer: Any = None
@@ -114,6 +133,12 @@ class NatsBridge(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.connection.shown != self.connection.servers:
+            self.log.warn(
+                "NATS bridge: credentials in a --nats URL show in the process arguments "
+                "to every user (ps): give them in --nats-user-file, NATS_USER and "
+                "NATS_PASSWORD, --nats-token-file or --nats-creds instead"
+            )
         self._spawn(self._join, "joining NATS")
 
     def stopReceiving(self) -> Deferred[None]:
@@ -143,8 +168,8 @@ class NatsBridge(Service):
                 await asyncio.wait_for(self._consumer.unsubscribe(), _CLOSE_TIMEOUT)
             elif self._subscription is not None:
                 await asyncio.wait_for(self._subscription.drain(), _CLOSE_TIMEOUT)
-        except (NatsError, asyncio.TimeoutError) as e:
-            self.log.warn("NATS bridge: stopping its subscription: {error}", error=repr(e))
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            self.log.warn("NATS bridge: stopping its subscription: {error}", error=_why(e))
 
     async def _join(self) -> None:
         """Connect, and set up subscription or stream; until it works, however long."""
@@ -153,27 +178,33 @@ class NatsBridge(Service):
             try:
                 await self._connect()
                 return
+            except _NotJoined as e:
+                waiting = str(e)
             except (NatsError, OSError, asyncio.TimeoutError) as e:
-                self.log.warn(
-                    "NATS bridge: cannot join NATS yet ({error}); trying again in {delay:.1f}s",
-                    error=repr(e),
-                    delay=delay,
-                )
-                if self._nc is not None and not self._nc.is_closed:
+                waiting = f"cannot connect to NATS at {', '.join(self.servers)} yet: {_why(e)}"
+            self.log.warn(
+                "NATS bridge: {waiting}; retrying in {delay:g}s",
+                waiting=waiting,
+                delay=delay,
+            )
+            if self._nc is not None and not self._nc.is_closed:
+                try:
                     await self._nc.close()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                except (NatsError, OSError):
+                    pass  # a connection given up on: the next attempt makes its own
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _connect(self) -> None:
         self._nc = nc = await nats.connect(
-            servers=self.servers,
+            **self.connection.connect_arguments(),
             name=f"twisted_relay {self.relay.logic.name} {self.origin}",
             no_echo=True,
             # The first server listed is this host's; the others are failover.
             dont_randomize=True,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=_RETRY_WAIT,
             connect_timeout=2,
             error_cb=self._error,
             disconnected_cb=self._disconnected,
@@ -201,9 +232,10 @@ class NatsBridge(Service):
         if self.state is State.JOINING:
             self.state = State.JOINED
         self.log.info(
-            "NATS bridge connected to {server} as origin {origin}: publishing to "
-            "{subject}, receiving {receiving} ({mode})",
+            "NATS bridge connected to {server} ({how}) as origin {origin}: publishing "
+            "to {subject}, receiving {receiving} ({mode})",
             server=_server(nc),
+            how=self.connection.described,
             origin=self.origin,
             subject=self.subject,
             receiving=self.names.receiving,
@@ -224,24 +256,41 @@ class NatsBridge(Service):
                 max_age=STREAM_MAX_AGE,
             )
         except NatsError as e:
-            info = await js.stream_info(stream)
+            try:
+                info = await js.stream_info(stream)
+            except NotFoundError:
+                raise _NotJoined(
+                    f"JetStream stream {stream} not found yet, nor created: {_why(e)}"
+                ) from None
+            except (NatsError, asyncio.TimeoutError) as again:
+                raise _NotJoined(
+                    f"JetStream does not answer for stream {stream} yet: {_why(again)}"
+                ) from None
             self.log.warn(
                 "NATS bridge: using the existing stream {stream} ({replicas} replicas): {error}",
                 stream=stream,
                 replicas=info.config.num_replicas,
-                error=str(e),
+                error=_why(e),
             )
-        self._consumer = consumer = await js.pull_subscribe(
-            self.names.receiving,
-            durable=self.names.durable,
-            stream=stream,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.NEW, ack_wait=ACK_TIMEOUT * 2, max_ack_pending=65536
-            ),
-        )
-        # Where this relay's consumer got to before (a restart): every stream
-        # message up to it was delivered here and acknowledged, in order.
-        self.inbound.delivered = (await consumer.consumer_info()).ack_floor.stream_seq
+        try:
+            self._consumer = consumer = await js.pull_subscribe(
+                self.names.receiving,
+                durable=self.names.durable,
+                stream=stream,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.NEW,
+                    ack_wait=ACK_TIMEOUT * 2,
+                    max_ack_pending=65536,
+                ),
+            )
+            # Where this relay's consumer got to before (a restart): every stream
+            # message up to it was delivered here and acknowledged, in order.
+            self.inbound.delivered = (await consumer.consumer_info()).ack_floor.stream_seq
+        except APIError as e:
+            raise _NotJoined(
+                f"JetStream consumer {self.names.durable} of stream {stream} not ready "
+                f"yet: {_why(e)}"
+            ) from None
         self._spawn(lambda: self.outbound.sendDurably(js, current), "publishing to the stream")
         self._receiver = self._spawn(
             lambda: self.inbound.receiveDurably(
@@ -303,19 +352,30 @@ class NatsBridge(Service):
         self.state = State.STOPPED
         await self._endTasks()
         if self._nc is not None and not self._nc.is_closed:
-            try:
-                await asyncio.wait_for(self._nc.drain(), _CLOSE_TIMEOUT)
-            except (NatsError, asyncio.TimeoutError):
-                try:
-                    await asyncio.wait_for(self._nc.close(), _CLOSE_TIMEOUT)
-                except asyncio.TimeoutError:
-                    self.log.error("NATS bridge: the connection did not close in time")
+            await self._closeConnection(self._nc)
         if outbound.queue:
             self.log.warn(
                 "NATS bridge stopping with {frames} frames not published{how}",
                 frames=outbound.frames,
                 how=" (not acknowledged by the stream)" if self.durable else "",
             )
+
+    async def _closeConnection(self, nc: Any) -> None:
+        """
+        Drain C{nc}, or else close it: with NATS down either may fail on the
+        socket, which is what a stop then expects, not a failure of the stop.
+        """
+        try:
+            await asyncio.wait_for(nc.drain(), _CLOSE_TIMEOUT)
+            return
+        except (NatsError, OSError, asyncio.TimeoutError):
+            pass
+        try:
+            await asyncio.wait_for(nc.close(), _CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.log.error("NATS bridge: the connection did not close in time")
+        except (NatsError, OSError) as e:
+            self.log.info("NATS bridge: the connection closed on {error}", error=_why(e))
 
     async def _error(self, error: Exception) -> None:
         if isinstance(error, SlowConsumerError):
@@ -328,7 +388,18 @@ class NatsBridge(Service):
                 count=self.counters.slow_consumer,
             )
             return
-        self._sampled.log("error", self.log.warn, "NATS bridge: {error}", error=repr(error))
+        if not self.counters.connected:
+            self._unreachable.log(
+                "unreachable",
+                self.log.warn,
+                "NATS bridge: cannot connect to NATS at {servers} yet: {error}; retrying "
+                "every {wait:g}s",
+                servers=", ".join(self.servers),
+                error=_why(error),
+                wait=_RETRY_WAIT,
+            )
+            return
+        self._sampled.log("error", self.log.warn, "NATS bridge: {error}", error=_why(error))
 
     async def _closed(self) -> None:
         """The connection is closed for good (not by a stop): start again."""
@@ -351,5 +422,5 @@ class NatsBridge(Service):
 
 
 def _server(nc: Any) -> str:
-    """The server C{nc} is connected to, for the log."""
-    return nc.connected_url.netloc if nc.connected_url else "?"
+    """The server C{nc} is connected to, for the log: no credentials."""
+    return redact(nc.connected_url.geturl()) if nc.connected_url else "?"

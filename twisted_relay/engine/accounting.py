@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from ..control import EVERYTHING
 from ..ratelimit import RateLimiter
 from ..wire import FrameError
+from .logger import RelayLogger
 
 #: Control frames one connection may send per second; past it they are
 #: refused (C{control_flood}), counted, and logged at a bounded rate.
@@ -83,7 +83,7 @@ class Accounting:
         policy's relay) rather than a bounded number per second.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(self, clock: IReactorTime, *, lossless: bool, high_water: int) -> None:
         self.clock = clock

@@ -33,7 +33,6 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITransport,
 )
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,6 +40,7 @@ from ..control import Subscription
 from ..interfaces import DELIVERY_POLICIES, IRelayLogic
 from ..wire import HEADER_SIZE, PAYLOAD_SIZE_OFFSET, UINT32, MiB
 from .accounting import Accounting, ClientStats
+from .logger import RelayLogger
 
 #: Bytes a queue holds (a client's outbox, the NATS bridge's) before its
 #: slow-consumer policy applies, unless told otherwise.
@@ -137,7 +137,7 @@ class Outbox:
     that asks and does not read cannot hold the publishers back.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(
         self,
@@ -454,7 +454,7 @@ class PublisherGate:
     @param publishers: the transports to pause, read at each pause and resume.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(
         self, clock: IReactorTime, publishers: Callable[[], Iterable[IPushProducer]]
@@ -542,7 +542,7 @@ class Drain:
         timeout are closed.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(self, clients: Collection[Draining], clock: IReactorTime, timeout: float) -> None:
         self.done: Deferred[None] = Deferred()

@@ -16,7 +16,6 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,6 +25,7 @@ from ..wire import FramingLost
 from .accounting import ClientStats
 from .delivery import DeliverySettings, Outbox, PublisherGate
 from .ingest import Ingest, IngestSink
+from .logger import RelayLogger
 
 
 class Relay(IngestSink, TypingProtocol):
@@ -66,7 +66,7 @@ class RelayProtocol(Protocol):
     and C{audit_index}.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
     factory: Relay
     #: Set by Twisted before C{connectionMade}.
     transport: ITransport

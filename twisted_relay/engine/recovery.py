@@ -25,7 +25,6 @@ from twisted.internet.task import (
     TaskFailed,
     TaskStopped,
 )
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..audit import AuditDamage, AuditFile, Record
@@ -33,6 +32,7 @@ from ..control import REPLAYING, Subscription, recovery_response_frame
 from ..wire import unpack_header
 from .accounting import ClientStats
 from .delivery import Outbox
+from .logger import RelayLogger
 from .writeahead import WriteAhead
 
 
@@ -55,7 +55,7 @@ _WRITE_SIZE = 64 * 1024
 class Replay:
     """One client's replay, from its request to its return to the live stream."""
 
-    log = Logger()
+    log = RelayLogger(namespace="relay")
 
     def __init__(
         self,

@@ -13,7 +13,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..access import Access, Peer
@@ -38,6 +37,7 @@ from .accounting import Accounting, Counters
 from .delivery import DeliverySettings, Drain, PublisherGate
 from .heartbeat import Heartbeats, Listener
 from .ingest import PARTIAL_LIMIT, PARTIAL_TIMEOUT, Ingest, PartialFrames
+from .logger import RelayLogger
 from .protocol import RelayProtocol
 from .recovery import Replay
 from .writeahead import Offload, Publisher, WriteAhead
@@ -75,7 +75,7 @@ class RelayFactory(ServerFactory):
     """
 
     protocol: Callable[..., Any] = RelayProtocol
-    log = Logger()
+    log = RelayLogger(namespace="relay")
     noisy = False
 
     def __init__(

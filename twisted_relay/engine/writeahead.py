@@ -23,7 +23,6 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -31,6 +30,7 @@ from ..audit import AuditLog
 from ..wire import MiB, frame_spans
 from .accounting import ClientStats
 from .delivery import PublisherGate
+from .logger import RelayLogger
 
 
 class Publisher(Protocol):
@@ -154,7 +154,7 @@ class WriteAhead:
     @ivar forwarded: the records of the log that were forwarded.
     """
 
-    log = Logger()
+    log = RelayLogger(namespace="relay.audit")
 
     def __init__(
         self,
