@@ -31,7 +31,7 @@ from ..engine.relay import RelayFactory
 from ..ratelimit import RateLimiter
 from .inbound import Inbound
 from .messages import HEADER_ROOM, BridgeCounters, Subjects
-from .outbound import ACK_TIMEOUT, Outbound
+from .outbound import ACK_TIMEOUT, Outbound, pause_in_writelines
 
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
@@ -114,6 +114,7 @@ class NatsBridge(Service):
 
     def startService(self) -> None:
         super().startService()
+        pause_in_writelines()
         self._spawn(self._join, "joining NATS")
 
     def stopReceiving(self) -> Deferred[None]:
