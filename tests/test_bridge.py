@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_relay.app import tap
 from twisted_relay.bridge.connection import NatsConnection, redact
 from twisted_relay.bridge.messages import Subjects, message_id, origin_of, pieces
+from twisted_relay.bridge.outbound import pause_in_writelines
 from twisted_relay.bridge.service import NatsBridge, State
 from twisted_relay.control import control_frame
 from twisted_relay.wire import Domain
@@ -279,6 +281,32 @@ options.parseOptions(sys.argv[1:])
 from twisted.internet import reactor
 print(type(reactor).__name__, "nats" in sys.modules)
 """
+
+
+async def _writelines_pauses() -> bool:
+    """Whether writelines() of more than the socket takes pauses the writer."""
+    ours, theirs = socket.socketpair()
+    paused = asyncio.Event()
+
+    class Writer(asyncio.Protocol):
+        def pause_writing(self) -> None:
+            paused.set()
+
+    transport, _ = await asyncio.get_running_loop().create_connection(Writer, sock=ours)
+    try:
+        transport.set_write_buffer_limits(high=64 * 1024)
+        transport.writelines([b"x" * 64 * 1024] * 128)  # nobody reads: most stays buffered
+        return paused.is_set()
+    finally:
+        transport.abort()
+        theirs.close()
+
+
+class WritelinesTests(SynchronousTestCase):
+    def test_pausesTheWriter(self) -> None:
+        """With the bridge's fix in place, writelines() over the high-water mark pauses the writer."""
+        pause_in_writelines()
+        self.assertTrue(asyncio.run(asyncio.wait_for(_writelines_pauses(), 5)))
 
 
 def _probe(*args: str) -> subprocess.CompletedProcess:

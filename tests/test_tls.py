@@ -42,6 +42,10 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _certificate(subject: str, issuer_key, issuer: str, key, *, ca: bool = False):
+    """
+    A certificate with the extensions Python 3.13's default context wants
+    (it verifies strictly): key identifiers, and the CA's key usage.
+    """
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -52,8 +56,28 @@ def _certificate(subject: str, issuer_key, issuer: str, key, *, ca: bool = False
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
     )
-    if not ca:
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
         )
@@ -111,6 +135,7 @@ def _closed_by_relay(client: ssl.SSLSocket) -> bool:
 
 
 def test_clientCertificates(pki) -> None:
+    """A certificate allowed to publish does, another is closed, no certificate never gets in."""
     directory, files = pki
     (port,) = free_ports(1)
     path = os.path.join(directory, "e.sock")
@@ -227,5 +252,7 @@ async def test_clientsOverTLS(pki) -> None:
             "cannot load the TLS files" in unreadable.stderr
         ), unreadable.stderr
     finally:
-        await service.stopService()
-        relay.stop()
+        try:
+            await service.stopService()
+        finally:
+            relay.stop()

@@ -15,7 +15,10 @@ dropped.
 from __future__ import annotations
 
 import asyncio
+import functools
+import sys
 import time
+from asyncio import selector_events
 from collections import deque
 from collections.abc import Callable
 
@@ -30,6 +33,33 @@ from .messages import HEADER_ROOM, BridgeCounters, message_id, pieces
 ACK_TIMEOUT = 2.0
 #: Longest wait between two attempts: retrying goes on for as long as it takes.
 _MAX_BACKOFF = 2.0
+#: CPython releases whose socket transports forget, in writelines(), to pause
+#: the writer over the high-water mark (gh-127655, fixed in 3.12.9 and 3.13.2).
+_UNPAUSED_WRITELINES = any(low <= sys.version_info[:3] < high for low, high in (
+    ((3, 12), (3, 12, 9)),
+    ((3, 13), (3, 13, 2)),
+))
+
+
+@functools.cache
+def pause_in_writelines() -> None:
+    """
+    Where the release needs it, make asyncio's socket transports pause their
+    writer in writelines() as write() does (the upstream fix). nats-py writes
+    with writelines(): without this its drain() never waits, so a stalled
+    NATS server grows asyncio's buffer without bound instead of filling the
+    outbound queue, which drops (or holds the publishers) at its mark.
+    """
+    if not _UNPAUSED_WRITELINES:
+        return
+    transport = getattr(selector_events, "_SelectorSocketTransport")
+    writelines = transport.writelines
+
+    def pausing_writelines(self, list_of_data) -> None:
+        writelines(self, list_of_data)
+        self._maybe_pause_protocol()
+
+    transport.writelines = pausing_writelines
 
 
 class Outbound:

@@ -33,7 +33,7 @@ from ..ratelimit import RateLimiter
 from .connection import NatsConnection, redact
 from .inbound import Inbound
 from .messages import HEADER_ROOM, BridgeCounters, Subjects
-from .outbound import ACK_TIMEOUT, Outbound
+from .outbound import ACK_TIMEOUT, Outbound, pause_in_writelines
 
 #: Seconds a stopping bridge gives its connection to drain.
 _CLOSE_TIMEOUT = 3.0
@@ -133,6 +133,7 @@ class NatsBridge(Service):
 
     def startService(self) -> None:
         super().startService()
+        pause_in_writelines()
         if self.connection.shown != self.connection.servers:
             self.log.warn(
                 "NATS bridge: credentials in a --nats URL show in the process arguments "
