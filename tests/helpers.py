@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import importlib.util
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sysconfig
 import tempfile
+import urllib.error
+import urllib.request
 from types import ModuleType
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -101,3 +104,13 @@ def native_loops() -> ModuleType:
         return module
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def health_of(url: str) -> dict:
+    """The health document of the relay whose --http is C{url}, whatever its HTTP status."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        with e:
+            return json.load(e)

@@ -220,7 +220,7 @@ def test_replay_to_relay(log_dir, relay_socket, capsys):
         kept = FRAMES[::2]
         assert capsys.readouterr().out == (
             f"republished {len(kept)} frames ({len(b''.join(kept)):,} bytes) "
-            f"to unix:{relay_socket}\n"
+            f"to unix:{relay_socket}; the relay accepted all {len(kept)}\n"
         )
         assert [data for _, data in subscriber.receive(len(kept), timeout=10)] == kept
         assert subscriber.receive(1, timeout=0.2) == []

@@ -36,6 +36,7 @@ from twisted_relay.testing import frames_for, synthetic
 from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
+from .helpers import health_of
 from .relayprocess import RelayProcess
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
@@ -556,16 +557,6 @@ def test_tap_hex(http_relay):
     assert run("publish", path, "--tlv", "1:c0ffee", "--count", "1").returncode == 0
     code, lines, _ = tap.finish()
     assert code == 0 and lines[0].endswith("Trade(1)  37 B  0103c0ffee"), lines
-
-
-def health_of(url: str) -> dict:
-    """The relay's health document, whatever its HTTP status."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as e:
-        with e:
-            return json.load(e)
 
 
 def wait_for(url: str, check, timeout: float = 10.0) -> dict:

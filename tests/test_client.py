@@ -52,9 +52,13 @@ from .relayprocess import RelayProcess
 class Recorder(RelayClientProtocol):
     def __init__(self) -> None:
         self.frames: list[tuple[int, bytes]] = []
+        self.relay_frames: list[bytes] = []
 
     def frameReceived(self, header, frame) -> None:
         self.frames.append((header.sequence, frame))
+
+    def relayFrameReceived(self, header, frame) -> None:
+        self.relay_frames.append(frame)
 
 
 class ProtocolTests(SynchronousTestCase):
@@ -89,6 +93,7 @@ class ProtocolTests(SynchronousTestCase):
             + frames[1]
         )
         self.assertEqual(self.client.frames, list(zip((1, 2), frames)))
+        self.assertEqual(len(self.client.relay_frames), 2)  # seen apart, when asked for
         incoming = self.client.incoming
         self.assertEqual((incoming.relay_info, incoming.relay_infos), ((1, "market"), 1))
         self.assertEqual(incoming.other_system_frames, 1)

@@ -24,6 +24,7 @@ from twisted_relay.control import (
     account_frame,
     control_frame,
     parse_account,
+    parse_error,
     parse_relay_info,
     recovery_frame,
 )
@@ -283,7 +284,9 @@ class OutboxTests(SynchronousTestCase):
         publisher.dataReceived(self.frames[0])
         slow.dataReceived(b"garbage!")
         self.assertTrue(slow.transport.disconnecting)
-        self.assertEqual(slow.transport.value(), self.frames[0])
+        frame, told = frames_in(slow.transport.value())  # the frame, then why it is closed
+        self.assertEqual(frame, self.frames[0])
+        self.assertEqual(parse_error(unpack_header(told), told)[0], "bad_magic")
         self.assertEqual(slow.stats.frames_out, 1)
         relay.clock.advance(2.9)
         self.assertFalse(slow.transport.disconnected)

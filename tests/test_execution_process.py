@@ -6,7 +6,6 @@ log, and a peer refused by its uid. Every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -16,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -24,7 +24,7 @@ from twisted_relay.audit import AuditDamage, LogReader, audit_paths, verify
 from twisted_relay.client import BlockingClient, RelayDead
 from twisted_relay.control import control_frame
 
-from .helpers import free_ports, orders
+from .helpers import free_ports, health_of, orders
 from .relayprocess import RelayProcess, limit_file_size
 
 SOURCE = 42
@@ -265,8 +265,10 @@ def test_auditWriteFailure(workdir) -> None:
         assert received == frames[: len(received)]
         late = BlockingClient(path)
         late.recover({SOURCE: 1})
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
-            health = json.load(response)
+        with pytest.raises(urllib.error.HTTPError) as unavailable:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert unavailable.value.code == 503
+        health = health_of(f"http://127.0.0.1:{port}")
         assert health["status"] == "degraded"
         assert "File too large" in health["audit"]["failing"]
         assert health["totals"]["publishers_paused_now"] is True

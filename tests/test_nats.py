@@ -33,7 +33,7 @@ from twisted_relay.testing import (
 )
 from twisted_relay.wire import build_frame
 
-from .helpers import orders
+from .helpers import health_of, orders
 from .relayprocess import RelayProcess, limit_file_size
 from .test_tls import pki  # noqa: F401 (a fixture)
 
@@ -102,11 +102,6 @@ def wait_for_interest(publisher: BlockingClient, subscribers: list[BlockingClien
             pass
 
 
-def health(url: str) -> dict:
-    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
-        return json.load(response)
-
-
 def test_frames_cross_hosts(relays) -> None:
     """
     Frames published on relay A reach relay B's subscribers byte-identical,
@@ -129,7 +124,7 @@ def test_frames_cross_hosts(relays) -> None:
         assert got_far == frames
         assert got_near == frames
         assert near.receive(1, timeout=0.5) == []
-    bridge_a, bridge_b = health(url_a)["nats"], health(url_b)["nats"]
+    bridge_a, bridge_b = health_of(url_a)["nats"], health_of(url_b)["nats"]
     assert bridge_a["frames_in"] == 0 and bridge_a["echoes"] == 0
     assert bridge_b["frames_in"] >= len(frames) and bridge_b["frames_out"] == 0
     assert bridge_a["chunks_out"] < bridge_a["frames_out"] / 10  # runs, not frames
@@ -157,12 +152,12 @@ def test_drops_when_nats_stalls(relays, cluster) -> None:
                 publisher.publish(b"".join(frames[start : start + 500]))
                 time.sleep(0.005)  # a pace the local subscriber keeps up with
             reading.join(TIMEOUT)
-            assert health(url_a)["nats"]["frames_dropped"] > 0
+            assert health_of(url_a)["nats"]["frames_dropped"] > 0
         finally:
             os.kill(node.process.pid, signal.SIGCONT)
         assert got_near == frames
     deadline = time.monotonic() + TIMEOUT
-    while (bridge := health(url_a)["nats"])["queued_bytes"]:
+    while (bridge := health_of(url_a)["nats"])["queued_bytes"]:
         assert time.monotonic() < deadline, bridge
         time.sleep(0.1)
     # every frame was either sent to NATS or dropped, and counted
@@ -198,7 +193,7 @@ def test_execution_survives_node_kill(relays, cluster) -> None:
         assert got == frames
         assert far.receive(1, timeout=1.0) == []
     assert "NATS bridge reconnected" in relay_a.log()
-    assert health(url_b)["nats"]["frames_in"] == len(frames)
+    assert health_of(url_b)["nats"]["frames_in"] == len(frames)
 
 
 def audited_from_nats(directory: str) -> list[bytes]:
@@ -227,7 +222,7 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
         finally:
             os.kill(node.process.pid, signal.SIGCONT)
         deadline = time.monotonic() + TIMEOUT
-        while health(url_b)["nats"]["frames_in"] == 0:
+        while health_of(url_b)["nats"]["frames_in"] == 0:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.01)
         # Stopped while orders stream in (stop() fails if it hangs): the
@@ -242,10 +237,10 @@ def test_execution_backlog_and_restart(relays, cluster) -> None:
         relay_b.start().wait_listening(2)
         deadline = time.monotonic() + 60
         # frames_in counts from the restart: the rest of the orders
-        while health(url_b)["nats"]["frames_in"] < len(frames) - before:
+        while health_of(url_b)["nats"]["frames_in"] < len(frames) - before:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.2)
-    bridge_a = health(url_a)["nats"]
+    bridge_a = health_of(url_a)["nats"]
     assert bridge_a["retries"] > 0 and bridge_a["frames_dropped"] == 0
     assert audited_from_nats(audit) == frames
 
@@ -288,7 +283,7 @@ def test_execution_stop_while_receiving(relays) -> None:
         feeding = threading.Thread(target=feed, daemon=True)
         feeding.start()
         deadline = time.monotonic() + TIMEOUT
-        while health(url_b)["nats"]["frames_in"] < 2000:
+        while health_of(url_b)["nats"]["frames_in"] < 2000:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.01)
         relay_b.stop(timeout=90)  # it drains to the slow subscriber first
@@ -300,7 +295,7 @@ def test_execution_stop_while_receiving(relays) -> None:
     subscriber.close()
     relay_b.start().wait_listening(2)
     deadline = time.monotonic() + 60
-    while health(url_b)["nats"]["frames_in"] < len(frames) - len(logged):
+    while health_of(url_b)["nats"]["frames_in"] < len(frames) - len(logged):
         assert time.monotonic() < deadline, relay_b.log()
         time.sleep(0.2)
     assert audited_from_nats(audit) == frames
@@ -333,7 +328,7 @@ def test_execution_receiver_audit_failure(relays) -> None:
     relay_b.preexec_fn = None
     relay_b.start().wait_listening(2)
     deadline = time.monotonic() + 60
-    while health(url_b)["nats"]["frames_in"] < len(frames) - before:
+    while health_of(url_b)["nats"]["frames_in"] < len(frames) - before:
         assert time.monotonic() < deadline, relay_b.log()
         time.sleep(0.2)
     assert audited_from_nats(audit) == frames
@@ -351,7 +346,7 @@ def test_duplicate_relay_id(relays) -> None:
             assert time.monotonic() < deadline, relay_b.log()
             publisher.publish(b"".join(frames))
             time.sleep(0.1)
-    assert health(url_b)["nats"]["frames_in"] == 0
+    assert health_of(url_b)["nats"]["frames_in"] == 0
 
 
 def test_execution_gap_of_expired_messages(relays, cluster) -> None:
@@ -382,7 +377,7 @@ def test_execution_gap_of_expired_messages(relays, cluster) -> None:
         publisher.introduce(publish_only=True)
         publisher.publish(b"".join(frames[:100]))
         deadline = time.monotonic() + TIMEOUT
-        while health(url_b)["nats"]["frames_in"] < 100:
+        while health_of(url_b)["nats"]["frames_in"] < 100:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.1)
         relay_b.stop()
@@ -390,11 +385,11 @@ def test_execution_gap_of_expired_messages(relays, cluster) -> None:
         time.sleep(6)  # those expire from the stream
         publisher.publish(b"".join(frames[200:]))
         relay_b.start().wait_listening(2)
-        while health(url_b)["nats"]["frames_in"] < 50:
+        while health_of(url_b)["nats"]["frames_in"] < 50:
             assert time.monotonic() < deadline, relay_b.log()
             time.sleep(0.1)
     assert "expired before this relay read them" in relay_b.log()
-    assert health(url_b)["nats"]["stream_gaps"] >= 1
+    assert health_of(url_b)["nats"]["stream_gaps"] >= 1
     assert audited_from_nats(audit) == frames[:100] + frames[200:]
 
 
@@ -485,7 +480,7 @@ def shown(url: str, relay: RelayProcess) -> dict[str, str]:
         arguments = f.read().replace(b"\0", b" ").decode()
     return {
         "log": relay.log(),
-        "health": json.dumps(health(url)),
+        "health": json.dumps(health_of(url)),
         "status": status.stdout,
         "arguments": arguments,
     }
@@ -542,7 +537,7 @@ def test_wrong_password_retried(nats_node) -> None:
         assert re.search(
             rf"cannot connect to NATS at nats://127.0.0.1:{port} yet: .*[Aa]uthorization", log
         ), log
-        assert health(url)["nats"]["connected"] is False
+        assert health_of(url)["nats"]["connected"] is False
     finally:
         relay.stop()
 
@@ -566,7 +561,7 @@ def test_tls_client_certificate(nats_node, pki) -> None:  # noqa: F811
     _, refused = bridged(workdir, "plain", server)
     try:
         logged(relay, "NATS bridge connected")
-        assert health(url)["nats"]["connected"] is True
+        assert health_of(url)["nats"]["connected"] is True
         assert "NATS bridge connected" not in logged(refused, "; retrying")
     finally:
         relay.stop()

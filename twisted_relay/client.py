@@ -111,11 +111,19 @@ class Incoming:
 
     log = Logger()
 
-    def __init__(self, onAccount: Callable[[Account], None] = lambda account: None) -> None:
+    def __init__(
+        self,
+        onAccount: Callable[[Account], None] = lambda account: None,
+        onRelayFrame: Callable[[Header, bytes], None] = lambda header, frame: None,
+    ) -> None:
         """
         @param onAccount: called with each answer to an account request.
+        @param onRelayFrame: called with each frame the relay made itself
+            (system domain), once it has been taken in: for clients that
+            want them too.
         """
         self.onAccount = onAccount
+        self.onRelayFrame = onRelayFrame
         #: The relay's latest answer to an account request.
         self.account: Account | None = None
         #: Why the relay closed the connection, if it said: C{(reason, detail)}.
@@ -165,43 +173,50 @@ class Incoming:
     def deliver(self, header: Header, frame: bytes) -> tuple[tuple[Header, bytes], ...]:
         """The C{(header, frame)} pairs the application gets now, in order."""
         if header.relay_domain == _SYSTEM:
-            beat = parse_heartbeat(header, frame)
-            if beat is not None:
-                self.heartbeat_interval, self.last_sequences = beat
-                self.heartbeats += 1
-                return _NOTHING
-            answer = parse_recovery_response(header, frame)
-            if answer is not None:
-                source, _, status = answer
-                self.recovering.pop(source, None)
-                self.answers.append(answer)
-                held = self._held.pop(source, [])
-                return _NOTHING if status == REPLAYING else tuple(held)
-            info = parse_relay_info(header, frame)
-            account = None if info is not None else parse_account(header, frame)
-            error = None if info or account else parse_error(header, frame)
-            if info is not None:
-                self.relay_info = info
-                self.relay_infos += 1
-            elif account is not None:
-                self.account = account
-                self.onAccount(account)
-            elif error is not None:
-                self.error = error
-                self.log.warn(
-                    "the relay is closing the connection: {detail} ({reason})",
-                    reason=error[0],
-                    detail=error[1],
-                )
-            else:
-                self.other_system_frames += 1
-            return _NOTHING  # the relay's own frames are never the application's
+            try:
+                return self._relayFrame(header, frame)
+            finally:
+                self.onRelayFrame(header, frame)
         if self.recovering:
             first = self.recovering.get(header.source)
             if first is not None and header.sequence >= first:
                 self._held.setdefault(header.source, []).append((header, frame))
                 return _NOTHING
         return ((header, frame),)
+
+    def _relayFrame(self, header: Header, frame: bytes) -> tuple[tuple[Header, bytes], ...]:
+        """Take in a frame the relay made; what the application gets now (held frames)."""
+        beat = parse_heartbeat(header, frame)
+        if beat is not None:
+            self.heartbeat_interval, self.last_sequences = beat
+            self.heartbeats += 1
+            return _NOTHING
+        answer = parse_recovery_response(header, frame)
+        if answer is not None:
+            source, _, status = answer
+            self.recovering.pop(source, None)
+            self.answers.append(answer)
+            held = self._held.pop(source, [])
+            return _NOTHING if status == REPLAYING else tuple(held)
+        info = parse_relay_info(header, frame)
+        account = None if info is not None else parse_account(header, frame)
+        error = None if info or account else parse_error(header, frame)
+        if info is not None:
+            self.relay_info = info
+            self.relay_infos += 1
+        elif account is not None:
+            self.account = account
+            self.onAccount(account)
+        elif error is not None:
+            self.error = error
+            self.log.warn(
+                "the relay is closing the connection: {detail} ({reason})",
+                reason=error[0],
+                detail=error[1],
+            )
+        else:
+            self.other_system_frames += 1
+        return _NOTHING  # the relay's own frames are never the application's
 
 
 class Declaring:
@@ -273,7 +288,9 @@ class RelayClientProtocol(Declaring, Protocol):
         self._framer = Framer(self.max_frame_size)
         self._tokens = count(1)
         self._accounts: dict[int, Deferred[Account]] = {}
-        self.incoming = Incoming(onAccount=self._accountReceived)
+        self.incoming = Incoming(
+            onAccount=self._accountReceived, onRelayFrame=self.relayFrameReceived
+        )
         if self.clock is None:
             from twisted.internet import reactor
 
@@ -341,6 +358,13 @@ class RelayClientProtocol(Declaring, Protocol):
 
     def frameReceived(self, header: Header, frame: bytes) -> None:
         """A whole frame arrived: C{frame} is its exact bytes."""
+
+    def relayFrameReceived(self, header: Header, frame: bytes) -> None:
+        """
+        A frame the relay made itself arrived (a heartbeat, an answer, its
+        Error frame), already taken in (C{incoming}); never given to
+        L{frameReceived}. Override to see them.
+        """
 
     def publish(self, frame: bytes) -> None:
         """Send one or more whole frames to the relay."""
