@@ -145,7 +145,12 @@ def test_pluginCacheBuiltAtInstall(workdir):
     """
     plugins = os.path.join(workdir, "site", "twisted", "plugins")
     os.makedirs(plugins)
-    shutil.copy(os.path.join(REPO, "twisted", "plugins", "twisted_relay_plugin.py"), plugins)
+    # Named apart: Twisted reads a plugin module only where it first finds its
+    # name, and an installed copy of the relay's plugin (CI's) would come first.
+    shutil.copy(
+        os.path.join(REPO, "twisted", "plugins", "twisted_relay_plugin.py"),
+        os.path.join(plugins, "relay_plugin_read_only.py"),
+    )
     env = {"PYTHONPATH": os.path.join(workdir, "site")}
     # As root, drop the capabilities that let root write anywhere.
     unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.getuid() == 0 else []

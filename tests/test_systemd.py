@@ -322,5 +322,5 @@ def test_journalLogFormat(workdir):
     relay.start().wait_listening()
     assert relay.stop() == -signal.SIGTERM
     lines = relay.log().splitlines()
-    assert f"<6>[twisted_relay.app.services.ListeningService#info] listening on unix:{path} (mode 0660)" in lines
+    assert f"<6>[relay#info] listening on unix:{path} (mode 0660)" in lines
     assert all(line[:3] in {"<2>", "<3>", "<4>", "<6>", "<7>"} for line in lines), lines
