@@ -37,7 +37,7 @@ from twisted_relay.validation import FramePolicy
 from twisted_relay.wire import Domain, build_frame, unpack_header
 
 from .helpers import health_of
-from .relayprocess import RelayProcess
+from .relayprocess import REPO, RelayProcess
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "twisted-relay")
 
@@ -340,7 +340,9 @@ class Lines:
 
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
-            [COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Ctrl-C as a terminal gives it, whatever the tests inherited.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -713,3 +715,47 @@ def test_replay_follow(http_relay, tmp_path):
     assert code == 130, stderr
     assert len(os.listdir(audit)) > 2
     assert [bytes.fromhex(json.loads(line)["frame"]) for line in lines] == orders
+
+
+def test_tap_summary_on_ctrl_c(http_relay):
+    """Ctrl-C ends tap with its summary (exit status 130), whatever it was printing."""
+    path, _ = http_relay("market")
+    for args in (("--stats",), ("--json",)):
+        tap = Lines("tap", path, *args)
+        try:
+            _wait_for_tap(http_relay, clients=1 if args == ("--stats",) else 3)
+            assert run("publish", path, "--count", "10").returncode == 0
+            if args == ("--stats",):
+                tap.wait_for(r"\| 10 frames \|")
+            else:
+                tap.wait_for(r'"sequence": 10,')
+            tap.process.send_signal(signal.SIGINT)
+            code, lines, stderr = tap.finish()
+        finally:
+            tap.process.kill()
+        assert code == 130, stderr
+        summary = lines[-1] if args == ("--stats",) else stderr.splitlines()[-1]
+        assert summary.startswith("10 frames, "), (lines, stderr)
+
+
+def test_publish_plugin_domain(tmp_path):
+    """publish builds frames for a domain added by a plugin, which its relay accepts."""
+    plugins = tmp_path / "site" / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "acme_relay_domain.py").write_text("from tests.plugins.acme_domain import acme\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), REPO])}
+    workdir = tempfile.mkdtemp(prefix="tr-", dir="/tmp")
+    path = os.path.join(workdir, "acme.sock")
+    relay = RelayProcess(workdir, "--domain", "acme", "--listen", path, env=env)
+    relay.start().wait_listening()
+    try:
+        published = subprocess.run(
+            [COMMAND, "publish", path, "--domain", "acme", "--count", "50", "--size", "100"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+        )
+    finally:
+        relay.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert published.returncode == 0, published.stderr
+    assert "published 50 acme frames (5,000 bytes)" in published.stdout
+    assert "the relay accepted all 50" in published.stdout
