@@ -179,6 +179,18 @@ def _auditDamaged(workdir: str, stack: ExitStack) -> tuple[list[str], str, str |
     )
 
 
+def _auditNotADirectory(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    audit = os.path.join(workdir, "audit")
+    with open(audit, "w"):
+        pass
+    path = os.path.join(workdir, "r.sock")
+    return (
+        ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"],
+        f"cannot use the audit directory {audit}: it is not a directory",
+        path,
+    )
+
+
 def _cannotBind(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
     # 192.0.2.1 (TEST-NET-1) is no address of this host.
     return (
@@ -200,9 +212,10 @@ def _twistd(workdir: str, args: list[str], *before: str) -> subprocess.Completed
 
 @pytest.mark.parametrize(
     "failure",
-    [_liveRelay, _untrustedDirectory, _portInUse, _auditLocked, _auditDamaged, _cannotBind],
+    [_liveRelay, _untrustedDirectory, _portInUse, _auditLocked, _auditDamaged,
+     _auditNotADirectory, _cannotBind],
     ids=["live relay", "untrusted directory", "port in use", "audit locked", "audit damaged",
-         "cannot bind"],
+         "audit not a directory", "cannot bind"],
 )
 def test_daemonizedFailureIsOneLine(workdir, failure):
     """Daemonized, a failed start is the line twistd -n gives, whole, before the fork: exit 1."""
