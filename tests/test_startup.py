@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import ExitStack
 
 import pytest
 from twisted.application.service import Service
@@ -19,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_relay.app.services import RelayServices
 from twisted_relay.app.tap import Options
+from twisted_relay.audit import AuditDamage, AuditLog, audit_paths
 from twisted_relay.testing import RelayProcess, script
 
 from .relayprocess import REPO
@@ -91,16 +96,176 @@ def test_failedStartExitsWithReason(workdir, command):
         first.stop()
     assert run.returncode == 1, run
     reason = f"a relay is already listening on {path}"
-    lines = run.stderr.splitlines()
-    if command[1:2] == ["--pidfile=twistd.pid"]:
-        # twistd's launching process prints the first 98 bytes the daemon sent, then a hint.
-        assert lines[0].startswith(f"An error has occurred: b'cannot listen on unix:{path}: "), lines
-        assert lines[1:] == ["Please look at log file for more information."]
-        with open(os.path.join(workdir, "twistd.log")) as f:
-            assert reason in f.read()
+    assert run.stderr.splitlines() == [f"twistd relay: cannot listen on unix:{path}: {reason}"], run
+    assert not os.path.exists(os.path.join(workdir, "twistd.pid"))
+
+
+# The failures a daemonized start is checked for. Each sets up what makes the
+# start fail (undone by the stack) and returns the relay's arguments, the
+# reason it must give, and a socket path the failed start must not leave.
+
+
+def _liveRelay(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    path = os.path.join(workdir, "r.sock")
+    first = RelayProcess(workdir, "--listen", f"unix:{path}").start().wait_listening()
+    stack.callback(first.stop)
+    return (
+        ["--listen", f"unix:{path}"],
+        f"cannot listen on unix:{path}: a relay is already listening on {path}",
+        None,
+    )
+
+
+def _untrustedDirectory(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    shared = os.path.join(workdir, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    path = os.path.join(shared, "r.sock")
+    return (
+        ["--listen", f"unix:{path}"],
+        f"cannot listen on unix:{path}: {shared} is writable by its group (mode 0777): they "
+        f"could replace what the relay puts there (--no-strict-dirs overrides this, dangerously)",
+        path,
+    )
+
+
+def _portInUse(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    blocker = stack.enter_context(socket.socket())
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    # An audit log checked (and opened) before the port: the check leaves no file in it.
+    return (
+        ["--domain", "execution", "--audit-dir", os.path.join(workdir, "audit"),
+         "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        f"cannot listen on tcp:{port}:interface=127.0.0.1: Couldn't listen on "
+        f"127.0.0.1:{port}: [Errno 98] Address already in use.",
+        None,
+    )
+
+
+def _auditLocked(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    audit = os.path.join(workdir, "audit")
+    first = RelayProcess(
+        workdir, "--domain", "execution", "--audit-dir", audit,
+        "--listen", f"unix:{workdir}/first.sock",
+    ).start().wait_listening()
+    stack.callback(first.stop)
+    path = os.path.join(workdir, "r.sock")
+    return (
+        ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"],
+        f"cannot use the audit directory {audit}: another relay writes to the audit "
+        f"directory {audit}",
+        path,
+    )
+
+
+def _auditDamaged(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    audit = os.path.join(workdir, "audit")
+    log = AuditLog(audit)
+    log.open()
+    log.close()
+    with open(audit_paths(audit)[0], "r+b") as f:
+        f.seek(28)  # the header's count of (source, sequence) pairs
+        f.write(b"\xff")
+    damage = pytest.raises(AuditDamage, log.open).value
+    log.close()
+    path = os.path.join(workdir, "r.sock")
+    return (
+        ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"],
+        f"the audit log is damaged ({damage}); run 'twisted-relay audit verify {audit}' "
+        f"and move the damaged file away",
+        path,
+    )
+
+
+def _auditNotADirectory(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    audit = os.path.join(workdir, "audit")
+    with open(audit, "w"):
+        pass
+    path = os.path.join(workdir, "r.sock")
+    return (
+        ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"],
+        f"cannot use the audit directory {audit}: it is not a directory",
+        path,
+    )
+
+
+def _cannotBind(workdir: str, stack: ExitStack) -> tuple[list[str], str, str | None]:
+    # 192.0.2.1 (TEST-NET-1) is no address of this host.
+    return (
+        ["--listen", "tcp:0:interface=192.0.2.1"],
+        "cannot listen on tcp:0:interface=192.0.2.1: Couldn't listen on 192.0.2.1:0: "
+        "[Errno 99] Cannot assign requested address.",
+        None,
+    )
+
+
+def _twistd(workdir: str, args: list[str], *before: str) -> subprocess.CompletedProcess[str]:
+    """twistd relay with C{args}, daemonized unless C{before} says -n, pid file and log in C{workdir}."""
+    return subprocess.run(
+        [script("twistd"), *before, "--pidfile=twistd.pid", "--logfile=twistd.log", "relay",
+         "--stats-interval", "0", *args],
+        cwd=workdir, capture_output=True, text=True, timeout=WAIT,
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [_liveRelay, _untrustedDirectory, _portInUse, _auditLocked, _auditDamaged,
+     _auditNotADirectory, _cannotBind],
+    ids=["live relay", "untrusted directory", "port in use", "audit locked", "audit damaged",
+         "audit not a directory", "cannot bind"],
+)
+def test_daemonizedFailureIsOneLine(workdir, failure):
+    """Daemonized, a failed start is the line twistd -n gives, whole, before the fork: exit 1."""
+    with ExitStack() as stack:
+        args, reason, socket_path = failure(workdir, stack)
+        daemonized = _twistd(workdir, args)
+        assert (daemonized.returncode, daemonized.stdout) == (1, ""), daemonized
+        assert daemonized.stderr == f"twistd relay: {reason}\n"
         assert not os.path.exists(os.path.join(workdir, "twistd.pid"))
-    else:
-        assert lines == [f"twistd relay: cannot listen on unix:{path}: {reason}"], run
+        assert socket_path is None or not os.path.lexists(socket_path)
+        if failure is _portInUse:
+            assert audit_paths(os.path.join(workdir, "audit")) == []
+        foreground = _twistd(workdir, args, "-n")
+        assert (foreground.returncode, foreground.stderr) == (1, daemonized.stderr), foreground
+    # The port in use is free once its blocker is closed: the failed starts hold none of it.
+    for option, value in zip(args[::2], args[1::2]):
+        if option == "--listen" and value.startswith("tcp:") and not value.startswith("tcp:0:"):
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", int(value.split(":")[1])))
+
+
+def test_daemonizedStart(workdir):
+    """
+    Daemonized, a start that passes the checks runs: the check's opening of
+    the audit log left no lock, and its repair of a torn tail is logged.
+    """
+    audit, path = os.path.join(workdir, "audit"), os.path.join(workdir, "r.sock")
+    log = AuditLog(audit)
+    log.open()
+    log.close()
+    with open(audit_paths(audit)[0], "ab") as f:
+        f.write(bytes(10))  # a record torn by a power loss
+    run = _twistd(workdir, ["--domain", "execution", "--audit-dir", audit, "--listen", f"unix:{path}"])
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", ""), run
+    with open(os.path.join(workdir, "twistd.pid")) as f:
+        pid = int(f.read())
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WAIT
+        while os.path.exists(os.path.join(workdir, "twistd.pid")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not os.path.exists(os.path.join(workdir, "twistd.pid"))
+    assert not os.path.lexists(path)
+    with open(os.path.join(workdir, "twistd.log")) as f:
+        logged = f.read()
+    assert logged.count("cut off a torn last record") == 1, logged
+    assert "audit log closed" in logged
 
 
 @pytest.mark.parametrize(

@@ -35,14 +35,18 @@ import stat
 from typing import cast
 
 from twisted.internet import tcp, unix
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
     UNIXServerEndpoint,
     _parse,
     serverFromString,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -133,19 +137,13 @@ class UnixSocketEndpoint:
         return execute(self._listen, protocolFactory)
 
     def _listen(self, protocolFactory: IProtocolFactory) -> IListeningPort:
-        directory = os.path.dirname(self.path)
-        make_directories(directory)
-        if self.strict:
-            try:
-                check_directory(directory)
-            except UntrustedDirectory as e:
-                raise SocketPathUnavailable(
-                    f"{e} (--no-strict-dirs overrides this, dangerously)"
-                ) from None
+        directory = self._directory()
         lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._clearPath()
+            if self._probe():
+                os.unlink(self.path)
+                self.log.warn("removed stale socket {path}", path=self.path)
             previous = os.umask(0o777 & ~self.mode)
             try:
                 return self._reactor.listenUNIX(
@@ -156,12 +154,39 @@ class UnixSocketEndpoint:
         finally:
             os.close(lock)
 
-    def _clearPath(self) -> None:
-        """Make the path free to bind, or say why it must not be touched."""
+    def check(self) -> None:
+        """
+        What L{listen} would refuse, found without binding or removing
+        anything (a stale socket stays for L{listen} to remove): for twistd
+        to say it before it daemonizes.
+
+        @raise SocketPathUnavailable, OSError: as L{listen} fails.
+        """
+        self._directory()
+        self._probe()
+
+    def _directory(self) -> str:
+        """The socket's directory, made if missing and checked."""
+        directory = os.path.dirname(self.path)
+        make_directories(directory)
+        if self.strict:
+            try:
+                check_directory(directory)
+            except UntrustedDirectory as e:
+                raise SocketPathUnavailable(
+                    f"{e} (--no-strict-dirs overrides this, dangerously)"
+                ) from None
+        return directory
+
+    def _probe(self) -> bool:
+        """
+        Whether a stale socket is in the way (nothing answers on it), or
+        say why the path must not be touched.
+        """
         try:
             mode = os.lstat(self.path).st_mode
         except FileNotFoundError:
-            return
+            return False
         if not stat.S_ISSOCK(mode):
             raise SocketPathUnavailable(
                 f"{self.path} exists and is not a socket; not touching it"
@@ -171,8 +196,7 @@ class UnixSocketEndpoint:
         try:
             probe.connect(self.path)
         except ConnectionRefusedError:
-            os.unlink(self.path)
-            self.log.warn("removed stale socket {path}", path=self.path)
+            return True
         except OSError as e:
             raise SocketPathUnavailable(
                 f"cannot tell whether {self.path} is in use: {e.strerror or e}"
@@ -181,6 +205,36 @@ class UnixSocketEndpoint:
             raise SocketPathUnavailable(f"a relay is already listening on {self.path}")
         finally:
             probe.close()
+
+
+def check_endpoint(endpoint: IStreamServerEndpoint) -> None:
+    """
+    What listening on C{endpoint} would refuse, found before twistd
+    daemonizes and leaving nothing behind: a Unix socket's directory and
+    path (L{UnixSocketEndpoint.check}); a TCP or TLS port bound and closed
+    at once, as Twisted's port binds it. Other endpoints are not checked.
+
+    @raise Exception: the error listening would fail with.
+    """
+    if isinstance(endpoint, UnixSocketEndpoint):
+        endpoint.check()
+        return
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
+        return
+    interface, port = endpoint._interface, endpoint._port
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                address = socket.getaddrinfo(
+                    interface, port, 0, 0, 0, socket.AI_NUMERICHOST
+                )[0][4]
+            else:
+                address = (interface, port)
+            trial.bind(address)
+    except OSError as e:
+        raise CannotListenError(interface, port, e) from None
 
 
 class _AdoptedUnixPort(unix.Port):

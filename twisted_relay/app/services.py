@@ -15,7 +15,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from twisted.application.service import IServiceCollection, MultiService, Service
@@ -29,11 +30,11 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from .. import scan
-from ..audit import AuditDamage
+from ..audit import AuditDamage, AuditLog, audit_paths
 from ..engine.logger import RelayLogger
 from ..engine.relay import RelayFactory
 from ..paths import UntrustedDirectory, check_directory
-from .endpoints import AdoptedUnixEndpoint, UnixSocketEndpoint
+from .endpoints import AdoptedUnixEndpoint, UnixSocketEndpoint, check_endpoint
 from .systemd import error_line
 
 if TYPE_CHECKING:
@@ -75,10 +76,7 @@ class ListeningService(Service):
         if not outcome:
             raise SystemExit(f"twistd relay: {self.description} did not listen at once")
         if isinstance(outcome[0], Failure):
-            raise SystemExit(
-                f"twistd relay: cannot listen on {self.description}: "
-                f"{outcome[0].getErrorMessage()}"
-            )
+            raise self._refusal(outcome[0].getErrorMessage())
         self.port = outcome[0]
         self.log.info(
             "listening on {endpoint}",
@@ -100,6 +98,16 @@ class ListeningService(Service):
                 description=self.description,
                 host=host.host,
             )
+
+    def preflight(self) -> None:
+        """What L{_listen} would refuse, refused the same way without listening."""
+        try:
+            check_endpoint(self.endpoint)
+        except Exception as e:
+            raise self._refusal(str(e)) from None
+
+    def _refusal(self, reason: str) -> SystemExit:
+        return SystemExit(f"twistd relay: cannot listen on {self.description}: {reason}")
 
     def stopService(self):
         super().stopService()
@@ -178,6 +186,21 @@ class RelayServices(MultiService):
             self._report(e.code)
             raise SystemExit(1) from None
 
+    def preflight(self) -> None:
+        """
+        Before twistd daemonizes: refuse now, in one line on the launching
+        process's standard error, what the start would refuse after the
+        fork, where twistd could only pass on the first 100 bytes of it.
+        The checks run in the order of the start; each leaves nothing
+        behind.
+        """
+        for service in self:
+            if isinstance(service, (ListeningService, RelayService)):
+                try:
+                    service.preflight()
+                except SystemExit as e:
+                    raise SystemExit(error_line(str(e.code))) from None
+
     def _report(self, reason: str) -> None:
         """
         Say why the start-up failed, in one line, where the one who started
@@ -239,6 +262,8 @@ class RelayService(Service):
     """Runs the domain's life-cycle hooks and the periodic stats line."""
 
     log = RelayLogger(namespace="relay")
+    #: Where the write-ahead log's own lines go, for the preflight's.
+    audit_log = RelayLogger(namespace="relay.audit")
     #: Whether the domain and the audit log are set up.
     prepared = False
 
@@ -289,25 +314,8 @@ class RelayService(Service):
         logic.initialize()
         if factory.writeahead is not None:
             audit = factory.writeahead.audit
-            try:
-                if self.strict_dirs:
-                    check_directory(audit.directory)
+            with self._auditRefusals(audit.directory):
                 factory.writeahead.start()
-            except AuditDamage as e:
-                raise SystemExit(
-                    f"twistd relay: the audit log is damaged ({e}); run 'twisted-relay "
-                    f"audit verify {audit.directory}' and move the damaged file away"
-                ) from None
-            except OSError as e:
-                raise SystemExit(
-                    f"twistd relay: cannot use the audit directory {audit.directory}: "
-                    f"{e.strerror or e}"
-                ) from None
-            except UntrustedDirectory as e:
-                raise SystemExit(
-                    f"twistd relay: will not use the audit directory {audit.directory}: {e} "
-                    f"(--no-strict-dirs overrides this, dangerously)"
-                ) from None
             if audit.directory.startswith("/tmp/"):
                 self.log.warn(
                     "the audit log is under /tmp, which may not survive a reboot: give "
@@ -351,6 +359,55 @@ class RelayService(Service):
             publishers=factory.access.publish or "anyone",
             subscribers=factory.access.subscribe or "anyone",
         )
+
+    def preflight(self) -> None:
+        """
+        What L{_prepare} would refuse of the audit log, refused the same way
+        before twistd daemonizes: the log is opened (its directory checked
+        and locked, its tail read) and closed again, and a first file the
+        opening made is removed: only the directory stays, as the start
+        would make it. A torn last record is cut off here rather than at the
+        start, with the same warning.
+        """
+        if self.factory.writeahead is None:
+            return
+        audit = self.factory.writeahead.audit
+        trial = AuditLog(audit.directory, audit.rotate_size)
+        with self._auditRefusals(audit.directory):
+            existed = os.path.isdir(audit.directory) and bool(audit_paths(audit.directory))
+            try:
+                for warning in trial.open():
+                    self.audit_log.warn("audit log: {warning}", warning=warning)
+                if not existed:
+                    for made in trial.files:
+                        os.unlink(made.path)
+            finally:
+                trial.close()
+
+    @contextmanager
+    def _auditRefusals(self, directory: str) -> Iterator[None]:
+        """
+        Check the audit directory, then run the block that opens the log;
+        what makes the log unusable ends the start with a one-line reason.
+        """
+        try:
+            if self.strict_dirs:
+                check_directory(directory)
+            yield
+        except AuditDamage as e:
+            raise SystemExit(
+                f"twistd relay: the audit log is damaged ({e}); run 'twisted-relay "
+                f"audit verify {directory}' and move the damaged file away"
+            ) from None
+        except OSError as e:
+            raise SystemExit(
+                f"twistd relay: cannot use the audit directory {directory}: {e.strerror or e}"
+            ) from None
+        except UntrustedDirectory as e:
+            raise SystemExit(
+                f"twistd relay: will not use the audit directory {directory}: {e} "
+                f"(--no-strict-dirs overrides this, dangerously)"
+            ) from None
 
     def stopService(self) -> Deferred[None]:
         """Drain the clients, bounded by the drain timeout."""

@@ -496,4 +496,16 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> IServi
             cast(IReactorTime, reactor),
             f"relaying {options['logic'].name} frames on {', '.join(options['listen'])}",
         ).setServiceParent(top)
+    if _daemonizing(options):
+        top.preflight()
     return top
+
+
+def _daemonizing(options: Options) -> bool:
+    """
+    Whether twistd will fork before the relay starts (not under -n, nor
+    under twist, which never does). Not under --chroot: the paths the start
+    will use are not yet the ones the preflight would see.
+    """
+    runner = getattr(options, "parent", None) or {}
+    return "nodaemon" in runner and not runner["nodaemon"] and not runner.get("chroot")
