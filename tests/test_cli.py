@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from twisted.plugin import getPlugins
@@ -70,6 +71,47 @@ class FormatTests(SynchronousTestCase):
                 header = unpack_header(frame)
                 self.assertEqual((header.relay_domain, header.sequence), (logic.domain, sequence))
                 policy.check(frame, 0, len(frame))
+
+
+class Writes:
+    """A relay connection that records each write, and is interrupted at the one given."""
+
+    def __init__(self, interrupted_at: int | None = None) -> None:
+        self.writes: list[bytes] = []
+        self.interrupted_at = interrupted_at
+
+    def publish(self, data: bytes) -> None:
+        if len(self.writes) == self.interrupted_at:
+            raise KeyboardInterrupt()
+        self.writes.append(data)
+
+
+class DeliverTests(SynchronousTestCase):
+    """publish's and replay --to's sending: each frame once, whatever stops it."""
+
+    args = SimpleNamespace(rate=None, endpoint="/tmp/r.sock")
+
+    def test_interruptedWriteNotSentAgain(self) -> None:
+        """Ctrl-C in a write: nothing is written after it, and that write's frames are in doubt."""
+        relay = Writes(interrupted_at=1)
+        done = cli.deliver(relay, [b"f"] * 700, self.args, 256)
+        self.assertEqual(relay.writes, [b"f" * 256])
+        self.assertEqual((done.sent, done.in_doubt), (256, 256))
+        self.assertIsInstance(done.stopped, KeyboardInterrupt)
+        with self.assertRaises(KeyboardInterrupt):
+            cli.finish(relay, self.args, done, "published")
+
+    def test_refusedFrameStopsAfterTheOnesBefore(self) -> None:
+        """A frame that may not be sent: those before it are sent, once, then the reason."""
+
+        def frames():
+            yield from [b"f"] * 300
+            raise cli.Failed("frame 301 would be refused")
+
+        relay = Writes()
+        done = cli.deliver(relay, frames(), self.args, 256)
+        self.assertEqual([len(w) for w in relay.writes], [256, 44])
+        self.assertEqual((done.sent, done.in_doubt, str(done.stopped)), (300, 0, "frame 301 would be refused"))
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
@@ -31,6 +31,7 @@ from twisted_relay.client import (
     BlockingClient,
     PublishRefused,
     RelayClientProtocol,
+    RelayClosed,
     RelayDead,
     endpoint_string,
     relay_service,
@@ -38,6 +39,7 @@ from twisted_relay.client import (
 )
 from twisted_relay.control import (
     account_answer_frame,
+    error_frame,
     heartbeat_frame,
     parse_control,
     relay_info_frame,
@@ -140,8 +142,18 @@ class ProtocolTests(SynchronousTestCase):
     def test_accountLost(self) -> None:
         """An account asked for fails if the connection ends before the answer."""
         asked = self.client.account()
+        self.client.dataReceived(error_frame(Domain.MARKET_DATA, "bad_magic", "bad magic 0x1"))
         self.client.connectionLost(Failure(ConnectionDone()))
-        self.failureResultOf(asked, ConnectionDone)
+        closed = self.failureResultOf(asked, RelayClosed).value
+        self.assertEqual(closed.error, ("bad_magic", "bad magic 0x1"))
+
+    def test_accountTimesOut(self) -> None:
+        """An account not answered within its timeout fails, and is forgotten."""
+        self.client.clock = clock = Clock()
+        asked = self.client.account(timeout=5)
+        clock.advance(5)
+        self.failureResultOf(asked, defer.TimeoutError)
+        self.assertEqual(self.client._accounts, {})
 
     def test_garbageCloses(self) -> None:
         """A stream that is not Protocol V2 closes the connection."""

@@ -659,6 +659,16 @@ class AccountTests(SynchronousTestCase):
         self.assertEqual(accounts, [Account(5, 3, 0, 0, {})])
         self.assertEqual(relay.writeahead.forwarded, 3)
 
+    def test_notHeldToTheControlRate(self) -> None:
+        """Account requests past the control-frame rate are answered all, and refuse nothing."""
+        relay = make_relay()
+        client = connect(relay)
+        client.dataReceived(b"".join(account_frame(n) for n in range(1, 151)))
+        _, accounts = answers(client.transport.value())
+        self.assertEqual([a.token for a in accounts], list(range(1, 151)))
+        self.assertEqual(accounts[-1].refused, {})
+        self.assertEqual(client.stats.control_frames, 150)
+
     def test_auditLogIdle(self) -> None:
         """With an audit log and nothing held, the answer is immediate."""
         relay = audited_relay(self)

@@ -70,6 +70,10 @@ class TapViewTests(SynchronousTestCase):
         view.tick(1)
         view.take(frames(1, range(1, 3 * SAMPLES + 1)), 5)
         self.assertEqual(len(view.window.latencies), SAMPLES)
+        view.tick(2)
+        for sequence in range(1, 10):  # frames one at a time, after the busy second
+            view.take(frames(2, [sequence]), 5)
+        self.assertEqual(len(view.window.latencies), 3)
 
     def test_summary(self) -> None:
         """The summary is the whole run: frames, bytes, rate, drops to this tap, gaps."""

@@ -13,11 +13,13 @@ import itertools
 import json
 import random
 import shutil
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import NoReturn, cast
 
@@ -175,17 +177,25 @@ def describe(header: Header, frame: bytes, as_json: bool) -> str:
     )
 
 
+class Unreachable(Failed):
+    """The relay cannot be reached now: none there, or it went away (tap --follow tries again)."""
+
+
 def connect(args: argparse.Namespace) -> BlockingClient:
     endpoint = args.endpoint or f"unix:{args.logic.socket_path}"
     try:
         return BlockingClient(endpoint)
     except FileNotFoundError:
-        raise Failed(f"no relay at {endpoint}: the socket does not exist") from None
+        raise Unreachable(f"no relay at {endpoint}: the socket does not exist") from None
     except ConnectionRefusedError:
-        raise Failed(f"no relay at {endpoint}: nothing is listening there") from None
+        raise Unreachable(f"no relay at {endpoint}: nothing is listening there") from None
     except PermissionError:
         raise Failed(f"permission denied connecting to {endpoint}") from None
-    except (OSError, ValueError) as e:
+    except ssl.SSLError as e:
+        raise Failed(f"cannot connect to {endpoint}: {e}") from None
+    except OSError as e:
+        raise Unreachable(f"cannot connect to {endpoint}: {e}") from None
+    except ValueError as e:
         raise Failed(f"cannot connect to {endpoint}: {e}") from None
 
 
@@ -203,7 +213,7 @@ def introduce(relay: BlockingClient, args: argparse.Namespace, **declaration) ->
             f"the relay at {where(args)} did not answer: is it a twisted_relay relay?"
         ) from None
     except ConnectionError as e:
-        raise Failed(f"the relay at {where(args)} closed the connection: {e}") from None
+        raise Unreachable(f"the relay at {where(args)} closed the connection: {e}") from None
     if domain != args.logic.domain:
         raise Failed(
             f"the relay at {where(args)} is the {name} relay (domain {domain}), not "
@@ -305,9 +315,10 @@ class Tapping:
         """Connect again, with backoff, asking for each source from the frame after the last seen."""
         delay, longest = FOLLOW_BACKOFF
         while True:
+            wanted = {**dict(self.args.recover or ()), **{s: q + 1 for s, q in self.view.last.items()}}
             try:
-                relay = self._connect({s: q + 1 for s, q in self.view.last.items()})
-            except Failed as e:
+                relay = self._connect(wanted)
+            except Unreachable as e:
                 print(f"{e}; again in {delay:.1f}s", file=sys.stderr)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, longest)
@@ -445,15 +456,15 @@ def publish(args: argparse.Namespace) -> None:
     with connect(args) as relay:
         introduce(relay, args, publish_only=True)
         started = time.monotonic()
-        sent, size, stopped = deliver(relay, frames, args)
+        done = deliver(relay, frames, args)
         elapsed = time.monotonic() - started
-        done = (
-            f"published {sent:,} {logic.name} frames ({size:,} bytes) in {elapsed:.2f}s: "
-            f"{sent / elapsed if elapsed else 0:,.0f} frames/s"
+        finish(
+            relay,
+            args,
+            done,
+            f"published {done.sent:,} {logic.name} frames ({done.size:,} bytes) in "
+            f"{elapsed:.2f}s: {done.sent / elapsed if elapsed else 0:,.0f} frames/s",
         )
-        settle(relay, args, sent, done)
-    if stopped is not None:
-        raise stopped
 
 
 def checked(frames: Iterable[bytes], logic: IRelayLogic, policy: FramePolicy) -> Iterator[bytes]:
@@ -515,56 +526,94 @@ def _line_frames(stream: io.BufferedReader, path: str) -> Iterator[bytes]:
         yield frame
 
 
+@dataclass
+class Delivery:
+    """What L{deliver} sent, and what stopped it early (a frame that may not be sent, Ctrl-C)."""
+
+    sent: int = 0
+    size: int = 0
+    stopped: BaseException | None = None
+    #: The frames of a write Ctrl-C cut short: some may have reached the relay.
+    in_doubt: int = 0
+
+
+class RelayGone(Failed):
+    """The relay closed the connection while frames were being sent."""
+
+
 def deliver(
     relay: BlockingClient,
     frames: Iterable[bytes],
     args: argparse.Namespace,
     batch_size: int = WRITE_BATCH,
-) -> tuple[int, int, BaseException | None]:
+) -> Delivery:
     """
-    Send C{frames} in batches, at --rate if given: the frames and bytes
-    sent, and what stopped them early (a frame that may not be sent, or
-    Ctrl-C).
+    Send C{frames} in batches, at --rate if given, each frame once. A frame
+    that may not be sent stops them after the frames before it are sent;
+    Ctrl-C, or the relay closing the connection, stops them there and then.
     """
     rate = args.rate
     progress = sys.stderr.isatty()
     started = shown = time.monotonic()
-    sent = size = 0
+    done = Delivery()
     batch: list[bytes] = []
-    stopped: BaseException | None = None
 
     def send() -> None:
-        nonlocal sent, size, batch
-        data = b"".join(batch)
+        data, count = b"".join(batch), len(batch)
+        batch.clear()
+        done.in_doubt = count
         try:
             relay.publish(data)
         except RelayClosed as closed:
-            raise Failed(
-                f"the relay at {where(args)} closed the connection after {sent:,} frames "
+            raise RelayGone(
+                f"the relay at {where(args)} closed the connection after {done.sent:,} frames "
                 f"were sent{_told(closed)}"
             ) from None
-        sent, size, batch = sent + len(batch), size + len(data), []
+        done.in_doubt = 0
+        done.sent += count
+        done.size += len(data)
 
     try:
-        for frame in frames:
-            batch.append(frame)
-            if len(batch) < batch_size and not rate:
-                continue
+        try:
+            for frame in frames:
+                batch.append(frame)
+                if len(batch) < batch_size and not rate:
+                    continue
+                send()
+                if rate:
+                    delay = started + done.sent / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                if progress and time.monotonic() - shown > 0.2:
+                    shown = time.monotonic()
+                    sys.stderr.write(f"\r{done.sent:,} frames sent")
+        except RelayGone:
+            raise
+        except Failed as refused:  # the frames before it go
+            done.stopped = refused
+        if batch:
             send()
-            if rate:
-                delay = started + sent / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            if progress and time.monotonic() - shown > 0.2:
-                shown = time.monotonic()
-                sys.stderr.write(f"\r{sent:,} frames sent")
-    except (Failed, KeyboardInterrupt) as reason:
-        stopped = reason
-    if batch:
-        send()
+    except (RelayGone, KeyboardInterrupt) as stopped:
+        done.stopped = stopped
     if progress:
-        sys.stderr.write(f"\r{sent:,} frames sent\n")
-    return sent, size, stopped
+        sys.stderr.write(f"\r{done.sent:,} frames sent\n")
+    return done
+
+
+def finish(relay: BlockingClient, args: argparse.Namespace, done: Delivery, line: str) -> None:
+    """End a publish: the relay's account of what C{done} sent, then what stopped it, if anything."""
+    if isinstance(done.stopped, RelayGone):
+        print(line)
+        raise done.stopped
+    if done.in_doubt:
+        print(
+            f"{line}; interrupted in the middle of writing {done.in_doubt:,} more frames, "
+            f"some of which may have reached the relay: no account"
+        )
+        raise KeyboardInterrupt
+    settle(relay, args, done.sent, line)
+    if done.stopped is not None:
+        raise done.stopped
 
 
 def _told(closed: RelayClosed) -> str:
@@ -593,6 +642,9 @@ def settle(relay: BlockingClient, args: argparse.Namespace, sent: int, done: str
             f"the relay at {where(args)} did not account for the {sent:,} frames sent "
             f"within {args.timeout:g}s"
         ) from None
+    if account.accepted != sent:
+        print(f"{done}; the relay accepted {account.accepted:,}")
+        raise Failed(f"the relay accounts for {account.accepted:,} of the {sent:,} frames sent")
     print(f"{done}; the relay accepted all {account.accepted:,}")
 
 
@@ -895,6 +947,9 @@ def show(records: Iterator[Record], args: argparse.Namespace) -> None:
     except AuditDamage as damage:
         sys.stdout.flush()  # the frames before the damage come before the error
         raise Failed(f"the audit log is damaged: {damage}") from None
+    except OSError as e:  # its directory or a file gone (retired while followed, say)
+        sys.stdout.flush()
+        raise Failed(f"cannot read the audit log in {args.directory}: {e}") from None
 
 
 def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
@@ -904,12 +959,13 @@ def republish(records: Iterator[Record], args: argparse.Namespace) -> None:
     """
     with connect(args) as relay:
         introduce(relay, args, publish_only=True)
-        sent, size, stopped = deliver(
-            relay, _logged_frames(records), args, 1 if args.follow else WRITE_BATCH
+        done = deliver(relay, _logged_frames(records), args, 1 if args.follow else WRITE_BATCH)
+        finish(
+            relay,
+            args,
+            done,
+            f"republished {done.sent:,} frames ({done.size:,} bytes) to {args.endpoint}",
         )
-        settle(relay, args, sent, f"republished {sent:,} frames ({size:,} bytes) to {args.endpoint}")
-    if stopped is not None:
-        raise stopped
 
 
 def _logged_frames(records: Iterator[Record]) -> Iterator[bytes]:
@@ -922,6 +978,10 @@ def _logged_frames(records: Iterator[Record]) -> Iterator[bytes]:
     except AuditDamage as damage:
         raise Failed(
             f"the audit log is damaged: {damage}; republished the {sent:,} frames before it"
+        ) from None
+    except OSError as e:
+        raise Failed(
+            f"cannot read the audit log: {e}; republished the {sent:,} frames before it"
         ) from None
 
 

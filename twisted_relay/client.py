@@ -61,6 +61,8 @@ __all__ = [
 DEFAULT_MAX_FRAME = MARKET.max_frame_size
 #: Heartbeat intervals of silence after which the relay is taken for dead.
 MISSED_HEARTBEATS = 3
+#: Seconds the blocking client waits for a TCP connection and a TLS handshake.
+CONNECT_TIMEOUT = 10.0
 
 
 class RelayDead(ConnectionError):
@@ -332,24 +334,35 @@ class RelayClientProtocol(Declaring, Protocol):
         self.incoming.ended(self._framer)
         waiting, self._accounts = self._accounts, {}
         for deferred in waiting.values():
-            deferred.errback(reason)
+            deferred.errback(RelayClosed(self.incoming.error))
 
-    def account(self) -> Deferred[Account]:
+    def account(self, timeout: float | None = None) -> Deferred[Account]:
         """
         This connection's account: fires once the relay has taken (or
         refused) everything published before, with its counts since the
-        connection was made; fails if the connection is lost first.
+        connection was made; fails with L{RelayClosed} if the connection is
+        lost first, and with L{twisted.internet.defer.TimeoutError} after
+        C{timeout} seconds if given.
         """
         waiting: Deferred[Account] = Deferred()
-        self._accounts[self.ask_account()] = waiting
+        token = self.ask_account()
+        self._accounts[token] = waiting
+        if timeout is not None:
+            assert self.clock is not None
+
+            def forget(result: object) -> object:
+                self._accounts.pop(token, None)
+                return result
+
+            waiting.addTimeout(timeout, self.clock).addBoth(forget)
         return waiting
 
-    def flush(self) -> Deferred[Account]:
+    def flush(self, timeout: float | None = None) -> Deferred[Account]:
         """
         Like L{account}, the counts since the previous flush; fails with
         L{PublishRefused} if the relay refused any of those frames.
         """
-        return self.account().addCallback(self._checkFlush)
+        return self.account(timeout).addCallback(self._checkFlush)
 
     def _accountReceived(self, account: Account) -> None:
         waiting = self._accounts.pop(account.token, None)
@@ -457,6 +470,8 @@ def tls_context(address: str) -> ssl.SSLContext | None:
             if kind == "ssl":
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
+        if kind == "ssl":  # Twisted's ssl: checks the chain only, not the name
+            context.check_hostname = False
         if certificate:
             context.load_cert_chain(certificate, named.get("privateKey") or certificate)
     except (OSError, ssl.SSLError) as e:
@@ -501,7 +516,7 @@ class BlockingClient(Declaring):
                 raise
         else:
             host, port = cast("tuple[str, int]", where)
-            self.socket = socket.create_connection((host, port))
+            self.socket = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
             if context is not None:
                 try:
                     self.socket = context.wrap_socket(self.socket, server_hostname=host)
@@ -536,10 +551,19 @@ class BlockingClient(Declaring):
 
         @raise RelayClosed: the relay closed the connection (why, if it said).
         """
-        self.socket.settimeout(None)
+        self._send(frame)
+
+    def _send(self, data: bytes, timeout: float | None = None) -> None:
+        """
+        Write C{data}, within C{timeout} seconds if given.
+
+        @raise RelayClosed: the relay closed the connection (why, if it said).
+        @raise TimeoutError: the relay took none of it, or not all, in time.
+        """
+        self.socket.settimeout(timeout)
         try:
-            self.socket.sendall(frame)
-        except (BrokenPipeError, ConnectionResetError):
+            self.socket.sendall(data)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
             self._drain(deadline=time.monotonic() + 1.0)
             raise RelayClosed(self.incoming.error) from None
 
@@ -581,8 +605,12 @@ class BlockingClient(Declaring):
         @raise TimeoutError: no answer within C{timeout} seconds.
         @raise RelayClosed: the relay closed the connection first.
         """
-        token = self.ask_account()
         deadline = time.monotonic() + timeout
+        token = next(self._tokens)
+        try:  # the relay may hold publishers back: the request too waits, as long as the answer may
+            self._send(account_frame(token), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the relay took no account request within {timeout}s") from None
         while self.incoming.account is None or self.incoming.account.token != token:
             if not self._readBefore(deadline):
                 if not self.connected:

@@ -12,9 +12,9 @@ Protocol V2 clients expect.
     252 SubscribeTLVTypes  the TLV types to receive, one byte each (all if absent):
                            a frame is received if any of its TLVs is of one of them
 
-The relay answers each control frame it applies with a RelayInfo frame (system
-domain, TLV 253: its relay_domain, then its name), so a client learns which
-relay it reached.
+The relay answers each control frame that sets a subscription with a
+RelayInfo frame (system domain, TLV 253: its relay_domain, then its name), so
+a client learns which relay it reached.
 
 Two Protocol V2 system TLVs are also understood (layouts in docs/protocol.md):
 

@@ -84,10 +84,11 @@ class TapView:
         latencies, stride, last = window.latencies, self._stride, self.last
         track = self.track_gaps
         count = size = gaps = duplicates = 0
+        seen = window.frames  # every n-th frame of the second, however it came
         for header, frame in frames:
             count += 1
             size += len(frame)
-            if count % stride == 0 and len(latencies) < SAMPLES:
+            if (seen + count) % stride == 0 and len(latencies) < SAMPLES:
                 latencies.append(now_ns - header.timestamp)
             source, sequence = header.source, header.sequence
             previous = last.get(source)

@@ -126,7 +126,7 @@ def synthetic_kinds(logic: IRelayLogic) -> tuple[int, list[tuple[int, int]]]:
 
 
 def synthetic(
-    logic: IRelayLogic,
+    logic: IRelayLogic | int,
     count: int,
     source: int | None = None,
     *,
@@ -134,12 +134,15 @@ def synthetic(
     tlvs: list[tuple[int, bytes]] | None = None,
 ) -> Iterator[bytes]:
     """
-    Frames for C{logic}'s relay, sequences 1..count, CRC-32 filled in: of
+    Frames for C{logic}'s relay (a domain, or a shipped domain's number),
+    sequences 1..count, CRC-32 filled in: of
     C{tlvs} if given, else of the domain's kinds (L{synthetic_kinds}), or
     of as few TLVs of its first kind as make each frame C{size} bytes.
 
     @raise ValueError: no frame is C{size} bytes.
     """
+    if isinstance(logic, int):  # a shipped domain by its number
+        logic = next(shipped for shipped in (MARKET, SIGNAL, EXECUTION) if shipped.domain == logic)
     default_source, kinds = synthetic_kinds(logic)
     shapes = [[(tlv_type, [length])] for tlv_type, length in kinds]
     if size is not None:

@@ -136,12 +136,12 @@ class Accounting:
         stats.heartbeats += 1
         self.totals.heartbeats += 1
 
-    def control(self, stats: ClientStats) -> bool:
+    def control(self, stats: ClientStats, *, limited: bool = True) -> bool:
         """
         A control frame from a client: C{True} (and counted) if it may be
-        taken, C{False} past the client's L{CONTROL_RATE}.
+        taken, C{False} past the client's L{CONTROL_RATE} (if C{limited}).
         """
-        if self._controls.allow(stats.client_id) is None:
+        if limited and self._controls.allow(stats.client_id) is None:
             return False
         stats.control_frames += 1
         self.totals.control_frames += 1

@@ -162,6 +162,8 @@ class Outbox:
         #: Writes waiting for the transport: (runs, frames, bytes) each.
         self.queue: deque[tuple[list[bytes], int, int]] = deque()
         self.queued = 0
+        #: The frames queued for the transport: ahead of whatever is sent now.
+        self.queued_frames = 0
         #: Of the bytes queued, those of the relay's own frames.
         self.own = 0
         self.writable = True
@@ -214,14 +216,10 @@ class Outbox:
             return
         self.queue.append((runs, frames, size))
         self.queued += size
+        self.queued_frames += frames
         if over and not self.blocking:
             self.blocking = True
             self.gate.block(self)
-
-    @property
-    def queued_frames(self) -> int:
-        """The frames queued for the transport: ahead of whatever is sent now."""
-        return sum(frames for _, frames, _ in self.queue)
 
     def _queueOwn(self, runs: list[bytes], size: int) -> None:
         if self.own + size > OWN_LIMIT:
@@ -237,6 +235,7 @@ class Outbox:
 
     def _dequeued(self, frames: int, size: int) -> None:
         self.queued -= size
+        self.queued_frames -= frames
         if not frames:
             self.own -= size
 
@@ -320,11 +319,9 @@ class Outbox:
         if self.replay is not None:
             self.replay.stop()
         if self.queue:
-            self.accounting.lost(
-                self.stats, sum(frames for _, frames, _ in self.queue), self.queued
-            )
+            self.accounting.lost(self.stats, self.queued_frames, self.queued)
         self.queue.clear()
-        self.queued = self.own = 0
+        self.queued = self.own = self.queued_frames = 0
         if self.blocking:
             self.blocking = False
             self.gate.unblock(self)

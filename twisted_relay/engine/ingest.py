@@ -378,7 +378,11 @@ class Ingest:
                 f"control frame checksum 0x{header.checksum:08x} does not match its "
                 f"CRC-32 0x{actual:08x}"
             )
-        if not self.accounting.control(self.stats):
+        # An account request alone is cheap to answer, and a flush must be
+        # answered: it is not held to the rate (its answers are bounded by
+        # the outbox's limit on the relay's own frames).
+        limited = control.subscription is not None or bool(control.recovery)
+        if not self.accounting.control(self.stats, limited=limited):
             raise ControlFlood(
                 f"more than {CONTROL_RATE} control frames in a second from "
                 f"{self.stats.peer}"

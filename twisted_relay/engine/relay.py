@@ -282,7 +282,7 @@ class RelayFactory(ServerFactory):
                 refused,
             )
             frame = account_answer_frame(self.logic.domain, account)
-            client.outbox.send([frame], 0, len(frame))
+            self._deliver(client, [frame], 0, len(frame))  # its failure is its own
 
         if self.writeahead is None:
             answer()
