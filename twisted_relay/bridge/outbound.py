@@ -45,8 +45,7 @@ _UNPAUSED_WRITELINES = any(low <= sys.version_info[:3] < high for low, high in (
 def pause_in_writelines() -> None:
     """
     Where the release needs it, make asyncio's socket transports pause their
-    writer in writelines(), and take nothing once the connection is lost, as
-    write() does (the upstream fixes). nats-py writes
+    writer in writelines() as write() does (the upstream fix). nats-py writes
     with writelines(): without this its drain() never waits, so a stalled
     NATS server grows asyncio's buffer without bound instead of filling the
     outbound queue, which drops (or holds the publishers) at its mark.
@@ -57,11 +56,6 @@ def pause_in_writelines() -> None:
     writelines = transport.writelines
 
     def pausing_writelines(self, list_of_data) -> None:
-        if self._conn_lost:
-            # As write() does: those releases' writelines() wrote to a lost
-            # connection and failed on its cleared writer (TypeError).
-            self._conn_lost += 1
-            return
         writelines(self, list_of_data)
         self._maybe_pause_protocol()
 

@@ -375,7 +375,10 @@ class NatsBridge(Service):
             await asyncio.wait_for(nc.close(), _CLOSE_TIMEOUT)
         except asyncio.TimeoutError:
             self.log.error("NATS bridge: the connection did not close in time")
-        except (NatsError, OSError) as e:
+        except Exception as e:
+            # Not only NatsError and OSError: on Python 3.12 and later nats-py's
+            # close writes to the lost connection with writelines(), which then
+            # fails on the transport's cleared writer (TypeError).
             self.log.info("NATS bridge: the connection closed on {error}", error=_why(e))
 
     async def _error(self, error: Exception) -> None:
